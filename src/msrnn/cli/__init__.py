@@ -1,0 +1,1 @@
+"""The ``msrnn`` command line."""

@@ -1,0 +1,50 @@
+"""Shared CLI plumbing: the conventions every command keeps and the error boundary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from msrnn.errors import ConfigError
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
+    return name
+
+
+def setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    from msrnn.ui import err_console
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)], force=True)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()

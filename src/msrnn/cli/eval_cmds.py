@@ -1,0 +1,100 @@
+"""``msrnn eval ppl`` and ``msrnn generate``: written once against the StatefulLM protocol."""
+
+from __future__ import annotations
+
+import argparse
+
+from msrnn.cli.common import add_output_flags, add_seed, positive_int, resolve_device
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (made by any msrnn command) or hub id")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_cmd", required=True, metavar="KIND")
+    p = ev.add_parser("ppl", help="streaming perplexity over long documents",
+                      description="Stream each document through the model chunk by chunk from a fresh state and "
+                                  "report perplexity overall and by position, peak state bytes and tokens/s.")
+    add_model_flags(p)
+    p.add_argument("--data", default="stdlib:test", help="data spec; the default split is test (default stdlib:test)")
+    p.add_argument("--documents", default="file", choices=["file", "folder"],
+                   help="a document is one file or one folder concatenated (long code documents)")
+    p.add_argument("--chunk-size", type=positive_int, default=128, help="tokens per forward; 1 = token by token")
+    p.add_argument("--max-tokens", type=positive_int, default=4096, help="tokens per document (truncate)")
+    p.add_argument("--max-docs", type=positive_int, default=None)
+    p.add_argument("--min-tokens", type=positive_int, default=2)
+    p.add_argument("--add-bos", action="store_true", help="prepend BOS to each document")
+    p.add_argument("--plot", default=None, help="write perplexity versus position to this PNG")
+    add_output_flags(p)
+    p.set_defaults(func=run_eval_ppl)
+
+
+def run_eval_ppl(args: argparse.Namespace) -> int:
+    from msrnn.evaluate import StreamEvalConfig, evaluate_stream
+    from msrnn.evaluate.documents import eval_documents
+    from msrnn.evaluate.plots import log_buckets, plot_ppl_vs_position
+    from msrnn.models import load_lm
+    from msrnn.ui import out_console, print_json, table
+
+    cfg = StreamEvalConfig(chunk_size=args.chunk_size, max_tokens=args.max_tokens, max_documents=args.max_docs,
+                           min_tokens=max(2, args.min_tokens))
+    lm = load_lm(args.model, device=resolve_device(args.device))
+    docs = eval_documents(args.data, getattr(lm, "tokenizer", None), unit=args.documents,
+                          max_documents=args.max_docs, min_tokens=cfg.min_tokens, max_tokens=args.max_tokens,
+                          add_bos=args.add_bos)
+    res = evaluate_stream(lm, [d.ids for d in docs], cfg, progress=not (args.quiet or args.json))
+    out = {"model": str(args.model), "data": args.data, **res.to_dict()}
+    if args.plot:
+        plot_ppl_vs_position({str(args.model): log_buckets(res)}, args.plot, title=f"{args.model} on {args.data}")
+        out["plot"] = args.plot
+    if args.json:
+        print_json(out)
+        return 0
+    out_console.print(table("perplexity by position", ["positions", "tokens", "ppl"],
+                            [(f"{b['start']}-{b['end']}", b["tokens"], b["ppl"]) for b in res.buckets]))
+    summary = [("ppl", res.ppl), ("tokens", res.tokens), ("documents", res.documents),
+               ("peak_state_bytes", res.peak_state_bytes), ("tokens_per_s", res.tokens_per_s)]
+    out_console.print(table("summary", ["metric", "value"], summary + ([("plot", args.plot)] if args.plot else [])))
+    return 0
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Continue --prompt with any msrnn model (greedy unless --temperature > 0).")
+    add_model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    add_seed(p)
+    add_output_flags(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from msrnn.errors import ConfigError
+    from msrnn.generate import generate
+    from msrnn.models import load_lm
+    from msrnn.ui import out_console, print_json
+
+    lm = load_lm(args.model, device=resolve_device(args.device))
+    tok = getattr(lm, "tokenizer", None)
+    if tok is None:
+        raise ConfigError(f"{args.model} has no tokenizer; save one into the model directory")
+    ids = tok(args.prompt)["input_ids"]
+    if not ids:
+        raise ConfigError("the prompt is empty after tokenization; give a non-empty --prompt")
+    new = generate(lm, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    text = tok.decode(new[0].tolist())
+    if args.json:
+        print_json({"prompt": args.prompt, "completion": text, "new_tokens": new.shape[1]})
+    else:
+        out_console.print(args.prompt, end="", style="bold", markup=False, highlight=False)
+        out_console.print(text, markup=False, highlight=False)
+    return 0

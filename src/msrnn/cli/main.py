@@ -1,0 +1,46 @@
+"""The ``msrnn`` command line. Every command has ``--help``, progress on stderr and ``--json`` on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from msrnn import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from msrnn.cli import demo, eval_cmds, train_cmds
+
+    p = argparse.ArgumentParser(prog="msrnn", description="Transformers as bounded-state recurrent models.")
+    p.add_argument("--version", action="version", version=f"msrnn {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.add_demo(sub)
+    train_cmds.add_tokenizer(sub)
+    train_cmds.add_pretrain(sub)
+    eval_cmds.add_eval(sub)
+    eval_cmds.add_generate(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from msrnn.cli.common import setup_logging
+    from msrnn.errors import MsrnnError
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except MsrnnError as exc:
+        print(f"msrnn: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"msrnn: error: {exc.filename or exc} does not exist; check the path", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msrnn: interrupted (checkpoints already written are intact; rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

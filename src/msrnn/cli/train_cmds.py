@@ -1,0 +1,97 @@
+"""``msrnn tokenizer`` and ``msrnn pretrain``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from msrnn.cli.common import add_output_flags, add_seed, positive_int
+from msrnn.errors import ConfigError
+
+
+def add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus",
+                       description="Train a byte-level BPE on the train split of --data and save it to --out.")
+    p.add_argument("--data", default="stdlib", help="corpus spec: stdlib, a path, or hf:NAME (default stdlib)")
+    p.add_argument("--vocab-size", type=positive_int, default=4096)
+    p.add_argument("--out", required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    add_output_flags(p)
+    p.set_defaults(func=run_tokenizer)
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    from msrnn.data import load_documents, save_tokenizer, train_bpe
+    from msrnn.data.corpus import parse_data_spec
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    spec = parse_data_spec(args.data)
+    if spec.split == "all" and spec.source == "stdlib":
+        spec = spec.__class__(spec.source, spec.name, "train")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ConfigError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    docs = load_documents(spec)
+    with err_console.status(f"training a {args.vocab_size}-token BPE on {len(docs)} documents"):
+        tok = train_bpe((d.text for d in docs), vocab_size=args.vocab_size)
+        save_tokenizer(tok, args.out, overwrite=args.overwrite)
+    sample = docs[0].text[:20000]
+    ratio = len(sample.encode()) / max(1, len(tok(sample)["input_ids"]))
+    res = {"out": str(args.out), "vocab_size": len(tok), "documents": len(docs), "bytes_per_token": ratio}
+    if args.json:
+        print_json(res)
+    else:
+        out_console.print(table("tokenizer", ["field", "value"], list(res.items())))
+    return 0
+
+
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a Llama-architecture base model from a preset",
+                       description="Train a preset Llama model (tiny/small/base) on --data and write a model "
+                                   "directory (weights, tokenizer, msrnn.json) to --out.")
+    p.add_argument("--preset", default="small", help="tiny | small | base (default small)")
+    p.add_argument("--data", default="stdlib", help="corpus spec (train/val splits are taken from it)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train and cache a BPE)")
+    p.add_argument("--vocab-size", type=positive_int, default=4096)
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--max-steps", type=positive_int, default=1000)
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--repeat-fraction", type=float, default=0.25,
+                   help="share of each batch whose 2nd half repeats the 1st (induction heads; default 0.25)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_seed(p)
+    add_output_flags(p)
+    p.set_defaults(func=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from msrnn.train import TrainConfig
+    from msrnn.train.pretrain import PretrainConfig, pretrain
+    from msrnn.ui import out_console, print_json, table
+
+    out = Path(args.out)
+    if (out / "msrnn.json").exists() and not args.resume:
+        raise ConfigError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
+    cfg = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                         seq_len=args.seq_len, batch_size=args.batch_size, repeat_fraction=args.repeat_fraction,
+                         attn_implementation=args.attn)
+    tcfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                       warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, eval_every=args.eval_every,
+                       save_every=args.save_every, seed=args.seed)
+    trainer, result = pretrain(cfg, tcfg, out, resume=args.resume, progress=not args.quiet)
+    val = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
+    res = {"out": str(out), "steps": trainer.step, "tokens": result.tokens, "seconds": result.seconds,
+           "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "final_loss": result.final_loss,
+           "val_loss": val}
+    if args.json:
+        print_json(res)
+    else:
+        out_console.print(table("pretrain", ["field", "value"], list(res.items())))
+    return 0

@@ -1,0 +1,51 @@
+"""PNG plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from msrnn.io import atomic_file
+
+
+def plot_ppl_vs_position(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: str | Path, title: str = "") -> Path:
+    """One line per label: perplexity against token position (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, (pos, ppl) in curves.items():
+        ax.plot(pos, ppl, marker="o", ms=3, lw=1.5, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position in document")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title or "Perplexity versus position")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_file(out, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+    return out
+
+
+def log_buckets(result, min_edge: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket centre, ppl) over power-of-two buckets: a smooth curve for a log-x plot."""
+    count, nll = result.count_by_pos, result.nll_sum_by_pos
+    edges = [1]
+    e = min_edge
+    while e < len(count):
+        edges.append(e)
+        e *= 2
+    edges.append(len(count))
+    xs, ys = [], []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=False):
+        c = count[lo:hi].sum()
+        if c:
+            xs.append(np.sqrt(lo * hi))
+            ys.append(float(np.exp(nll[lo:hi].sum() / c)))
+    return np.array(xs), np.array(ys)

@@ -1,0 +1,147 @@
+"""Streaming perplexity for any :class:`~msrnn.protocol.StatefulLM`.
+
+Each document starts from a fresh state and is fed chunk by chunk (``chunk_size=1`` is the token-by-token
+protocol of the TOVA and StreamingLLM papers). Token ``i`` is scored by the logits at ``i - 1``, across chunk
+boundaries too, so every document of ``n`` tokens contributes ``n - 1`` NLLs whatever the chunk size.
+The result holds the NLL of every position (summed over documents) for perplexity-versus-position curves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from msrnn.errors import ConfigError, DataError
+from msrnn.protocol import StatefulLM
+from msrnn.ui import err_console
+
+
+@dataclass
+class StreamEvalConfig:
+    chunk_size: int = 128
+    max_tokens: int | None = 4096  # per document; None = whole documents
+    max_documents: int | None = None
+    min_tokens: int = 2  # shorter documents are skipped (they have nothing to score)
+    bucket_edges: tuple[int, ...] | None = None  # None = 0, 16, 32, 64, ... up to the longest document
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk size must be >= 1, got {self.chunk_size}; use e.g. --chunk-size 128")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ConfigError(f"max_tokens must be >= 2, got {self.max_tokens}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"max_documents must be >= 1, got {self.max_documents}")
+        if self.min_tokens < 2:
+            raise ConfigError("min_tokens must be >= 2 (one token has nothing to predict)")
+
+
+@dataclass
+class StreamEvalResult:
+    ppl: float
+    nll: float
+    tokens: int  # scored tokens
+    documents: int
+    peak_state_bytes: int
+    tokens_per_s: float
+    seconds: float
+    chunk_size: int
+    nonfinite: int
+    buckets: list[dict[str, float]]
+    nll_sum_by_pos: np.ndarray = field(repr=False)
+    count_by_pos: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "documents": self.documents,
+            "peak_state_bytes": self.peak_state_bytes, "tokens_per_s": self.tokens_per_s,
+            "seconds": self.seconds, "chunk_size": self.chunk_size, "nonfinite": self.nonfinite,
+            "buckets": self.buckets,
+        }
+
+    def ppl_by_position(self, window: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, ppl) with NLL averaged over ``window`` consecutive positions."""
+        n = len(self.count_by_pos) // window * window
+        s = self.nll_sum_by_pos[:n].reshape(-1, window).sum(1)
+        c = self.count_by_pos[:n].reshape(-1, window).sum(1)
+        keep = c > 0
+        pos = (np.arange(len(s)) * window + window / 2)[keep]
+        return pos, np.exp(s[keep] / c[keep])
+
+
+def default_edges(max_len: int) -> list[int]:
+    edges, e = [0], 16
+    while e < max_len:
+        edges.append(e)
+        e *= 2
+    edges.append(max_len)
+    return edges
+
+
+def _bucketize(nll_sum: np.ndarray, count: np.ndarray, edges: Sequence[int]) -> list[dict[str, float]]:
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=False):
+        c = int(count[lo:hi].sum())
+        if c:
+            mean = float(nll_sum[lo:hi].sum() / c)
+            out.append({"start": int(lo), "end": int(hi), "tokens": c, "nll": mean, "ppl": math.exp(mean)})
+    return out
+
+
+@torch.inference_mode()
+def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarray], cfg: StreamEvalConfig,
+                    progress: bool = False) -> StreamEvalResult:
+    """Stream every document through ``lm`` and collect per-position NLLs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    docs = [np.asarray(d, dtype=np.int64)[: cfg.max_tokens] for d in documents]
+    docs = [d for d in docs if len(d) >= cfg.min_tokens][: cfg.max_documents]
+    if not docs:
+        raise DataError(f"no document has at least {cfg.min_tokens} tokens; use more or longer data")
+    max_len = max(len(d) for d in docs)
+    nll_sum = np.zeros(max_len, dtype=np.float64)
+    count = np.zeros(max_len, dtype=np.int64)
+    peak, nonfinite, fed, busy = 0, 0, 0, 0.0
+    total = sum(len(d) for d in docs)
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeElapsedColumn(), disable=not progress, console=err_console) as bar:
+        task = bar.add_task("eval", total=total)
+        for doc in docs:
+            ids = torch.from_numpy(doc).unsqueeze(0)  # [1, n]
+            state = lm.init_state(1)
+            prev_last: torch.Tensor | None = None  # logits [V] of the previous chunk's last token
+            for pos in range(0, len(doc), cfg.chunk_size):
+                chunk = ids[:, pos : pos + cfg.chunk_size]
+                t0 = time.perf_counter()
+                logits, state = lm.forward_chunk(chunk, state)
+                busy += time.perf_counter() - t0
+                fed += chunk.shape[1]
+                peak = max(peak, lm.state_nbytes(state))
+                logits = logits[0].float().cpu()  # [T, V]
+                # Row t predicts token pos + t + 1; the previous chunk's last row predicts token pos.
+                rows = logits if prev_last is None else torch.cat([prev_last[None], logits])
+                first = pos + 1 if prev_last is None else pos
+                targets = ids[0, first : pos + chunk.shape[1]]
+                rows = rows[: len(targets)]
+                if len(targets):
+                    nll = -torch.log_softmax(rows, dim=-1).gather(1, targets[:, None])[:, 0].double().numpy()
+                    bad = ~np.isfinite(nll)
+                    nonfinite += int(bad.sum())
+                    nll = np.where(bad, 0.0, nll)
+                    nll_sum[first : first + len(nll)] += nll
+                    count[first : first + len(nll)] += ~bad
+                prev_last = logits[-1]
+                bar.update(task, advance=chunk.shape[1])
+    scored = int(count.sum())
+    mean = float(nll_sum.sum() / max(scored, 1))
+    edges = list(cfg.bucket_edges) if cfg.bucket_edges else default_edges(max_len)
+    return StreamEvalResult(
+        ppl=math.exp(mean), nll=mean, tokens=scored, documents=len(docs), peak_state_bytes=int(peak),
+        tokens_per_s=fed / max(busy, 1e-9), seconds=busy, chunk_size=cfg.chunk_size, nonfinite=nonfinite,
+        buckets=_bucketize(nll_sum, count, edges), nll_sum_by_pos=nll_sum, count_by_pos=count,
+    )

@@ -1,0 +1,58 @@
+"""Generation written once against the StatefulLM protocol (greedy or sampled), for every family."""
+
+from __future__ import annotations
+
+import torch
+
+from msrnn.errors import ConfigError
+from msrnn.protocol import StatefulLM
+
+
+@torch.inference_mode()
+def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
+             prefill_chunk: int = 512) -> torch.Tensor:
+    """Continue ``input_ids`` [B, T]; returns the new tokens [B, <= max_new_tokens].
+
+    ``temperature=0`` is greedy. The prompt is prefilled in chunks of ``prefill_chunk`` tokens and each new
+    token is fed alone, so the state stays whatever size the family bounds it to.
+    """
+    if max_new_tokens < 0:
+        raise ConfigError("max_new_tokens must be >= 0")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ConfigError("the prompt must be a non-empty [batch, tokens] tensor; give a non-empty --prompt")
+    gen = torch.Generator().manual_seed(seed)
+    B = input_ids.shape[0]
+    state = lm.init_state(B)
+    logits = None
+    for pos in range(0, input_ids.shape[1], prefill_chunk):
+        logits, state = lm.forward_chunk(input_ids[:, pos : pos + prefill_chunk], state)
+    out = []
+    done = torch.zeros(B, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = _pick(logits[:, -1].float().cpu(), temperature, top_k, top_p, gen)  # [B]
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        out.append(nxt)
+        if eos_token_id is not None and bool(done.all()):
+            break
+        logits, state = lm.forward_chunk(nxt[:, None], state)
+    return torch.stack(out, dim=1) if out else input_ids.new_zeros((B, 0))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]

@@ -1,0 +1,67 @@
+"""Any Hugging Face causal LM with its full (unbounded) KV cache, as a :class:`~msrnn.protocol.StatefulLM`.
+
+This is the reference every bounded family is compared against: its state grows by
+``2 * layers * kv_heads * head_dim * bytes`` per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+from msrnn.protocol import check_chunk, tensor_nbytes
+
+
+@dataclass
+class HFState:
+    """The transformers cache plus the number of tokens consumed (absolute positions start there)."""
+
+    cache: Cache
+    batch_size: int
+    seen: int = 0
+
+
+class HFCausalLM:
+    """Adapter: a ``PreTrainedModel`` causal LM driven through the msrnn protocol.
+
+    Positions are absolute (``seen .. seen + T - 1``) so a chunked stream equals one full forward.
+    ``cache_factory`` lets other code supply a different ``transformers.Cache`` (e.g. an eviction cache)
+    without changing the driving logic.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any = None, cache_factory: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = int(model.config.vocab_size)
+        self._cache_factory = cache_factory or (lambda: DynamicCache(config=model.config))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def init_state(self, batch_size: int) -> HFState:
+        return HFState(cache=self._cache_factory(), batch_size=batch_size)
+
+    def forward_chunk(self, input_ids: torch.Tensor, state: HFState) -> tuple[torch.Tensor, HFState]:
+        check_chunk(input_ids, state.batch_size)
+        T = input_ids.shape[1]
+        input_ids = input_ids.to(self.device)
+        position_ids = torch.arange(state.seen, state.seen + T, device=self.device).unsqueeze(0)  # [1, T]
+        out = self.model(
+            input_ids=input_ids,
+            past_key_values=state.cache,
+            position_ids=position_ids.expand(input_ids.shape[0], -1),
+            use_cache=True,
+        )
+        state.cache = out.past_key_values
+        state.seen += T
+        return out.logits.float(), state
+
+    def state_nbytes(self, state: HFState) -> int:
+        total = 0
+        for layer in getattr(state.cache, "layers", []):
+            total += tensor_nbytes([getattr(layer, "keys", None), getattr(layer, "values", None)])
+        return total

@@ -1,0 +1,103 @@
+"""Load a model directory (or hub id) as a StatefulLM, with one clear error for every way it can fail.
+
+A directory made by any msrnn command holds ``msrnn.json`` naming its family; each family registers a loader
+in :data:`FAMILY_LOADERS`. A directory without it is treated as a plain HF causal LM (full KV cache).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msrnn.errors import ModelLoadError
+from msrnn.protocol import StatefulLM
+from msrnn.registry import Registry
+
+MSRNN_META = "msrnn.json"
+
+FAMILY_LOADERS: Registry[Callable[..., StatefulLM]] = Registry("model family")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / MSRNN_META
+    if not meta_path.exists():
+        return {}
+    try:
+        return json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{meta_path} is corrupt ({exc}); re-create the model directory") from None
+
+
+def load_tokenizer_for(spec: str | Path) -> Any:
+    """The tokenizer stored with a model directory (or hub id)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(spec))
+    except Exception as exc:  # transformers raises many types for a missing/corrupt tokenizer
+        raise ModelLoadError(
+            f"no usable tokenizer at {spec} ({type(exc).__name__}); save one there with tokenizer.save_pretrained()"
+        ) from None
+
+
+def _check_dir(path: Path) -> None:
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} has no config.json; point --model at a directory made by save_pretrained")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
+    if not weights:
+        raise ModelLoadError(f"{path} has no weights (*.safetensors); the checkpoint is incomplete, re-save it")
+
+
+def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      attn_implementation: str | None = None) -> Any:
+    """Load a ``PreTrainedModel`` causal LM from a directory or hub id, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec)
+    is_local = path.exists()
+    if is_local:
+        _check_dir(path)
+    elif str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+        raise ModelLoadError(f"model path {spec} does not exist; check the path or train one with 'msrnn pretrain'")
+    try:
+        config = AutoConfig.from_pretrained(str(spec))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the config of {spec} ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not getattr(config, "is_decoder", False) and type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ModelLoadError(
+            f"{spec} is a {config.model_type!r} model, not a causal LM; use a decoder such as Llama, Mistral, Qwen2, GPT-2"
+        )
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(spec), **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load weights of {spec} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "the checkpoint may be corrupt, re-save it"
+        ) from None
+    return model.to(device).eval()
+
+
+@FAMILY_LOADERS.register("hf", "any Hugging Face causal LM with its full KV cache")
+def _load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               **_: Any) -> StatefulLM:
+    from msrnn.models.hf import HFCausalLM
+
+    model = load_hf_causal_lm(spec, device=device, dtype=dtype)
+    return HFCausalLM(model, tokenizer=load_tokenizer_for(spec))
+
+
+def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+            **family_options: Any) -> StatefulLM:
+    """Load ``spec`` (directory or hub id) as a StatefulLM of the family its ``msrnn.json`` names."""
+    path = Path(spec)
+    family = read_meta(path).get("family", "hf") if path.is_dir() else "hf"
+    return FAMILY_LOADERS.get(family)(spec, device=device, dtype=dtype, **family_options)

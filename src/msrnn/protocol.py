@@ -1,0 +1,97 @@
+"""The one streaming interface every msrnn family implements.
+
+"Transformers are Multi-State RNNs" (Oren et al., 2024) views a decoder's KV cache as an RNN state. msrnn
+makes that literal: every model, whatever bounds its state, is driven as
+
+    state = lm.init_state(batch_size)
+    logits, state = lm.forward_chunk(input_ids, state)   # input_ids [B, T], any T >= 1; logits [B, T, V]
+    lm.state_nbytes(state)                                # bytes held for B sequences
+
+Chunking must not change the function: feeding a stream in chunks of any size gives the logits of one full
+forward (up to float tolerance; eviction families document where their policy makes chunking matter).
+The state passed to ``forward_chunk`` may be updated in place: always continue with the returned one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from msrnn.errors import ConfigError
+
+
+@runtime_checkable
+class StatefulLM(Protocol):
+    """A language model driven chunk by chunk with an explicit state."""
+
+    vocab_size: int
+
+    def init_state(self, batch_size: int) -> Any:
+        """A fresh state for ``batch_size`` sequences, before any token."""
+        ...
+
+    def forward_chunk(self, input_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Consume ``input_ids`` [B, T] and return next-token logits [B, T, V] (fp32) and the new state."""
+        ...
+
+    def state_nbytes(self, state: Any) -> int:
+        """Bytes of tensor memory the state holds (all B sequences together)."""
+        ...
+
+
+def tensor_nbytes(obj: Any) -> int:
+    """Sum the bytes of every tensor reachable through lists, tuples, dicts and object attributes."""
+    seen: set[int] = set()
+
+    def visit(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            # Views of one storage (e.g. a slice kept in two places) are counted once.
+            key = x.untyped_storage().data_ptr() if x.numel() else id(x)
+            if key in seen:
+                return 0
+            seen.add(key)
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(visit(v) for v in x.values())
+        if isinstance(x, (list, tuple, set)):
+            return sum(visit(v) for v in x)
+        if hasattr(x, "__dict__") and not isinstance(x, (type, torch.nn.Module)):
+            return sum(visit(v) for v in vars(x).values())
+        return 0
+
+    return visit(obj)
+
+
+def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None) -> None:
+    """Validate a chunk's shape before a family touches it."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ConfigError("input_ids must be a 2-D LongTensor [batch, tokens]; reshape it with input_ids.view(B, -1)")
+    if input_ids.shape[1] < 1:
+        raise ConfigError("a chunk needs at least one token; skip empty chunks before calling forward_chunk")
+    if batch_size is not None and input_ids.shape[0] != batch_size:
+        raise ConfigError(
+            f"chunk has batch size {input_ids.shape[0]} but the state was made for {batch_size}; "
+            "start a new state with init_state(batch_size)"
+        )
+
+
+def stream_logits(lm: StatefulLM, input_ids: torch.Tensor, chunk_sizes: Iterable[int] | int) -> torch.Tensor:
+    """Feed ``input_ids`` [B, T] through ``lm`` in chunks and concatenate the logits [B, T, V].
+
+    ``chunk_sizes`` is one size for every chunk or an explicit list of sizes (the last one is repeated).
+    A test helper and a building block for evaluators.
+    """
+    sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
+    if not sizes or any(s < 1 for s in sizes):
+        raise ConfigError("chunk sizes must be >= 1; pass e.g. --chunk-size 128")
+    state = lm.init_state(input_ids.shape[0])
+    out, pos, i = [], 0, 0
+    while pos < input_ids.shape[1]:
+        size = sizes[min(i, len(sizes) - 1)]
+        logits, state = lm.forward_chunk(input_ids[:, pos : pos + size], state)
+        out.append(logits)
+        pos += size
+        i += 1
+    return torch.cat(out, dim=1)

@@ -1,0 +1,63 @@
+"""Training hyper-parameters shared by pretraining, SUPRA uptraining, BST and RMT."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from msrnn.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio: a slow decay (see LMBatches' docstring)
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+    eval_every: int = 100  # 0 disables periodic validation
+    save_every: int = 0  # 0 = a resumable checkpoint only at the end
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | no | bf16 | fp16
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; use cosine or constant")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"unknown mixed_precision {self.mixed_precision!r}; use auto, no, bf16 or fp16")
+        for name in ("eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints must be >= 1")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step`` (0-based): linear warmup, then cosine or flat."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

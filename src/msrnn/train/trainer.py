@@ -1,0 +1,271 @@
+"""One trainer for every family, on Hugging Face Accelerate.
+
+``accelerate launch`` gives DDP/FSDP on many GPUs with no code change; on CPU it runs single-process (or gloo
+DDP under a launcher). The trainer knows nothing about the model family: it takes a model, a batch function
+``batch_fn(step, micro_step, rank) -> dict`` that is deterministic in its arguments, and a loss function.
+
+Checkpoints hold the model (``save_pretrained``, safetensors), optimizer, scheduler, RNG states and the log;
+they are written to a temp dir and renamed, so an interrupted save never leaves a half checkpoint. Resuming
+restores all of it and, because batches are a function of the step, continues the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msrnn.errors import ModelLoadError
+from msrnn.io import atomic_dir, write_json
+from msrnn.ui import err_console
+from msrnn.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+BatchFn = Callable[[int, int, int], dict[str, torch.Tensor]]
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+ValFn = Callable[[torch.nn.Module], dict[str, float]]
+
+STATE_FILE = "trainer_state.pt"
+
+
+def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Causal LM loss of a HF model (it shifts labels itself)."""
+    return model(**batch).loss
+
+
+@dataclass
+class TrainResult:
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        return losses[-1] if losses else float("nan")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on norms, biases and embeddings (1-D tensors and tied tables): the usual GPT recipe.
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        batch_fn: BatchFn,
+        out_dir: str | Path,
+        loss_fn: LossFn = default_loss,
+        val_fn: ValFn | None = None,
+        tokens_per_step: int = 0,
+        save_extra: Callable[[Path], None] | None = None,
+        progress: bool = True,
+        accelerator: Any = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.batch_fn = batch_fn
+        self.loss_fn = loss_fn
+        self.val_fn = val_fn
+        self.out_dir = Path(out_dir)
+        self.tokens_per_step = tokens_per_step
+        self.save_extra = save_extra
+        self.progress = progress
+        mp = config.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        torch.manual_seed(config.seed)
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
+            eps=1e-8, fused=torch.cuda.is_available() or None,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoint_root.exists():
+            return None
+        ckpts = sorted(
+            (p for p in self.checkpoint_root.glob("step-*") if (p / STATE_FILE).exists()),
+            key=lambda p: int(p.name.split("-")[1]),
+        )
+        return ckpts[-1] if ckpts else None
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a resumable checkpoint at the current step (main process only)."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        path = self.checkpoint_root / f"step-{self.step:07d}"
+        with atomic_dir(path, overwrite=True) as tmp:
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), safe_serialization=True)
+            torch.save(
+                {
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "history": self.history,
+                    "config": self.config.to_dict(),
+                    "rng": {
+                        "python": random.getstate(),
+                        "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    },
+                },
+                tmp / STATE_FILE,
+            )
+        old = sorted(self.checkpoint_root.glob("step-*"))[: -self.config.keep_checkpoints]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore the newest (or given) checkpoint; returns False if there is none."""
+        path = Path(path) if path else self.latest_checkpoint()
+        if path is None:
+            return False
+        from safetensors.torch import load_file
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files or not (path / STATE_FILE).exists():
+            raise ModelLoadError(f"checkpoint {path} is incomplete; delete it to resume from an earlier one")
+        try:
+            weights: dict[str, torch.Tensor] = {}
+            for f in files:
+                weights.update(load_file(str(f)))
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ModelLoadError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it and resume") from None
+        model = self.accelerator.unwrap_model(self.model)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # Tied weights are saved once; anything else missing means the checkpoint does not fit this model.
+        missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and "lm_head" not in k]
+        if missing or unexpected:
+            raise ModelLoadError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}); resume with the same --preset")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def _train_step(self) -> float:
+        cfg, acc = self.config, self.accelerator
+        self.model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(acc.device) for k, v in self.batch_fn(self.step, micro, acc.process_index).items()}
+            last = micro == cfg.grad_accum - 1
+            with (nullcontext() if last else acc.no_sync(self.model)), acc.autocast():
+                loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+                acc.backward(loss)
+            total += float(loss.detach())
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def _validate(self) -> dict[str, float]:
+        if self.val_fn is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.val_fn(self.accelerator.unwrap_model(self.model))
+
+    def train(self) -> TrainResult:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cfg, acc = self.config, self.accelerator
+        tokens_per_step = self.tokens_per_step * cfg.grad_accum * acc.num_processes
+        start_step, t0 = self.step, time.perf_counter()
+        show = self.progress and acc.is_main_process
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, disable=not show, transient=False, console=err_console) as bar:
+            task = bar.add_task("train", total=cfg.max_steps, completed=self.step, info="")
+            while self.step < cfg.max_steps:
+                loss = self._train_step()
+                record: dict[str, float] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    record.update(self._validate())
+                self.history.append(record)
+                elapsed = time.perf_counter() - t0
+                tps = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                info = f"loss {loss:.3f}  {tps:,.0f} tok/s"
+                if "val_loss" in record:
+                    info += f"  val {record['val_loss']:.3f}"
+                bar.update(task, completed=self.step, info=info)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    log.info("step %d %s", self.step, info)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+        seconds = time.perf_counter() - t0
+        self.save_checkpoint()
+        if acc.is_main_process:
+            write_json(self.out_dir / "history.json", self.history)
+        return TrainResult(step=self.step, history=self.history,
+                           tokens=(self.step - start_step) * tokens_per_step, seconds=seconds)
+
+    def export(self, out_dir: str | Path | None = None, meta: dict[str, Any] | None = None) -> Path:
+        """Write the trained model (+ whatever ``save_extra`` adds, e.g. the tokenizer) as a model directory.
+
+        Files are written to a temp dir and moved into place one by one; ``msrnn.json`` is written last and
+        marks the directory complete.
+        """
+        out = Path(out_dir) if out_dir else self.out_dir
+        if not self.accelerator.is_main_process:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out / ".export") as tmp:
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), safe_serialization=True)
+            if self.save_extra:
+                self.save_extra(tmp)
+        staged = out / ".export"
+        for f in sorted(staged.iterdir()):
+            f.replace(out / f.name)
+        staged.rmdir()
+        write_json(out / "msrnn.json", {"step": self.step, **(meta or {})})
+        (out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        return out

@@ -1,0 +1,44 @@
+"""Terminal output: progress and tables on stderr/stdout via rich, machine-readable JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Progress and logs go to stderr so `--json` output on stdout stays parseable.
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:,.3f}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="left" if c in (columns[0],) else "right")
+    for r in rows:
+        t.add_row(*(fmt(v) for v in r))
+    return t
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=_default))
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
