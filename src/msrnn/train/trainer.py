@@ -100,7 +100,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         optimizer = torch.optim.AdamW(
             _param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
-            eps=1e-8, fused=torch.cuda.is_available() or None,
+            eps=config.adam_eps, fused=torch.cuda.is_available() or None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -214,18 +214,20 @@ class Trainer:
         with torch.no_grad(), self.accelerator.autocast():
             return self.val_fn(self.accelerator.unwrap_model(self.model))
 
-    def train(self) -> TrainResult:
+    def train(self, until: int | None = None) -> TrainResult:
+        """Train to ``config.max_steps`` (or stop early at step ``until``, as an interruption would)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         cfg, acc = self.config, self.accelerator
         tokens_per_step = self.tokens_per_step * cfg.grad_accum * acc.num_processes
+        stop = cfg.max_steps if until is None else min(until, cfg.max_steps)
         start_step, t0 = self.step, time.perf_counter()
         show = self.progress and acc.is_main_process
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, disable=not show, transient=False, console=err_console) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.step, info="")
-            while self.step < cfg.max_steps:
+            while self.step < stop:
                 loss = self._train_step()
                 record: dict[str, float] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
@@ -237,6 +239,9 @@ class Trainer:
                 if "val_loss" in record:
                     info += f"  val {record['val_loss']:.3f}"
                 bar.update(task, completed=self.step, info=info)
+                if show and not err_console.is_terminal and self.step % max(1, cfg.max_steps // 20) == 0:
+                    # Logs and CI have no live bar: a plain line every 5% instead.
+                    err_console.print(f"train step {self.step}/{cfg.max_steps}  {info}")
                 if cfg.log_every and self.step % cfg.log_every == 0:
                     log.info("step %d %s", self.step, info)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny corpora, a tiny BPE, tiny random models. No network, no hub."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_FILES = ["keyword.py", "bisect.py", "colorsys.py", "this.py", "glob.py", "fnmatch.py", "heapq.py",
+              "stat.py", "numbers.py", "reprlib.py", "shlex.py", "sched.py", "string.py", "textwrap.py",
+              "token.py", "tty.py", "getopt.py", "operator.py", "linecache.py", "genericpath.py"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every test run caches tokenizers/tokens/models in a throwaway folder, never the user's."""
+    old = os.environ.get("MSRNN_CACHE")
+    os.environ["MSRNN_CACHE"] = str(tmp_path_factory.mktemp("msrnn-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MSRNN_CACHE", None)
+    else:
+        os.environ["MSRNN_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(42)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of ~20 real stdlib modules (small, real code)."""
+    from msrnn.data.corpus import stdlib_root
+
+    root = tmp_path_factory.mktemp("corpus")
+    for name in TINY_FILES:
+        src = stdlib_root() / name
+        if src.exists():
+            shutil.copy(src, root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus: Path):
+    from msrnn.data import load_documents, train_bpe
+
+    return train_bpe((d.text for d in load_documents(str(tiny_corpus))), vocab_size=384)
+
+
+def tiny_llama(vocab: int = 384, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+               attn: str = "sdpa", seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=1024, tie_word_embeddings=False)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()

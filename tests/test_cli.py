@@ -1,0 +1,124 @@
+"""The CLI: every command has --help; bad input is one error line and a non-zero exit; a tiny end-to-end run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from msrnn.cli.main import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "msrnn.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["tokenizer"], ["pretrain"], ["eval", "ppl"], ["generate"]])
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: msrnn" in capsys.readouterr().out
+
+
+def assert_clean_error(proc, fragment):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines and fragment in lines[-1], proc.stderr
+
+
+def test_missing_model_path_is_one_clean_error(tmp_path):
+    proc = run_cli("eval", "ppl", "--model", str(tmp_path / "nope"))
+    assert_clean_error(proc, "does not exist")
+
+
+def test_chunk_size_zero_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "ppl", "--model", "x", "--chunk-size", "0"])
+    assert e.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_unknown_preset_lists_choices(tmp_path, capsys, tiny_corpus):
+    rc = main(["pretrain", "--preset", "huge", "--data", str(tiny_corpus), "--out", str(tmp_path / "m")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'huge'" in err and "small" in err and "tiny" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_data_specs(capsys, tmp_path):
+    assert main(["tokenizer", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["tokenizer", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "t")]) == 2
+    assert "no documents" in capsys.readouterr().err
+    assert main(["tokenizer", "--data", "stdlib:nosuchsplit", "--out", str(tmp_path / "t")]) == 2
+    assert "unknown split" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_encoder_only_model_is_rejected(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    assert main(["eval", "ppl", "--model", str(tmp_path / "bert")]) == 2
+    assert "not a causal LM" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tiny_corpus):
+    out = tmp_path_factory.mktemp("run") / "model"
+    rc = main(["pretrain", "--preset", "tiny", "--data", str(tiny_corpus), "--vocab-size", "320",
+               "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0",
+               "--save-every", "2", "--out", str(out), "--json", "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_pretrain_writes_a_self_contained_model_dir(trained_dir):
+    names = {p.name for p in trained_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "msrnn.json", "history.json"} <= names
+    meta = json.loads((trained_dir / "msrnn.json").read_text())
+    assert meta["family"] == "hf" and meta["preset"] == "tiny" and meta["total_steps"] == 3
+    assert not [n for n in names if n.startswith(".")]  # no temp leftovers
+
+
+def test_pretrain_refuses_to_clobber_without_resume(trained_dir, capsys, tiny_corpus):
+    rc = main(["pretrain", "--preset", "tiny", "--data", str(tiny_corpus), "--out", str(trained_dir)])
+    assert rc == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_eval_ppl_json_schema(trained_dir, tiny_corpus, capsys, tmp_path):
+    png = tmp_path / "p.png"
+    rc = main(["eval", "ppl", "--model", str(trained_dir), "--data", f"{tiny_corpus}:all", "--chunk-size", "16",
+               "--max-tokens", "100", "--max-docs", "3", "--plot", str(png), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("ppl", "tokens", "peak_state_bytes", "tokens_per_s", "buckets"):
+        assert key in out
+    assert out["tokens"] == 3 * 99 and out["ppl"] > 1
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_generate_json(trained_dir, capsys):
+    rc = main(["generate", "--model", str(trained_dir), "--prompt", "def f(x):", "--max-new-tokens", "5", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["new_tokens"] == 5 and isinstance(out["completion"], str)
+
+
+def test_corrupt_weights_are_one_clean_error(trained_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    proc = run_cli("eval", "ppl", "--model", str(bad))
+    assert_clean_error(proc, "corrupt")
+    (bad / "model.safetensors").unlink()
+    proc = run_cli("generate", "--model", str(bad), "--prompt", "x")
+    assert_clean_error(proc, "no weights")

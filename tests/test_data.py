@@ -1,0 +1,140 @@
+import hashlib
+import logging
+
+import numpy as np
+import pytest
+
+from msrnn.data import (
+    LMBatches,
+    cached_token_stream,
+    load_documents,
+    parse_data_spec,
+    split_of,
+    tokenize_documents,
+)
+from msrnn.data.corpus import SPLIT_FRACTIONS
+from msrnn.errors import ConfigError, DataError
+
+
+def test_parse_data_spec():
+    assert parse_data_spec("stdlib:test") == parse_data_spec("stdlib:test")
+    s = parse_data_spec("stdlib:test")
+    assert (s.source, s.split) == ("stdlib", "test")
+    assert parse_data_spec("stdlib").split == "all"
+    assert parse_data_spec("stdlib", default_split="test").split == "test"
+    h = parse_data_spec("hf:pg19:test")
+    assert (h.source, h.name, h.split) == ("hf", "pg19", "test")
+    p = parse_data_spec("some/dir:val")
+    assert (p.source, p.name, p.split) == ("path", "some/dir", "val")
+    assert parse_data_spec("notes:v2.txt").name == "notes:v2.txt"  # a colon that is not a split stays in the path
+    with pytest.raises(DataError, match="unknown split"):
+        parse_data_spec("stdlib:bogus")
+    with pytest.raises(DataError, match="empty data spec"):
+        parse_data_spec("  ")
+
+
+def test_split_is_a_stable_hash_of_the_relative_path():
+    names = [f"pkg{i // 50}/mod{i}.py" for i in range(4000)]
+    splits = [split_of(n) for n in names]
+    assert splits == [split_of(n) for n in names]  # deterministic
+    # Independent re-derivation from the documented rule (first 8 bytes of sha1, cumulative fractions).
+    def ref(name):
+        u = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
+        return "train" if u < 0.90 else ("val" if u < 0.95 else "test")
+    assert splits == [ref(n) for n in names]
+    for name, frac in SPLIT_FRACTIONS.items():
+        assert abs(splits.count(name) / len(names) - frac) < 0.02
+
+
+def test_stdlib_splits_are_disjoint_and_cover_everything():
+    sets = {s: {d.name for d in load_documents(f"stdlib:{s}")} for s in ("train", "val", "test")}
+    everything = {d.name for d in load_documents("stdlib")}
+    assert sets["train"] | sets["val"] | sets["test"] == everything
+    assert not (sets["train"] & sets["test"]) and not (sets["train"] & sets["val"]) and not (sets["val"] & sets["test"])
+    assert not any(n.startswith(("test/", "site-packages/")) for n in everything)
+
+
+def test_non_utf8_files_are_skipped_with_a_count(tmp_path, caplog):
+    (tmp_path / "good.txt").write_text("hello world\n")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa not utf8 \x80")
+    with caplog.at_level(logging.WARNING):
+        docs = load_documents(str(tmp_path))
+    assert [d.name for d in docs] == ["good.txt"]
+    assert "skipped 1 file" in caplog.text
+
+
+def test_folder_documents_concatenate_in_sorted_order(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "b.py").write_text("B = 2\n")
+    (tmp_path / "pkg" / "a.py").write_text("A = 1\n")
+    (tmp_path / "top.py").write_text("T = 0\n")
+    docs = {d.name: d.text for d in load_documents(str(tmp_path), unit="folder")}
+    assert docs["pkg/"] == "A = 1\n\nB = 2\n"
+    assert docs["./"] == "T = 0\n"
+
+
+def test_glob_and_missing_and_empty(tmp_path):
+    (tmp_path / "x.md").write_text("# x")
+    (tmp_path / "y.txt").write_text("y")
+    assert [d.name for d in load_documents(str(tmp_path / "*.md"))] == ["x.md"]
+    with pytest.raises(DataError, match="does not exist"):
+        load_documents(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no documents"):
+        load_documents(str(empty))
+
+
+def test_hf_source_without_datasets_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(DataError, match="pip install 'msrnn\\[hf\\]'"):
+        load_documents("hf:pg19:test")
+
+
+def test_tokenizer_adds_no_special_tokens_and_round_trips(tiny_tokenizer):
+    text = "def f(x):\n    return x + 1\n"
+    ids = tiny_tokenizer(text)["input_ids"]
+    assert tiny_tokenizer.eos_token_id not in ids
+    assert tiny_tokenizer.decode(ids) == text
+    assert len(tiny_tokenizer) == 384
+
+
+def test_token_cache_hit_equals_fresh_tokenization(tiny_corpus, tiny_tokenizer, tmp_path):
+    docs = load_documents(str(tiny_corpus))
+    fresh = tokenize_documents(docs, tiny_tokenizer)
+    first = cached_token_stream(docs, tiny_tokenizer, root=tmp_path)
+    second = cached_token_stream(docs, tiny_tokenizer, root=tmp_path)
+    assert isinstance(second.tokens, np.memmap)
+    np.testing.assert_array_equal(np.asarray(first.tokens), fresh.tokens)
+    np.testing.assert_array_equal(np.asarray(second.tokens), fresh.tokens)
+    assert second.names == [d.name for d in docs]
+    np.testing.assert_array_equal(second.doc(3), tiny_tokenizer(docs[3].text)["input_ids"])
+    # Corrupt the cache: a clear error naming the folder to delete.
+    (key,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (key / "tokens.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(DataError, match="corrupt.*delete that folder"):
+        cached_token_stream(docs, tiny_tokenizer, root=tmp_path)
+
+
+def test_batches_deterministic_with_repeats(tiny_corpus, tiny_tokenizer):
+    stream = tokenize_documents(load_documents(str(tiny_corpus)), tiny_tokenizer)
+    b = LMBatches(stream, seq_len=64, batch_size=8, eos_id=0, repeat_fraction=0.25, seed=3)
+    x, y = b.batch(5)["input_ids"], b.batch(5)["input_ids"]
+    assert x.shape == (8, 64) and x.equal(y)
+    assert not x.equal(b.batch(6)["input_ids"])
+    assert not x.equal(b.batch(5, rank=1)["input_ids"])
+    assert x[:2, :32].equal(x[:2, 32:])  # 2 of 8 rows repeat their first half
+    assert not x[2:, :32].equal(x[2:, 32:])
+    with pytest.raises(ConfigError):
+        LMBatches(stream, seq_len=64, batch_size=8, eos_id=0, repeat_fraction=1.5)
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        LMBatches(stream, seq_len=10**8, batch_size=1, eos_id=0)

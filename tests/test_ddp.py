@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_step_equals_single_process_on_both_batches(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), str(HERE)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    torch.testing.assert_close(r0["params"], r1["params"])  # ranks stay in sync
+
+    # Reference: one single-process step on the two ranks' batches concatenated.
+    sys.path.insert(0, str(HERE))
+    from conftest import tiny_llama
+    from ddp_worker import batch
+
+    model = tiny_llama(seed=0).train()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-3)
+    b0, b1 = batch(0), batch(1)
+    x = torch.cat([b0["input_ids"], b1["input_ids"]])
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    ref = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.equal(before, ref)
+    torch.testing.assert_close(r0["params"], ref, rtol=1e-4, atol=1e-5)
