@@ -1,0 +1,219 @@
+"""msrnn's attention functions for bounded KV caches, registered in transformers' ``AttentionInterface``.
+
+``msrnn_sdpa`` and ``msrnn_eager`` behave exactly like ``sdpa``/``eager`` unless the layer being computed belongs
+to a :class:`~msrnn.kv.cache.KVEvictionCache`. For those layers they
+
+1. build the attention mask from the cache's own bookkeeping (transformers' padding mask assumes the cached
+   slots are contiguous in the original positions, which is false after eviction),
+2. get the attention scores a policy needs -- from eager's weights, or by computing the newest query's row
+   (one row per head: cheap) when SDPA returns none,
+3. evict down to the budget and commit the kept slots to the cache layer.
+
+Prefill modes. ``oneshot`` attends all new tokens to every slot, then evicts once with the last query's
+scores (TOVA's official prefill). ``exact`` processes the chunk's queries one after another inside the
+attention call, evicting after each, which equals feeding the tokens one at a time through the whole model:
+attention is the only operation that mixes tokens, so doing it sequentially per layer is enough.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from msrnn.kv.cache import ACTIVE_LAYER, EvictionLayer
+from msrnn.kv.policies import Candidates
+from msrnn.kv.rope import rotate
+
+_REGISTERED = False
+
+
+def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _group(p: torch.Tensor, groups: int, reduce: str) -> torch.Tensor:
+    """[B, Hq, N] -> [B, G, N]: mean or sum over all query heads (G=1) or over each KV head's group."""
+    B, Hq, N = p.shape
+    g = p.view(B, groups, Hq // groups, N)  # [B, G, Hq/G, N]
+    return g.mean(2) if reduce == "mean" else g.sum(2)
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention probabilities in fp32: q [B, Hq, t, D], k [B, Hkv, N, D], allowed [B, 1|Hq, t, N]."""
+    kk = _repeat_heads(k, q.shape[1] // k.shape[1])
+    logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling  # [B, Hq, t, N]
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain softmax attention returning weights, for models whose own eager function we do not have."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            w = w.masked_fill(~attention_mask, torch.finfo(w.dtype).min)
+        else:
+            w = w + attention_mask
+    w = w.softmax(-1, dtype=torch.float32).to(query.dtype)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+
+def _base(name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return generic_eager if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _new_validity(mask: torch.Tensor | None, B: int, T: int, S0: int, device) -> torch.Tensor:
+    """[B, T] bool: which new tokens are real (not padding), read off the mask's diagonal for the new tokens."""
+    if mask is None or mask.dim() != 4:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    j = torch.arange(T, device=mask.device)
+    diag = mask[:, 0, j, S0 + j]  # [B or 1, T]
+    ok = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    return ok.expand(B, T).to(device)
+
+
+def evicting_attention(base_name: str):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = ACTIVE_LAYER.get()
+        if layer is None or layer.pending is None or layer.pending[0] is not key:
+            return _base(base_name)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                    **kwargs)
+        ACTIVE_LAYER.set(None)
+        scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        return _attend_and_evict(layer, base_name, module, query, key, value, attention_mask, scaling, dropout,
+                                 kwargs)
+
+    attention.__name__ = f"msrnn_{base_name}"
+    return attention
+
+
+def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value, mask, scaling, dropout, kwargs):
+    B, Hq, T, _ = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    S0 = S - T
+    G = layer.groups(Hkv)
+    dev = query.device
+    policy = layer.policy
+    new_valid = _new_validity(mask, B, T, S0, dev)  # [B, T]
+    new_pos = torch.where(new_valid, layer.counter[:, None] + new_valid.long().cumsum(1) - 1, -1)  # [B, T]
+    positions = torch.cat([layer.positions, new_pos[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
+    valid = torch.cat([layer.valid, new_valid[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
+    acc = None
+    if layer.acc is not None:
+        acc = torch.cat([layer.acc, layer.acc.new_zeros(B, G, T)], dim=2)
+    k = policy.budget
+    if k is None or S <= k or layer.prefill == "oneshot":
+        out, weights, keep = _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
+                                      S0, scaling, dropout, kwargs)
+    else:
+        out, keep = _exact(layer, query, key, value, positions, valid, acc, S0, scaling)
+        weights = None
+    layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1))
+    return out, weights
+
+
+def _rolling_deltas(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rotation that moves each slot from its original position to its position inside the cache."""
+    cache_pos = valid.long().cumsum(-1) - 1
+    return torch.where(valid, cache_pos - positions, 0)
+
+
+def _select(policy, cand_positions, cand_valid, cand_acc, last, k) -> torch.Tensor:
+    scores = policy.score(Candidates(cand_positions, cand_valid, cand_acc, last))
+    scores = scores.masked_fill(~cand_valid, float("-inf"))
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values  # chronological order, as TOVA's code keeps it
+
+
+def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc, S0, scaling, dropout, kwargs):
+    B, Hq, T, _ = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    G = positions.shape[1]
+    dev = query.device
+    # allowed[b, g, i, s]: kept slots are all in the past; new tokens are causal among themselves, padding is
+    # visible only to itself (so no query row is empty).
+    tri = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    new_ok = tri & valid[:, :, None, S0:] | torch.eye(T, dtype=torch.bool, device=dev)  # [B, G, T, T]
+    old_ok = valid[:, :, None, :S0].expand(B, G, T, S0)
+    allowed = torch.cat([old_ok, new_ok], dim=-1)  # [B, G, T, S]
+    allowed_q = allowed if G == 1 else _repeat_heads(allowed, Hq // G)  # [B, 1|Hq, T, S]
+    q, kk = query, key
+    if layer.rolling:
+        delta = _rolling_deltas(positions, valid)  # [B, 1, S]
+        kk = rotate(key, delta, layer.inv_freq)
+        q = rotate(query, delta[:, :, S0:], layer.inv_freq)
+    out, weights = _base(base_name)(module, q, kk, value, allowed_q, scaling=scaling, dropout=dropout, **kwargs)
+    policy, k = layer.policy, layer.policy.budget
+    if acc is not None:
+        colsum = torch.zeros(B, Hq, S, device=dev)
+        for lo in range(0, T, 256):  # bounded memory for long prefills
+            p = weights[:, :, lo : lo + 256].float() if weights is not None else \
+                _probs(q[:, :, lo : lo + 256], kk, allowed_q[:, :, lo : lo + 256], scaling)
+            colsum += p.sum(2)
+        acc += _group(colsum, G, "sum")
+    if k is None or S <= k:
+        keep = torch.arange(S, device=dev).expand(B, G, S)
+        return out, weights, keep
+    last = None
+    if policy.needs == "last":
+        p = weights[:, :, -1].float() if weights is not None else \
+            _probs(q[:, :, -1:], kk, allowed_q[:, :, -1:], scaling)[:, :, 0]
+        last = _group(p, G, "mean")
+    keep = _select(policy, positions, valid, acc, last, k)
+    return out, weights, keep
+
+
+def _exact(layer, query, key, value, positions, valid, acc, S0, scaling):
+    """Token-by-token semantics inside one call: query j sees the slots kept after token j - 1."""
+    B, Hq, T, D = query.shape
+    Hkv, Dv = key.shape[1], value.shape[-1]
+    G = positions.shape[1]
+    n_rep = Hq // Hkv
+    policy, k = layer.policy, layer.policy.budget
+    cur = torch.arange(S0, device=query.device).expand(B, G, S0)  # [B, G, n] indices into the S slots
+    outs = []
+    for j in range(T):
+        cand = torch.cat([cur, cur.new_full((B, G, 1), S0 + j)], dim=2)  # [B, G, n+1]
+        kidx = cand if G == Hkv else cand.expand(B, Hkv, cand.shape[-1])
+        kc = key.gather(2, kidx[..., None].expand(-1, -1, -1, D))  # [B, Hkv, n+1, D]
+        vc = value.gather(2, kidx[..., None].expand(-1, -1, -1, Dv))
+        cvalid = valid.gather(2, cand)
+        allowed = cvalid.clone()
+        allowed[..., -1] = True
+        qj = query[:, :, j : j + 1]
+        if layer.rolling:
+            cpos = positions.gather(2, cand)
+            delta = _rolling_deltas(cpos, cvalid)
+            kc = rotate(kc, delta, layer.inv_freq)
+            qj = rotate(qj, delta[:, :, -1:], layer.inv_freq)
+        allowed_q = allowed[:, :, None] if G == 1 else _repeat_heads(allowed[:, :, None], n_rep)
+        p = _probs(qj, kc, allowed_q, scaling)  # [B, Hq, 1, n+1]
+        outs.append(torch.matmul(p, _repeat_heads(vc, n_rep).float()))  # [B, Hq, 1, Dv]
+        if acc is not None:
+            acc.scatter_add_(2, cand, _group(p[:, :, 0], G, "sum"))
+        if cand.shape[-1] > k:
+            last = _group(p[:, :, 0], G, "mean") if policy.needs == "last" else None
+            cacc = acc.gather(2, cand) if acc is not None else None
+            sel = _select(policy, positions.gather(2, cand), cvalid, cacc, last, k)
+            cur = cand.gather(2, sel)
+        else:
+            cur = cand
+    out = torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2).contiguous()  # [B, T, Hq, Dv]
+    return out, cur
+
+
+def register() -> None:
+    """Add ``msrnn_sdpa`` and ``msrnn_eager`` to transformers' attention registry (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("msrnn_sdpa", evicting_attention("sdpa"))
+    AttentionInterface.register("msrnn_eager", evicting_attention("eager"))
+    _REGISTERED = True

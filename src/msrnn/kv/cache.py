@@ -1,0 +1,180 @@
+"""A ``transformers.Cache`` whose layers keep at most ``budget`` KV slots: a bounded multi-state RNN.
+
+Mechanics live here; policies only score (see :mod:`msrnn.kv.policies`). Per layer we keep, next to keys and
+values, each slot's original token position (``-1`` for padding), a validity flag and, for H2O, the
+accumulated attention. ``update`` appends the new tokens and returns every slot; the msrnn attention function
+(:mod:`msrnn.kv.attention`) then attends, scores and calls :meth:`EvictionLayer.commit` with the slots to keep,
+so between forwards a layer holds at most ``budget`` slots.
+
+Conventions (Oren et al., 2024, official code): keys keep their original RoPE positions; ``get_seq_length``
+returns tokens seen, not slots kept, because transformers uses it as the query offset of the causal mask.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from msrnn.errors import ConfigError, MsrnnError
+from msrnn.kv.policies import Policy
+
+# The layer whose `update` ran last in this thread: the attention call that follows belongs to it.
+ACTIVE_LAYER: contextvars.ContextVar[EvictionLayer | None] = contextvars.ContextVar("msrnn_active_kv_layer",
+                                                                                     default=None)
+
+PREFILL_MODES = ("exact", "oneshot")
+POSITION_MODES = ("original", "rolling")
+
+
+class EvictionLayer(DynamicLayer):
+    """One layer of a bounded KV cache."""
+
+    is_croppable = False
+
+    def __init__(self, policy: Policy, prefill: str = "exact", positions: str = "original",
+                 inv_freq: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.prefill = prefill
+        self.rolling = positions == "rolling"
+        self.inv_freq = inv_freq
+        self.seen = 0
+        self._awaiting_commit = False
+        self.positions: torch.Tensor | None = None  # [B, G, S] long
+        self.valid: torch.Tensor | None = None  # [B, G, S] bool
+        self.acc: torch.Tensor | None = None  # [B, G, S] float32 (H2O only)
+        self.counter: torch.Tensor | None = None  # [B] valid tokens seen (next original position)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def budget(self) -> int | None:
+        return self.policy.budget
+
+    def groups(self, num_kv_heads: int) -> int:
+        return num_kv_heads if self.policy.per_head else 1
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        dev = key_states.device
+        G = self.groups(H)
+        self.dtype, self.device = key_states.dtype, dev
+        self.keys = key_states.new_zeros((B, H, 0, D))
+        self.values = value_states.new_zeros((B, H, 0, value_states.shape[-1]))
+        self.positions = torch.zeros((B, G, 0), dtype=torch.long, device=dev)
+        self.valid = torch.zeros((B, G, 0), dtype=torch.bool, device=dev)
+        self.acc = torch.zeros((B, G, 0), dtype=torch.float32, device=dev) if self.policy.needs == "all" else None
+        self.counter = torch.zeros(B, dtype=torch.long, device=dev)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._awaiting_commit:
+            raise MsrnnError(
+                "the KV eviction cache was used without msrnn's attention function, so nothing was evicted; "
+                "wrap the model with msrnn.kv.prepare_model(model) (or use msrnn.kv.KVEvictionLM)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise ConfigError(
+                f"this cache holds {self.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}; "
+                "make a new cache for a different batch size"
+            )
+        full_k = torch.cat([self.keys, key_states], dim=-2)
+        full_v = torch.cat([self.values, value_states], dim=-2)
+        self.pending = (full_k, full_v)
+        self._awaiting_commit = True
+        ACTIVE_LAYER.set(self)
+        return full_k, full_v
+
+    def commit(self, keep: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+               acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor) -> None:
+        """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending)."""
+        full_k, full_v = self.pending
+        B, H, _, D = full_k.shape
+        G = keep.shape[1]
+        idx = keep if G == H else keep.expand(B, H, keep.shape[-1])
+        self.keys = full_k.gather(2, idx[..., None].expand(-1, -1, -1, D))
+        self.values = full_v.gather(2, idx[..., None].expand(-1, -1, -1, full_v.shape[-1]))
+        self.positions = positions.gather(2, keep)
+        self.valid = valid.gather(2, keep)
+        self.acc = acc.gather(2, keep) if acc is not None else None
+        self.seen += new_tokens
+        self.counter = self.counter + new_valid_counts
+        self.pending = None
+        self._awaiting_commit = False
+
+    # -- transformers Cache layer API -------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def num_slots(self) -> int:
+        return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Mask columns = kept slots + new tokens; the offset makes the new tokens' columns line up with their
+        # absolute indices. Kept slots need no mask from transformers: msrnn's attention builds its own.
+        phys = self.num_slots()
+        return phys + query_length, self.seen - phys
+
+    def get_max_length(self) -> int:
+        return -1 if self.budget is None else self.budget
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self._awaiting_commit = False
+        self.positions = self.valid = self.acc = self.counter = self.pending = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise MsrnnError("an eviction cache cannot be cropped (no assisted decoding); use a DynamicCache for that")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name in ("keys", "values", "positions", "valid", "acc", "counter"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in ("keys", "values", "positions", "valid", "acc", "counter"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.device))
+
+    def kept_positions(self) -> torch.Tensor:
+        """Original positions of the tokens this layer holds, [B, G, S] (-1 = padding)."""
+        return self.positions
+
+
+class KVEvictionCache(Cache):
+    """A bounded KV cache: ``Cache(layers=[EvictionLayer, ...])``, usable as ``past_key_values`` anywhere.
+
+    The model must use msrnn's attention function (:func:`msrnn.kv.prepare_model`) so layers receive scores.
+    """
+
+    def __init__(self, num_layers: int, policy: Policy, prefill: str = "exact", positions: str = "original",
+                 inv_freq: torch.Tensor | None = None) -> None:
+        if prefill not in PREFILL_MODES:
+            raise ConfigError(f"unknown prefill mode {prefill!r}; use exact or oneshot")
+        if positions not in POSITION_MODES:
+            raise ConfigError(f"unknown positions mode {positions!r}; use original or rolling")
+        if positions == "rolling":
+            if inv_freq is None:
+                raise ConfigError("positions='rolling' re-rotates RoPE keys, but this model has no RoPE; "
+                                  "use positions='original'")
+            if policy.per_head:
+                raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
+        self.policy = policy
+        super().__init__(layers=[EvictionLayer(policy, prefill, positions, inv_freq) for _ in range(num_layers)])
+
+    def max_slots(self) -> int:
+        return max((layer.num_slots() for layer in self.layers), default=0)
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        return self.layers[layer_idx].kept_positions()

@@ -1,0 +1,93 @@
+"""Any HF causal LM + a policy + a budget = a bounded stateful LM (the msrnn protocol), and generate() support."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from msrnn.errors import ConfigError, ModelLoadError
+from msrnn.kv.attention import register
+from msrnn.kv.cache import KVEvictionCache
+from msrnn.kv.policies import Policy
+from msrnn.kv.rope import find_inv_freq
+from msrnn.models.hf import HFCausalLM
+from msrnn.protocol import tensor_nbytes
+
+log = logging.getLogger(__name__)
+
+_ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert",
+             "camembert", "mpnet", "modernbert"}
+
+
+def check_supported(model: Any) -> None:
+    """Raise a clear error for models that have no decoder KV cache to bound."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ModelLoadError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{cfg.model_type} is an encoder-decoder model; KV eviction supports decoder-only LMs")
+    if cfg.model_type in _ENCODERS and not getattr(cfg, "is_decoder", False):
+        raise ModelLoadError(f"{cfg.model_type} is an encoder-only model with no KV cache; use a decoder LM "
+                             "such as Llama, Mistral, Qwen2 or GPT-2")
+    if not hasattr(cfg, "num_hidden_layers") or not any(hasattr(m, "layer_idx") for m in model.modules()):
+        raise ModelLoadError(f"{type(model).__name__} has no cached self-attention layers to bound")
+
+
+def prepare_model(model: Any) -> Any:
+    """Switch ``model`` to msrnn's attention functions (same math; they evict for msrnn caches only)."""
+    check_supported(model)
+    register()
+    current = model.config._attn_implementation or "sdpa"
+    if current.startswith("msrnn_"):
+        return model
+    base = current if current in ("sdpa", "eager") else "sdpa"
+    if base != current:
+        log.warning("attention %r is not supported with KV eviction; using sdpa", current)
+    model.set_attn_implementation(f"msrnn_{base}")
+    return model
+
+
+def make_cache(model: Any, policy: Policy, prefill: str = "exact", positions: str = "original") -> KVEvictionCache:
+    """A fresh bounded cache for ``model`` (call :func:`prepare_model` first)."""
+    return KVEvictionCache(model.config.num_hidden_layers, policy, prefill=prefill, positions=positions,
+                           inv_freq=find_inv_freq(model))
+
+
+class KVEvictionLM(HFCausalLM):
+    """A HF causal LM whose KV cache is bounded by ``policy``: a bounded multi-state RNN.
+
+    With ``prefill='exact'`` (default) any chunk size gives the token-by-token result of the TOVA/StreamingLLM
+    evaluation protocol; ``'oneshot'`` evicts once per chunk, scoring with the chunk's last query.
+    """
+
+    def __init__(self, model: Any, policy: Policy, prefill: str = "exact", positions: str = "original",
+                 tokenizer: Any = None) -> None:
+        prepare_model(model)
+        make_cache(model, policy, prefill, positions)  # validate the options now, not at the first chunk
+        super().__init__(model, tokenizer, cache_factory=lambda: make_cache(model, policy, prefill, positions))
+        self.policy = policy
+
+    def state_nbytes(self, state) -> int:
+        total = 0
+        for layer in state.cache.layers:
+            total += tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc,
+                                    layer.counter])
+        return total
+
+
+def wrap(lm: Any, policy: Policy, prefill: str = "exact", positions: str = "original") -> KVEvictionLM:
+    """Bound an already-loaded :class:`HFCausalLM`."""
+    if not isinstance(lm, HFCausalLM):
+        raise ConfigError("KV eviction applies to plain HF causal LMs (family 'hf'), not to "
+                          f"{type(lm).__name__}")
+    return KVEvictionLM(lm.model, policy, prefill, positions, tokenizer=lm.tokenizer)
+
+
+@torch.inference_mode()
+def kept_positions(lm: KVEvictionLM, state) -> list[torch.Tensor]:
+    """Per layer, the original positions of the tokens held, [B, G, S]."""
+    return [layer.kept_positions().clone() for layer in state.cache.layers]

@@ -1,0 +1,165 @@
+"""Eviction policies: small dataclasses that only decide which slots to keep.
+
+A policy turns the bookkeeping of a layer's candidate slots into one score per slot (higher = keep); the cache
+keeps the ``budget`` best, in chronological order. Candidates arrive chronologically, so "recent" means "late
+in the candidate axis". Padding slots always score ``-inf`` and go first.
+
+* ``window``  -- Window: the last k tokens.
+* ``sink``    -- Window+i / StreamingLLM (Xiao et al., 2023): the first ``sinks`` tokens plus the last k - sinks.
+* ``h2o``     -- H2O (Zhang et al., 2023): a ``recent`` window plus heavy hitters by attention accumulated over
+  every query since the token entered (not normalised by age, as in the official code). Per KV head by default
+  (official: per head); ``per_head=False`` sums the heads of the layer.
+* ``tova``    -- TOVA (Oren et al., 2024): keep the tokens the newest query attends to most, averaged over the
+  layer's query heads, one selection per layer (official); ``per_head=True`` averages within each KV head's
+  group instead. No token is protected by rule (the official code protects none; kvpress protects the newest).
+* ``full``    -- no eviction (the reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from msrnn.errors import ConfigError
+from msrnn.registry import Registry
+
+# Protected slots get this bonus; float64 keeps BIG + index exact, so protected slots never tie.
+BIG = 1e12
+
+
+@dataclass
+class Candidates:
+    """What a policy may look at, for the candidate slots of one layer (G = 1 or KV heads)."""
+
+    positions: torch.Tensor  # [B, G, N] original token positions (-1 = padding)
+    valid: torch.Tensor  # [B, G, N] bool
+    acc: torch.Tensor | None  # [B, G, N] accumulated attention (H2O)
+    last: torch.Tensor | None  # [B, G, N] newest query's attention, averaged over the group's query heads (TOVA)
+
+
+@dataclass
+class Policy:
+    """Base: ``budget`` slots per layer (and per KV head for per-head policies); None means unbounded."""
+
+    budget: int | None
+    name: ClassVar[str] = ""
+    needs: ClassVar[str] = "none"  # "none" | "last" (newest query's attention row) | "all" (column sums)
+    per_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ConfigError(f"budget must be an integer >= 1 slots, got {self.budget!r}; e.g. --budget 128")
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name}@{self.budget}"
+
+
+def _recency(c: Candidates) -> torch.Tensor:
+    n = c.valid.shape[-1]
+    return torch.arange(n, dtype=torch.float64, device=c.valid.device).expand(c.valid.shape)
+
+
+@dataclass
+class Full(Policy):
+    name: ClassVar[str] = "full"
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        return _recency(c)
+
+
+@dataclass
+class Window(Policy):
+    name: ClassVar[str] = "window"
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        return _recency(c)
+
+
+@dataclass
+class Sink(Policy):
+    sinks: int = 4
+    name: ClassVar[str] = "sink"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
+        if self.budget is not None and self.sinks >= self.budget:
+            raise ConfigError(f"sinks ({self.sinks}) must be < budget ({self.budget}); lower --sinks or raise --budget")
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        is_sink = (c.positions >= 0) & (c.positions < self.sinks)
+        return _recency(c) + BIG * is_sink
+
+    def describe(self) -> str:
+        return f"sink{self.sinks}@{self.budget}"
+
+
+@dataclass
+class H2O(Policy):
+    recent: int | None = None  # default budget // 2
+    per_head: bool = True
+    name: ClassVar[str] = "h2o"
+    needs: ClassVar[str] = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recent is None:
+            self.recent = (self.budget or 2) // 2
+        if self.recent < 0:
+            raise ConfigError(f"recent must be >= 0, got {self.recent}")
+        if self.budget is not None and self.recent >= self.budget:
+            raise ConfigError(f"recent ({self.recent}) must be < budget ({self.budget}); lower --recent")
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        n = c.valid.shape[-1]
+        rec = _recency(c)
+        # The last `recent` valid candidates are protected (padding sits at the front, so the tail is real).
+        protected = rec >= n - self.recent
+        return c.acc.double() + BIG * protected
+
+    def describe(self) -> str:
+        return f"h2o(r{self.recent}{',head' if self.per_head else ',layer'})@{self.budget}"
+
+
+@dataclass
+class TOVA(Policy):
+    name: ClassVar[str] = "tova"
+    needs: ClassVar[str] = "last"
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        return c.last.double()
+
+    def describe(self) -> str:
+        return f"tova{'(head)' if self.per_head else ''}@{self.budget}"
+
+
+KV_POLICIES: Registry[type[Policy]] = Registry("KV policy")
+for _cls, _help in [
+    (Full, "no eviction: the full KV cache (reference)"),
+    (Window, "Window: keep the last k tokens"),
+    (Sink, "Window+i / StreamingLLM: the first `sinks` tokens plus the last k - sinks"),
+    (H2O, "H2O: recent window + heavy hitters by accumulated attention"),
+    (TOVA, "TOVA: keep the tokens the newest query attends to most"),
+]:
+    KV_POLICIES.add(_cls.name, _cls, _help)
+
+
+def make_policy(name: str, budget: int | None, **options) -> Policy:
+    """Build a registered policy; options that the policy does not take are ignored only if None."""
+    cls = KV_POLICIES.get(name)
+    fields = set(cls.__dataclass_fields__)
+    unknown = [k for k, v in options.items() if v is not None and k not in fields]
+    if unknown:
+        raise ConfigError(f"policy {name!r} takes no option {', '.join(unknown)}; remove it")
+    kwargs = {k: v for k, v in options.items() if v is not None and k in fields}
+    if name == "full":
+        budget = None
+    elif budget is None:
+        raise ConfigError(f"policy {name!r} needs a budget; pass --budget K (slots per layer)")
+    return cls(budget=budget, **kwargs)

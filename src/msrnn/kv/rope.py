@@ -1,0 +1,32 @@
+"""Re-rotating RoPE keys and queries (for StreamingLLM's positions-inside-the-cache convention).
+
+RoPE rotates each pair of channels ``(i, i + d/2)`` (the Hugging Face ``rotate_half`` layout) by
+``position * inv_freq[i]``; rotations compose, so a vector rotated for position ``p`` is moved to ``p + delta``
+by rotating it by ``delta``. Keys therefore stay cached at their original positions (TOVA's convention) and are
+moved to in-cache positions only inside the attention computation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def find_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
+    """The rotary inverse frequencies of a HF model, or None if it has no RoPE."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            return module.inv_freq.detach().float().clone()
+    return None
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, N, D] by ``delta`` [B, 1 or H, N] positions (the first 2*len(inv_freq) channels)."""
+    rot = 2 * inv_freq.numel()
+    angle = delta.to(torch.float32)[..., None] * inv_freq.to(x.device)  # [B, h, N, rot/2]
+    cos = torch.cat([angle.cos(), angle.cos()], dim=-1)  # [B, h, N, rot]
+    sin = torch.cat([angle.sin(), angle.sin()], dim=-1)
+    xr, rest = x[..., :rot].float(), x[..., rot:]
+    half = rot // 2
+    rotated_half = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    out = xr * cos + rotated_half * sin
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
