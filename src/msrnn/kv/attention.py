@@ -69,12 +69,16 @@ def _base(name: str):
 
 
 def _new_validity(mask: torch.Tensor | None, B: int, T: int, S0: int, device) -> torch.Tensor:
-    """[B, T] bool: which new tokens are real (not padding), read off the mask's diagonal for the new tokens."""
+    """[B, T] bool: which new tokens are real (not padding).
+
+    Read off the last query's mask row: with left padding the last token is always real and sees every real
+    earlier token. (A pad query's own row is useless: transformers un-masks fully masked rows for SDPA.)
+    Right padding is not supported, as in transformers' own generation.
+    """
     if mask is None or mask.dim() != 4:
         return torch.ones(B, T, dtype=torch.bool, device=device)
-    j = torch.arange(T, device=mask.device)
-    diag = mask[:, 0, j, S0 + j]  # [B or 1, T]
-    ok = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    row = mask[:, 0, -1, S0 : S0 + T]  # [B or 1, T]
+    ok = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     return ok.expand(B, T).to(device)
 
 
@@ -213,7 +217,11 @@ def register() -> None:
     if _REGISTERED:
         return
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register("msrnn_sdpa", evicting_attention("sdpa"))
     AttentionInterface.register("msrnn_eager", evicting_attention("eager"))
+    # Masks are built per implementation name; ours take the same masks as their base implementations.
+    AttentionMaskInterface.register("msrnn_sdpa", sdpa_mask)
+    AttentionMaskInterface.register("msrnn_eager", eager_mask)
     _REGISTERED = True

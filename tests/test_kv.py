@@ -1,0 +1,245 @@
+"""KV eviction: equality with the plain cache, agreement with an independent dense reference, bounded slots,
+generate() with batches and left padding, and clear errors."""
+
+import pytest
+import torch
+from helpers import assert_close
+from kv_reference import dense_stream
+
+from msrnn.errors import ConfigError, ModelLoadError, MsrnnError
+from msrnn.kv import KVEvictionLM, make_cache, make_policy, prepare_model
+from msrnn.kv.rope import find_inv_freq, rotate
+from msrnn.models import HFCausalLM
+from msrnn.protocol import stream_logits
+
+V = 384
+
+
+def tiny(arch: str, attn: str = "sdpa", seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, \
+        MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg, cls = LlamaConfig(**common), LlamaForCausalLM
+    elif arch == "mistral":
+        cfg, cls = MistralConfig(**common, sliding_window=None), MistralForCausalLM
+    elif arch == "qwen2":
+        cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
+    elif arch == "gpt2":
+        cfg, cls = GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=512), GPT2LMHeadModel
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+POLICIES = [("window", {}), ("sink", {"sinks": 3}), ("h2o", {}), ("h2o", {"per_head": False}), ("tova", {}),
+            ("tova", {"per_head": True})]
+
+
+def pid(p):
+    name, opts = p
+    return name + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_budget_at_least_length_equals_plain_cache(arch, attn):
+    model = tiny(arch, attn)
+    x = torch.randint(0, V, (2, 40))
+    with torch.no_grad():
+        ref = stream_logits(HFCausalLM(model), x, 9)
+        for name, opts in POLICIES:
+            got = stream_logits(KVEvictionLM(model, make_policy(name, 40, **opts)), x, 9)
+            assert_close(f"{arch}/{attn}/{name}", ref, got, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_matches_independent_dense_reference(arch, policy):
+    name, opts = policy
+    model = tiny(arch, "sdpa", seed=1)
+    ids = torch.randint(0, V, (37,), generator=torch.Generator().manual_seed(3)).tolist()
+    k = 10
+    ref_logits, ref_kept = dense_stream(model, ids, name, k, sinks=opts.get("sinks", 4), recent=None,
+                                        per_head=opts.get("per_head", name == "h2o"))
+    lm = KVEvictionLM(model, make_policy(name, k, **opts))
+    for chunks in (1, [5, 13, 1, 18]):
+        state = lm.init_state(1)
+        outs, pos = [], 0
+        sizes = [chunks] if isinstance(chunks, int) else chunks
+        i = 0
+        while pos < len(ids):
+            n = sizes[min(i, len(sizes) - 1)]
+            logits, state = lm.forward_chunk(torch.tensor([ids[pos : pos + n]]), state)
+            outs.append(logits[0])
+            pos, i = pos + n, i + 1
+        assert_close(f"{arch}/{pid(policy)}/chunks={chunks}", ref_logits, torch.cat(outs), atol=1e-4)
+        for li, layer in enumerate(state.cache.layers):
+            got = layer.kept_positions()[0]  # [G, k]
+            want = torch.tensor(ref_kept[li])
+            assert got.tolist() == want.tolist(), f"layer {li}: kept {got.tolist()} != reference {want.tolist()}"
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
+def test_eager_and_sdpa_keep_the_same_tokens(policy):
+    name, opts = policy
+    x = torch.randint(0, V, (2, 50))
+    kept = {}
+    for attn in ("sdpa", "eager"):
+        lm = KVEvictionLM(tiny("llama", attn, seed=2), make_policy(name, 12, **opts))
+        state = lm.init_state(2)
+        with torch.no_grad():
+            _, state = lm.forward_chunk(x, state)
+        kept[attn] = [layer.kept_positions() for layer in state.cache.layers]
+    for a, b in zip(kept["sdpa"], kept["eager"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("prefill", ["exact", "oneshot"])
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
+def test_never_more_than_budget_slots_between_forwards(policy, prefill):
+    name, opts = policy
+    model = tiny("qwen2")
+    lm = KVEvictionLM(model, make_policy(name, 8, **opts), prefill=prefill)
+    state = lm.init_state(2)
+    per_slot = 0
+    with torch.no_grad():
+        for n in (3, 20, 1, 1, 7, 1, 30):
+            _, state = lm.forward_chunk(torch.randint(0, V, (2, n)), state)
+            assert max(layer.num_slots() for layer in state.cache.layers) <= 8
+            if state.seen >= 8:  # full: the state stops growing
+                per_slot = per_slot or lm.state_nbytes(state)
+                assert lm.state_nbytes(state) == per_slot
+    assert state.cache.get_seq_length() == state.seen == 63  # tokens seen, not slots kept
+    kept = state.cache.layers[0].kept_positions()
+    assert int(kept.min()) >= 0 and int(kept.max()) <= 62
+    if name in ("window", "sink", "h2o"):  # these keep the newest token by rule; TOVA may drop it
+        assert int(kept.max()) == 62
+
+
+def test_batch_elements_choose_their_own_tokens():
+    lm = KVEvictionLM(tiny("llama"), make_policy("tova", 6))
+    x = torch.randint(0, V, (2, 30))
+    with torch.no_grad():
+        _, s2 = lm.forward_chunk(x, lm.init_state(2))
+        for b in range(2):
+            _, s1 = lm.forward_chunk(x[b : b + 1], lm.init_state(1))
+            for l2, l1 in zip(s2.cache.layers, s1.cache.layers, strict=True):
+                assert torch.equal(l2.kept_positions()[b], l1.kept_positions()[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
+def test_generate_left_padded_batch_equals_each_sequence_alone(arch, policy):
+    name, opts = policy
+    model = tiny(arch, seed=4)
+    prepare_model(model)
+    pad = 0
+    a = torch.randint(1, V, (12,))
+    b = torch.randint(1, V, (7,))
+    ids = torch.full((2, 12), pad)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, 5:], mask[1, 5:] = b, 1
+    gen_kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=pad)
+    out = model.generate(ids, attention_mask=mask, past_key_values=make_cache(model, make_policy(name, 6, **opts)),
+                         **gen_kw)
+    for row, seq in ((0, a), (1, b)):
+        alone = model.generate(seq[None], attention_mask=torch.ones(1, len(seq), dtype=torch.long),
+                               past_key_values=make_cache(model, make_policy(name, 6, **opts)), **gen_kw)
+        assert out[row, 12:].tolist() == alone[0, len(seq):].tolist()
+
+
+def test_generate_sampled_batch_and_big_budget_equals_dynamic_cache():
+    model = tiny("llama", seed=5)
+    x = torch.randint(1, V, (2, 9))
+    ref = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prepare_model(model)
+    got = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         past_key_values=make_cache(model, make_policy("tova", 64)))
+    assert torch.equal(ref, got)
+    torch.manual_seed(0)
+    s = model.generate(x, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0,
+                       past_key_values=make_cache(model, make_policy("h2o", 5)))
+    assert s.shape == (2, 17) and int(s.max()) < V
+
+
+def test_rope_rerotation_composes_and_matches_fresh_rotation():
+    model = tiny("llama")
+    inv = find_inv_freq(model)
+    x = torch.randn(1, 2, 5, 16)
+    d1, d2 = torch.tensor([[[3, -2, 0, 7, 1]]]), torch.tensor([[[-1, 4, 2, -7, 5]]])
+    assert_close("compose", rotate(x, d1 + d2, inv), rotate(rotate(x, d1, inv), d2, inv), atol=1e-5)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    raw = torch.randn(1, 2, 1, 16)
+    cos, sin = model.model.rotary_emb(raw, torch.tensor([[11]]))
+    _, at11 = apply_rotary_pos_emb(raw, raw, cos, sin)
+    cos, sin = model.model.rotary_emb(raw, torch.tensor([[4]]))
+    _, at4 = apply_rotary_pos_emb(raw, raw, cos, sin)
+    assert_close("move 11 -> 4", at4, rotate(at11, torch.tensor([[[-7]]]), inv), atol=1e-5)
+
+
+def test_rolling_positions_equal_original_until_eviction_then_differ():
+    model = tiny("llama")
+    x = torch.randint(0, V, (1, 30))
+    with torch.no_grad():
+        orig = stream_logits(KVEvictionLM(model, make_policy("sink", 10, sinks=2)), x, 1)
+        roll = stream_logits(KVEvictionLM(model, make_policy("sink", 10, sinks=2), positions="rolling"), x, 1)
+        roll_chunked = stream_logits(KVEvictionLM(model, make_policy("sink", 10, sinks=2), positions="rolling"), x,
+                                     [4, 9, 17])
+    assert_close("before eviction", orig[:, :11], roll[:, :11], atol=1e-5)
+    assert (orig[:, 12:] - roll[:, 12:]).abs().max() > 1e-3
+    assert_close("rolling exact chunked", roll, roll_chunked, atol=1e-4)
+    assert torch.isfinite(roll).all()
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: make_policy("tova", 0), "budget must be an integer >= 1"),
+    (lambda: make_policy("sink", 4, sinks=4), "sinks \\(4\\) must be < budget"),
+    (lambda: make_policy("h2o", 8, recent=8), "recent \\(8\\) must be < budget"),
+    (lambda: make_policy("tova", None), "needs a budget"),
+    (lambda: make_policy("lru", 8), "unknown KV policy 'lru'"),
+    (lambda: make_policy("window", 8, sinks=2), "takes no option sinks"),
+])
+def test_bad_policy_arguments(make, msg):
+    with pytest.raises(ConfigError, match=msg):
+        make()
+
+
+def test_unsupported_models_and_modes():
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32))
+    with pytest.raises(ModelLoadError, match="encoder-only"):
+        KVEvictionLM(bert, make_policy("tova", 8))
+    with pytest.raises(ConfigError, match="no RoPE"):
+        KVEvictionLM(tiny("gpt2"), make_policy("sink", 8), positions="rolling")
+    with pytest.raises(ConfigError, match="unknown prefill"):
+        KVEvictionLM(tiny("llama"), make_policy("tova", 8), prefill="lazy")
+
+
+def test_reusing_a_cache_with_another_batch_size_is_an_error():
+    lm = KVEvictionLM(tiny("llama"), make_policy("window", 8))
+    state = lm.init_state(2)
+    with torch.no_grad():
+        _, state = lm.forward_chunk(torch.randint(0, V, (2, 4)), state)
+        state.batch_size = 3  # bypass the adapter's own check to reach the cache's
+        with pytest.raises(ConfigError, match="holds 2 sequences but got a batch of 3"):
+            lm.forward_chunk(torch.randint(0, V, (3, 4)), state)
+
+
+def test_cache_without_msrnn_attention_is_caught():
+    model = tiny("llama")
+    from msrnn.kv import KVEvictionCache
+
+    cache = KVEvictionCache(2, make_policy("tova", 4))
+    with torch.no_grad():
+        model(torch.randint(0, V, (1, 5)), past_key_values=cache)
+        with pytest.raises(MsrnnError, match="prepare_model"):
+            model(torch.randint(0, V, (1, 1)), past_key_values=cache)
