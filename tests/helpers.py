@@ -12,4 +12,6 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float = 
     err = (ref - out).abs()
     rel_rms = (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
     bound = atol + rtol * ref.abs()
-    assert bool((err <= bound).all()), f"{name}: max abs err {err.max().item():.3e} (rel rms {rel_rms:.3e}) > atol {atol}"
+    assert bool((err <= bound).all()), (
+        f"{name}: max abs err {err.max().item():.3e} (rel rms {rel_rms:.3e}) > atol {atol}"
+    )

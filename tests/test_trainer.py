@@ -63,7 +63,8 @@ def test_schedule_warmup_then_cosine_to_floor():
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    ({"max_steps": 0}, "max_steps"), ({"max_steps": 1, "lr": -1}, "lr"), ({"max_steps": 1, "schedule": "x"}, "schedule"),
+    ({"max_steps": 0}, "max_steps"), ({"max_steps": 1, "lr": -1}, "lr"),
+    ({"max_steps": 1, "schedule": "x"}, "schedule"),
     ({"max_steps": 1, "grad_accum": 0}, "grad_accum"), ({"max_steps": 1, "mixed_precision": "fp8"}, "mixed_precision"),
 ])
 def test_bad_train_config(kwargs, msg):

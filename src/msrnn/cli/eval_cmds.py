@@ -10,6 +10,33 @@ from msrnn.cli.common import add_output_flags, add_seed, positive_int, resolve_d
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (made by any msrnn command) or hub id")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    kv = p.add_argument_group("KV eviction (any HF decoder as a bounded multi-state RNN)")
+    kv.add_argument("--policy", default=None, help="full | window | sink | h2o | tova (default: full cache)")
+    kv.add_argument("--budget", type=positive_int, default=None, help="KV slots kept per layer")
+    kv.add_argument("--sinks", type=int, default=None, help="sink tokens for --policy sink (default 4)")
+    kv.add_argument("--recent", type=int, default=None, help="recent window for --policy h2o (default budget/2)")
+    kv.add_argument("--per-head", default=None, action=argparse.BooleanOptionalAction,
+                    help="select per KV head instead of per layer (h2o default: per head; tova: per layer)")
+    kv.add_argument("--prefill", default="exact", choices=["exact", "oneshot"],
+                    help="exact = same result as token by token for any chunk size; oneshot = evict once per chunk")
+    kv.add_argument("--positions", default="original", choices=["original", "rolling"],
+                    help="original positions (TOVA) or positions inside the cache (StreamingLLM; RoPE models)")
+
+
+def load_for_cli(args: argparse.Namespace):
+    """Load --model as a StatefulLM, bounded by the KV policy flags when given."""
+    from msrnn.errors import ConfigError
+    from msrnn.models import load_lm
+
+    lm = load_lm(args.model, device=resolve_device(args.device))
+    if args.policy is None:
+        if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head)):
+            raise ConfigError("--budget/--sinks/--recent/--per-head need --policy (window, sink, h2o or tova)")
+        return lm
+    from msrnn.kv import make_policy, wrap
+
+    policy = make_policy(args.policy, args.budget, sinks=args.sinks, recent=args.recent, per_head=args.per_head)
+    return wrap(lm, policy, prefill=args.prefill, positions=args.positions)
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -35,17 +62,17 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     from msrnn.evaluate import StreamEvalConfig, evaluate_stream
     from msrnn.evaluate.documents import eval_documents
     from msrnn.evaluate.plots import log_buckets, plot_ppl_vs_position
-    from msrnn.models import load_lm
     from msrnn.ui import out_console, print_json, table
 
     cfg = StreamEvalConfig(chunk_size=args.chunk_size, max_tokens=args.max_tokens, max_documents=args.max_docs,
                            min_tokens=max(2, args.min_tokens))
-    lm = load_lm(args.model, device=resolve_device(args.device))
+    lm = load_for_cli(args)
     docs = eval_documents(args.data, getattr(lm, "tokenizer", None), unit=args.documents,
                           max_documents=args.max_docs, min_tokens=cfg.min_tokens, max_tokens=args.max_tokens,
                           add_bos=args.add_bos)
     res = evaluate_stream(lm, [d.ids for d in docs], cfg, progress=not (args.quiet or args.json))
-    out = {"model": str(args.model), "data": args.data, **res.to_dict()}
+    out = {"model": str(args.model), "data": args.data, "policy": getattr(getattr(lm, "policy", None), "describe",
+                                                                         lambda: "full")(), **res.to_dict()}
     if args.plot:
         plot_ppl_vs_position({str(args.model): log_buckets(res)}, args.plot, title=f"{args.model} on {args.data}")
         out["plot"] = args.plot
@@ -79,10 +106,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from msrnn.errors import ConfigError
     from msrnn.generate import generate
-    from msrnn.models import load_lm
     from msrnn.ui import out_console, print_json
 
-    lm = load_lm(args.model, device=resolve_device(args.device))
+    lm = load_for_cli(args)
     tok = getattr(lm, "tokenizer", None)
     if tok is None:
         raise ConfigError(f"{args.model} has no tokenizer; save one into the model directory")

@@ -159,7 +159,8 @@ def _hf_documents(spec: DataSpec) -> list[Document]:
     try:
         ds = datasets.load_dataset(spec.name, split=split)
     except Exception as exc:
-        raise DataError(f"cannot load dataset {spec.name!r} split {split!r}: {str(exc).splitlines()[0][:160]}") from None
+        first_line = str(exc).splitlines()[0][:160]
+        raise DataError(f"cannot load dataset {spec.name!r} split {split!r}: {first_line}") from None
     if "text" not in ds.column_names:
         raise DataError(f"dataset {spec.name} has no 'text' column (columns: {', '.join(ds.column_names)})")
     return [Document(f"{spec.name}/{i}", t) for i, t in enumerate(ds["text"]) if t and t.strip()]

@@ -56,7 +56,9 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {path} ({type(exc).__name__}); is it a tokenizer folder?") from None
+        raise ModelLoadError(
+            f"cannot load a tokenizer from {path} ({type(exc).__name__}); is it a tokenizer folder?"
+        ) from None
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

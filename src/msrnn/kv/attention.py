@@ -112,7 +112,8 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
     if layer.acc is not None:
         acc = torch.cat([layer.acc, layer.acc.new_zeros(B, G, T)], dim=2)
     k = policy.budget
-    if k is None or S <= k or layer.prefill == "oneshot":
+    # One new token: "exact" and "oneshot" coincide, and the one-shot path avoids the per-query gathers.
+    if k is None or S <= k or layer.prefill == "oneshot" or T == 1:
         out, weights, keep = _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
                                       S0, scaling, dropout, kwargs)
     else:
@@ -136,7 +137,7 @@ def _select(policy, cand_positions, cand_valid, cand_acc, last, k) -> torch.Tens
 
 def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc, S0, scaling, dropout, kwargs):
     B, Hq, T, _ = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
+    S = key.shape[2]
     G = positions.shape[1]
     dev = query.device
     # allowed[b, g, i, s]: kept slots are all in the past; new tokens are causal among themselves, padding is

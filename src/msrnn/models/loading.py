@@ -75,7 +75,8 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
     encoder_only = config.model_type in _ENCODER_FAMILIES and not getattr(config, "is_decoder", False)
     if encoder_only or type(config) not in AutoModelForCausalLM._model_mapping:
         raise ModelLoadError(
-            f"{spec} is a {config.model_type!r} model, not a causal LM; use a decoder such as Llama, Mistral, Qwen2, GPT-2"
+            f"{spec} is a {config.model_type!r} model, not a causal LM; "
+            "use a decoder such as Llama, Mistral, Qwen2, GPT-2"
         )
     kwargs: dict[str, Any] = {}
     if dtype is not None:

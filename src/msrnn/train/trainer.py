@@ -27,8 +27,8 @@ import torch
 
 from msrnn.errors import ModelLoadError
 from msrnn.io import atomic_dir, write_json
-from msrnn.ui import err_console
 from msrnn.train.config import TrainConfig
+from msrnn.ui import err_console
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,14 @@ class Trainer:
 
     def train(self, until: int | None = None) -> TrainResult:
         """Train to ``config.max_steps`` (or stop early at step ``until``, as an interruption would)."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         cfg, acc = self.config, self.accelerator
         tokens_per_step = self.tokens_per_step * cfg.grad_accum * acc.num_processes

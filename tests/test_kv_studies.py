@@ -1,0 +1,98 @@
+"""KV analysis, sweep and benchmark plumbing on tiny models (behaviour, not timings)."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from test_kv import tiny
+
+from msrnn.errors import ConfigError, DataError
+from msrnn.kv import KVEvictionLM, make_policy
+from msrnn.kv.analysis import token_kind, trace_retention
+from msrnn.kv.sweep import SweepConfig, parse_fractions, parse_policy_spec, run_sweep, task_documents
+
+
+def test_token_kinds():
+    assert token_kind("\n    ") == "newline"
+    assert token_kind("    ") == "indent"
+    assert token_kind("):") == "punct"
+    assert token_kind(" self") == "word" and token_kind("_x1") == "word"
+    assert token_kind(" 42") == "number"
+
+
+def test_window_trace_is_the_last_k_positions():
+    lm = KVEvictionLM(tiny("llama"), make_policy("window", 5))
+    ids = np.arange(1, 21)
+    tr = trace_retention(lm, ids)
+    for t in range(20):
+        want = np.zeros(20)
+        want[max(0, t - 4) : t + 1] = 1
+        for layer in range(tr.kept.shape[0]):
+            np.testing.assert_array_equal(tr.kept[layer, t], want)
+    surv = tr.first_token_survival()
+    assert all(row["pos0"] == 0.0 for row in surv)  # the window drops the first token once full
+    sink = trace_retention(KVEvictionLM(tiny("llama"), make_policy("sink", 5, sinks=2)), ids)
+    assert all(row["pos0"] == 1.0 and row["pos1"] == 1.0 and row["pos2"] == 0.0
+               for row in sink.first_token_survival())
+
+
+def test_kind_enrichment_favours_what_is_kept():
+    lm = KVEvictionLM(tiny("llama"), make_policy("sink", 4, sinks=2))
+    tr = trace_retention(lm, np.arange(1, 31))
+    kinds = ["newline" if i < 2 else "word" for i in range(30)]  # the two sinks are "newlines"
+    rows = {r["kind"]: r for r in tr.kind_enrichment(kinds)}
+    assert rows["newline"]["ratio"] > 1 > rows["word"]["ratio"]
+
+
+def test_policy_specs_and_fractions():
+    assert parse_policy_spec("h2o:per_head=false,recent=16") == ("h2o", {"per_head": False, "recent": 16})
+    assert parse_fractions("1/16,1/2") == [Fraction(1, 16), Fraction(1, 2)]
+    with pytest.raises(ConfigError):
+        parse_policy_spec("h2o:per_head")
+    with pytest.raises(ConfigError):
+        parse_fractions("2")
+    with pytest.raises(ConfigError):
+        parse_policy_spec("lru")
+    with pytest.raises(ConfigError):
+        SweepConfig(tasks=["qa"])
+
+
+def test_task_documents():
+    docs = [np.arange(100), np.arange(10)]
+    plain, first = task_documents(docs, "plain", 64, 5)
+    assert [len(d) for d in plain] == [64] and first == 1
+    copy, first = task_documents(docs, "copy", 64, 5)
+    assert first == 32 and np.array_equal(copy[0][:32], copy[0][32:])
+    with pytest.raises(DataError):
+        task_documents(docs, "plain", 1000, 5)
+
+
+def test_sweep_rows_and_full_reference(tiny_model):
+    from msrnn.models import HFCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 384, (80,), generator=g).numpy() for _ in range(3)]
+    cfg = SweepConfig(context=64, fractions=[Fraction(1, 4), Fraction(1, 1)], policies=["window", "tova"],
+                      tasks=["plain", "copy"], chunk_size=16, max_documents=2)
+    res = run_sweep(HFCausalLM(tiny_model), docs, cfg)
+    rows = {(r["task"], r["policy"], r["budget"]): r for r in res["rows"]}
+    assert len(rows) == 2 * (1 + 2 * 2)
+    for task in ("plain", "copy"):
+        full = rows[(task, "full", 64)]["ppl"]
+        # A budget equal to the context never evicts: identical to the full cache.
+        assert rows[(task, "window", 64)]["ppl"] == pytest.approx(full, rel=1e-5)
+        assert rows[(task, "tova", 64)]["ppl"] == pytest.approx(full, rel=1e-5)
+        assert rows[(task, "window", 16)]["peak_state_bytes"] < rows[(task, "full", 64)]["peak_state_bytes"]
+
+
+def test_kv_bench_shapes_and_bytes():
+    from msrnn.bench.kv import KVBenchConfig, run_kv_bench
+
+    res = run_kv_bench(tiny("llama"), KVBenchConfig(contexts=[16, 48], budget=8, steps=2, rounds=1))
+    r16, r48 = res["rows"]
+    assert r48["full bytes"] > r16["full bytes"]
+    assert r48["tova@8 bytes"] == r16["tova@8 bytes"] < r16["full bytes"]
+    assert r16["full tok/s"] > 0 and r48["tova/full speed"] > 0
+    with pytest.raises(ConfigError):
+        KVBenchConfig(contexts=[])
