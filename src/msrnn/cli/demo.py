@@ -4,7 +4,9 @@
 2. streams held-out stdlib documents through the protocol and prints perplexity versus position, including
    positions past the 512 the model was trained on (where a softmax transformer's full cache degrades);
 3. checks the model uses its context: PPL on the copy of a repeated held-out window versus its first half;
-4. writes a PNG and says where everything is.
+4. streams the same documents as bounded multi-state RNNs (Window, Window+4, H2O, TOVA at a small KV budget)
+   and reports perplexity against state bytes;
+5. writes a PNG and says where everything is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--eval-tokens", type=positive_int, default=2048, help="tokens per held-out document")
     p.add_argument("--chunk-size", type=positive_int, default=256)
+    p.add_argument("--kv-budget", type=positive_int, default=64, help="KV slots per layer for the eviction part")
+    p.add_argument("--kv-docs", type=positive_int, default=8, help="documents for the eviction part")
     p.add_argument("--out", default="msrnn_demo", help="folder for the plot and results (default ./msrnn_demo)")
     add_seed(p)
     add_output_flags(p)
@@ -42,6 +46,25 @@ def induction_check(lm, docs: list[np.ndarray], half: int = 256, max_docs: int =
     first = float(np.exp(s[1:half].sum() / c[1:half].sum()))
     second = float(np.exp(s[half:].sum() / c[half:].sum()))
     return {"windows": len(windows), "ppl_first_half": first, "ppl_repeat": second}
+
+
+def kv_section(lm, docs, args, progress: bool) -> tuple[list[dict], dict]:
+    """Full cache versus Window / Window+4 / H2O / TOVA at ``args.kv_budget`` slots on the same documents."""
+    from msrnn.evaluate import StreamEvalConfig, evaluate_stream
+    from msrnn.evaluate.plots import log_buckets
+    from msrnn.kv import make_policy, wrap
+
+    length = 1024
+    sel = [d.ids[:length] for d in docs if len(d.ids) >= length][: args.kv_docs] or [d.ids for d in docs[:1]]
+    cfg = StreamEvalConfig(chunk_size=128, max_tokens=None)
+    rows, curves = [], {}
+    for name in ("full", "window", "sink", "h2o", "tova"):
+        policy = make_policy(name, None if name == "full" else args.kv_budget)
+        r = evaluate_stream(wrap(lm, policy), sel, cfg, progress=progress)
+        rows.append({"policy": policy.describe() if name != "full" else "full", "ppl": r.ppl,
+                     "peak_state_bytes": r.peak_state_bytes, "documents": len(sel), "tokens_per_doc": len(sel[0])})
+        curves[rows[-1]["policy"]] = log_buckets(r)
+    return rows, curves
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -81,16 +104,20 @@ def run_demo(args: argparse.Namespace) -> int:
     trained_len = 512
     ppl_in = float(np.exp(s[:trained_len].sum() / max(1, c[:trained_len].sum())))
     ppl_out = float(np.exp(s[trained_len:].sum() / c[trained_len:].sum())) if c[trained_len:].sum() else None
+    kv_rows, curves = kv_section(lm, docs, args, progress=not (args.quiet or args.json))
     out = Path(args.out)
-    png = plot_ppl_vs_position({f"{args.preset} (full KV cache)": log_buckets(res)}, out / "ppl_vs_position.png",
+    png = plot_ppl_vs_position({f"{args.preset}, full KV cache": log_buckets(res)}, out / "ppl_vs_position.png",
                                title=f"held-out stdlib code, {res.documents} documents (trained on 512-token windows)")
+    kv_png = plot_ppl_vs_position(curves, out / "kv_eviction.png",
+                                  title=f"the same {kv_rows[0]['documents']} documents, KV budget {args.kv_budget} "
+                                        "slots per layer")
     wall = time.perf_counter() - t0
     summary = {
         "model_dir": str(model_dir), "trained_now": trained_now, "heldout_ppl": res.ppl,
         "heldout_ppl_within_512": ppl_in, "heldout_ppl_beyond_512": ppl_out, "tokens": res.tokens,
         "documents": res.documents, "peak_state_bytes": res.peak_state_bytes, "tokens_per_s": res.tokens_per_s,
-        "induction": ind, "plot": str(png), "cache_dir": str(cache_dir()), "wall_seconds": wall,
-        "buckets": res.buckets,
+        "induction": ind, "plot": str(png), "kv_plot": str(kv_png), "cache_dir": str(cache_dir()), "wall_seconds": wall,
+        "buckets": res.buckets, "kv": kv_rows,
     }
     write_json(out / "results.json", summary)
     if args.json:
@@ -105,6 +132,10 @@ def run_demo(args: argparse.Namespace) -> int:
             ("peak KV-cache bytes per sequence", res.peak_state_bytes), ("eval tokens/s", res.tokens_per_s),
             ("wall time (s)", wall)]
     out_console.print(table("msrnn demo", ["what", "value"], rows))
-    out_console.print(f"plot: {png}\nresults: {out / 'results.json'}\nmodel (cached): {model_dir}\n"
+    out_console.print(table(f"bounded multi-state RNNs: {kv_rows[0]['documents']} held-out documents of "
+                            f"{kv_rows[0]['tokens_per_doc']} tokens, token-by-token eviction",
+                            ["policy", "ppl", "peak state bytes"],
+                            [(r["policy"], r["ppl"], r["peak_state_bytes"]) for r in kv_rows]))
+    out_console.print(f"plots: {png}, {kv_png}\nresults: {out / 'results.json'}\nmodel (cached): {model_dir}\n"
                       f"cache folder: {cache_dir()}  (set MSRNN_CACHE to move it)")
     return 0

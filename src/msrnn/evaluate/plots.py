@@ -20,6 +20,7 @@ def plot_ppl_vs_position(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: 
     for label, (pos, ppl) in curves.items():
         ax.plot(pos, ppl, marker="o", ms=3, lw=1.5, label=label)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("token position in document")
     ax.set_ylabel("perplexity")
     ax.set_title(title or "Perplexity versus position")

@@ -1,0 +1,30 @@
+"""`msrnn demo` end to end at toy size: it trains, caches, evaluates, writes both plots and reuses the cache."""
+
+import json
+
+import pytest
+
+from msrnn.cli.main import main
+
+
+@pytest.mark.slow
+def test_demo_runs_and_reuses_its_cache(tmp_path, capsys):
+    args = ["demo", "--preset", "tiny", "--max-steps", "2", "--eval-tokens", "256", "--kv-budget", "16",
+            "--kv-docs", "2", "--out", str(tmp_path / "out"), "--json", "--quiet"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["trained_now"] is True
+    for key in ("plot", "kv_plot"):
+        assert open(first[key], "rb").read(4) == b"\x89PNG"
+    policies = [r["policy"] for r in first["kv"]]
+    assert policies[0] == "full" and {"window@16", "tova@16"} <= set(policies)
+    full_bytes = first["kv"][0]["peak_state_bytes"]
+    assert all(r["peak_state_bytes"] < full_bytes for r in first["kv"][1:])
+    assert first["induction"]["windows"] > 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["heldout_ppl"] == first["heldout_ppl"]
+
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["trained_now"] is False
+    assert second["heldout_ppl"] == pytest.approx(first["heldout_ppl"], rel=1e-6)
