@@ -14,6 +14,11 @@ TINY_FILES = ["keyword.py", "bisect.py", "colorsys.py", "this.py", "glob.py", "f
               "token.py", "tty.py", "getopt.py", "operator.py", "linecache.py", "genericpath.py"]
 
 
+# Tiny models gain nothing from intra-op threads, and two OpenMP pools on two cores (pytest plus any background
+# job) slow each other down by an order of magnitude.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     """Every test run caches tokenizers/tokens/models in a throwaway folder, never the user's."""

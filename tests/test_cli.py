@@ -122,3 +122,33 @@ def test_corrupt_weights_are_one_clean_error(trained_dir, tmp_path):
     (bad / "model.safetensors").unlink()
     proc = run_cli("generate", "--model", str(bad), "--prompt", "x")
     assert_clean_error(proc, "no weights")
+
+
+def test_eval_ppl_with_kv_policy_bounds_state(trained_dir, tiny_corpus, capsys):
+    base = ["eval", "ppl", "--model", str(trained_dir), "--data", f"{tiny_corpus}:all", "--max-tokens", "120",
+            "--max-docs", "2", "--chunk-size", "32", "--json"]
+    assert main(base) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main([*base, "--policy", "tova", "--budget", "16"]) == 0
+    tova = json.loads(capsys.readouterr().out)
+    assert tova["policy"] == "tova@16" and full["policy"] == "full"
+    assert tova["tokens"] == full["tokens"]
+    assert tova["peak_state_bytes"] < full["peak_state_bytes"] / 4
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--budget", "8"], "need --policy"),
+    (["--policy", "sink", "--budget", "4", "--sinks", "4"], "sinks (4) must be < budget (4)"),
+    (["--policy", "tova"], "needs a budget"),
+    (["--policy", "lru", "--budget", "8"], "unknown KV policy 'lru'"),
+])
+def test_kv_flag_errors(trained_dir, capsys, flags, msg):
+    assert main(["eval", "ppl", "--model", str(trained_dir), *flags]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_generate_with_policy(trained_dir, capsys):
+    rc = main(["generate", "--model", str(trained_dir), "--prompt", "def f(x):\n    return", "--policy", "h2o",
+               "--budget", "4", "--max-new-tokens", "6", "--temperature", "0.8", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 6

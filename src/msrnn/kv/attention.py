@@ -39,11 +39,18 @@ def _group(p: torch.Tensor, groups: int, reduce: str) -> torch.Tensor:
     return g.mean(2) if reduce == "mean" else g.sum(2)
 
 
-def _probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Softmax attention probabilities in fp32: q [B, Hq, t, D], k [B, Hkv, N, D], allowed [B, 1|Hq, t, N]."""
-    kk = _repeat_heads(k, q.shape[1] // k.shape[1])
-    logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling  # [B, Hq, t, N]
-    return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+def _probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Softmax attention probabilities in fp32: q [B, Hq, t, D], k [B, Hkv, N, D], allowed [B, 1|Hq, t, N].
+
+    GQA is handled by grouping query heads onto their KV head (a broadcast matmul), not by copying keys.
+    """
+    B, Hq, t, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    qg = q.float().reshape(B, Hkv, (Hq // Hkv) * t, D)  # [B, Hkv, rep*t, D]; query heads are grouped per KV head
+    logits = (torch.matmul(qg, k.float().transpose(-1, -2)) * scaling).view(B, Hq, t, N)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.softmax(-1)
 
 
 def generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -105,6 +112,7 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
     dev = query.device
     policy = layer.policy
     new_valid = _new_validity(mask, B, T, S0, dev)  # [B, T]
+    layer.all_valid = layer.all_valid and bool(new_valid.all())
     new_pos = torch.where(new_valid, layer.counter[:, None] + new_valid.long().cumsum(1) - 1, -1)  # [B, T]
     positions = torch.cat([layer.positions, new_pos[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
     valid = torch.cat([layer.valid, new_valid[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
@@ -142,11 +150,14 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
     dev = query.device
     # allowed[b, g, i, s]: kept slots are all in the past; new tokens are causal among themselves, padding is
     # visible only to itself (so no query row is empty).
-    tri = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-    new_ok = tri & valid[:, :, None, S0:] | torch.eye(T, dtype=torch.bool, device=dev)  # [B, G, T, T]
-    old_ok = valid[:, :, None, :S0].expand(B, G, T, S0)
-    allowed = torch.cat([old_ok, new_ok], dim=-1)  # [B, G, T, S]
-    allowed_q = allowed if G == 1 else _repeat_heads(allowed, Hq // G)  # [B, 1|Hq, T, S]
+    if T == 1 and layer.all_valid:
+        allowed_q = None  # one query, every slot real and in its past: no mask at all (the common decode step)
+    else:
+        tri = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        new_ok = tri & valid[:, :, None, S0:] | torch.eye(T, dtype=torch.bool, device=dev)  # [B, G, T, T]
+        old_ok = valid[:, :, None, :S0].expand(B, G, T, S0)
+        allowed = torch.cat([old_ok, new_ok], dim=-1)  # [B, G, T, S]
+        allowed_q = allowed if G == 1 else _repeat_heads(allowed, Hq // G)  # [B, 1|Hq, T, S]
     q, kk = query, key
     if layer.rolling:
         delta = _rolling_deltas(positions, valid)  # [B, 1, S]
@@ -158,7 +169,8 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
         colsum = torch.zeros(B, Hq, S, device=dev)
         for lo in range(0, T, 256):  # bounded memory for long prefills
             p = weights[:, :, lo : lo + 256].float() if weights is not None else \
-                _probs(q[:, :, lo : lo + 256], kk, allowed_q[:, :, lo : lo + 256], scaling)
+                _probs(q[:, :, lo : lo + 256], kk, None if allowed_q is None else allowed_q[:, :, lo : lo + 256],
+                       scaling)
             colsum += p.sum(2)
         acc += _group(colsum, G, "sum")
     if k is None or S <= k:
@@ -167,7 +179,7 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
     last = None
     if policy.needs == "last":
         p = weights[:, :, -1].float() if weights is not None else \
-            _probs(q[:, :, -1:], kk, allowed_q[:, :, -1:], scaling)[:, :, 0]
+            _probs(q[:, :, -1:], kk, None if allowed_q is None else allowed_q[:, :, -1:], scaling)[:, :, 0]
         last = _group(p, G, "mean")
     keep = _select(policy, positions, valid, acc, last, k)
     return out, weights, keep

@@ -48,6 +48,7 @@ class EvictionLayer(DynamicLayer):
         self.acc: torch.Tensor | None = None  # [B, G, S] float32 (H2O only)
         self.counter: torch.Tensor | None = None  # [B] valid tokens seen (next original position)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.all_valid = True  # no padding slot was ever added (lets decoding skip masks)
 
     @property
     def budget(self) -> int | None:
@@ -128,6 +129,7 @@ class EvictionLayer(DynamicLayer):
         self.seen = 0
         self._awaiting_commit = False
         self.positions = self.valid = self.acc = self.counter = self.pending = None
+        self.all_valid = True
 
     def crop(self, tokens_to_remove: int) -> None:
         raise MsrnnError("an eviction cache cannot be cropped (no assisted decoding); use a DynamicCache for that")
