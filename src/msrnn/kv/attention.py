@@ -46,8 +46,8 @@ def _probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scali
     """
     B, Hq, t, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    qg = q.float().reshape(B, Hkv, (Hq // Hkv) * t, D)  # [B, Hkv, rep*t, D]; query heads are grouped per KV head
-    logits = (torch.matmul(qg, k.float().transpose(-1, -2)) * scaling).view(B, Hq, t, N)
+    qg = (q.float() * scaling).reshape(B, Hkv, (Hq // Hkv) * t, D)  # [B, Hkv, rep*t, D]: heads grouped per KV head
+    logits = torch.matmul(qg, k.float().transpose(-1, -2)).view(B, Hq, t, N)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     return logits.softmax(-1)
@@ -137,9 +137,10 @@ def _rolling_deltas(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return torch.where(valid, cache_pos - positions, 0)
 
 
-def _select(policy, cand_positions, cand_valid, cand_acc, last, k) -> torch.Tensor:
+def _select(policy, cand_positions, cand_valid, cand_acc, last, k, all_valid: bool = False) -> torch.Tensor:
     scores = policy.score(Candidates(cand_positions, cand_valid, cand_acc, last))
-    scores = scores.masked_fill(~cand_valid, float("-inf"))
+    if not all_valid:
+        scores = scores.masked_fill(~cand_valid, float("-inf"))
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values  # chronological order, as TOVA's code keeps it
 
 
@@ -181,7 +182,7 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
         p = weights[:, :, -1].float() if weights is not None else \
             _probs(q[:, :, -1:], kk, None if allowed_q is None else allowed_q[:, :, -1:], scaling)[:, :, 0]
         last = _group(p, G, "mean")
-    keep = _select(policy, positions, valid, acc, last, k)
+    keep = _select(policy, positions, valid, acc, last, k, all_valid=layer.all_valid)
     return out, weights, keep
 
 

@@ -29,6 +29,15 @@ PREFILL_MODES = ("exact", "oneshot")
 POSITION_MODES = ("original", "rolling")
 
 
+def _select_slots(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] -> [B, H, k, D] at slot indices keep [B, G, k] (G = 1: the same slots for every head)."""
+    B, H, _, D = x.shape
+    if keep.shape[1] == 1:
+        # index_select is several times faster than a gather through an index expanded over heads and channels.
+        return torch.stack([x[b].index_select(1, keep[b, 0]) for b in range(B)])
+    return x.gather(2, keep[..., None].expand(-1, -1, -1, D))
+
+
 class EvictionLayer(DynamicLayer):
     """One layer of a bounded KV cache."""
 
@@ -95,11 +104,7 @@ class EvictionLayer(DynamicLayer):
                acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor) -> None:
         """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending)."""
         full_k, full_v = self.pending
-        B, H, _, D = full_k.shape
-        G = keep.shape[1]
-        idx = keep if G == H else keep.expand(B, H, keep.shape[-1])
-        self.keys = full_k.gather(2, idx[..., None].expand(-1, -1, -1, D))
-        self.values = full_v.gather(2, idx[..., None].expand(-1, -1, -1, full_v.shape[-1]))
+        self.keys, self.values = _select_slots(full_k, keep), _select_slots(full_v, keep)
         self.positions = positions.gather(2, keep)
         self.valid = valid.gather(2, keep)
         self.acc = acc.gather(2, keep) if acc is not None else None

@@ -25,7 +25,7 @@ import torch
 from msrnn.errors import ConfigError
 from msrnn.registry import Registry
 
-# Protected slots get this bonus; float64 keeps BIG + index exact, so protected slots never tie.
+# Protected slots get this bonus; scores that add it are float64 so BIG + index stays exact and never ties.
 BIG = 1e12
 
 
@@ -133,7 +133,7 @@ class TOVA(Policy):
     needs: ClassVar[str] = "last"
 
     def score(self, c: Candidates) -> torch.Tensor:
-        return c.last.double()
+        return c.last  # attention probabilities; fp32 suffices (no BIG offsets to keep exact)
 
     def describe(self) -> str:
         return f"tova{'(head)' if self.per_head else ''}@{self.budget}"
