@@ -17,7 +17,7 @@ def _rope(x, pos, inv_freq):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def _choose(rule, kept_idx, k, sinks, recent, acc, last):
+def _choose(rule, kept_idx, k, sinks, recent, acc, last, keep_newest=False):
     """kept_idx: list of currently visible token positions (ascending). Returns the k to keep."""
     if len(kept_idx) <= k:
         return kept_idx
@@ -33,12 +33,14 @@ def _choose(rule, kept_idx, k, sinks, recent, acc, last):
         heavy = sorted(others, key=lambda i: -acc[i])[: k - len(rec)]
         return sorted(heavy + rec)
     if rule == "tova":
-        return sorted(sorted(kept_idx, key=lambda i: -last[i])[:k])
+        protected = [i for i in kept_idx if i < sinks or (keep_newest and i == kept_idx[-1])]
+        others = sorted((i for i in kept_idx if i not in protected), key=lambda i: -last[i])
+        return sorted(protected + others[: k - len(protected)])
     raise ValueError(rule)
 
 
 @torch.no_grad()
-def dense_stream(model, ids, rule, k, sinks=4, recent=None, per_head=False):
+def dense_stream(model, ids, rule, k, sinks=4, recent=None, per_head=False, keep_newest=False):
     """Feed ids [T] (batch 1) token by token. Returns logits [T, V] and per layer the kept positions per group."""
     cfg = model.config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -81,6 +83,6 @@ def dense_stream(model, ids, rule, k, sinks=4, recent=None, per_head=False):
                 rows = probs[g * (H // G) : (g + 1) * (H // G)]
                 acc[li][g] += rows.sum(0)
                 last = rows.mean(0)
-                kept[li][g] = _choose(rule, kept[li][g], k, sinks, recent, acc[li][g], last)
+                kept[li][g] = _choose(rule, kept[li][g], k, sinks, recent, acc[li][g], last, keep_newest)
         out_logits.append(model.lm_head(model.model.norm(h)))
     return torch.stack(out_logits), kept

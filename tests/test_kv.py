@@ -45,7 +45,7 @@ def tiny(arch: str, attn: str = "sdpa", seed: int = 0):
 
 
 POLICIES = [("window", {}), ("sink", {"sinks": 3}), ("h2o", {}), ("h2o", {"per_head": False}), ("tova", {}),
-            ("tova", {"per_head": True})]
+            ("tova", {"per_head": True}), ("tova", {"keep_newest": True, "sinks": 2})]
 
 
 def pid(p):
@@ -72,8 +72,10 @@ def test_matches_independent_dense_reference(arch, policy):
     model = tiny(arch, "sdpa", seed=1)
     ids = torch.randint(0, V, (37,), generator=torch.Generator().manual_seed(3)).tolist()
     k = 10
-    ref_logits, ref_kept = dense_stream(model, ids, name, k, sinks=opts.get("sinks", 4), recent=None,
-                                        per_head=opts.get("per_head", name == "h2o"))
+    default_sinks = 4 if name == "sink" else 0
+    ref_logits, ref_kept = dense_stream(model, ids, name, k, sinks=opts.get("sinks", default_sinks), recent=None,
+                                        per_head=opts.get("per_head", name == "h2o"),
+                                        keep_newest=opts.get("keep_newest", False))
     lm = KVEvictionLM(model, make_policy(name, k, **opts))
     for chunks in (1, [5, 13, 1, 18]):
         state = lm.init_state(1)
@@ -125,7 +127,7 @@ def test_never_more_than_budget_slots_between_forwards(policy, prefill):
     assert state.cache.get_seq_length() == state.seen == 63  # tokens seen, not slots kept
     kept = state.cache.layers[0].kept_positions()
     assert int(kept.min()) >= 0 and int(kept.max()) <= 62
-    if name in ("window", "sink", "h2o"):  # these keep the newest token by rule; TOVA may drop it
+    if name in ("window", "sink", "h2o") or opts.get("keep_newest"):  # kept by rule; plain TOVA may drop it
         assert int(kept.max()) == 62
 
 

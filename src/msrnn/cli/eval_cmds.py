@@ -13,7 +13,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     kv = p.add_argument_group("KV eviction (any HF decoder as a bounded multi-state RNN)")
     kv.add_argument("--policy", default=None, help="full | window | sink | h2o | tova (default: full cache)")
     kv.add_argument("--budget", type=positive_int, default=None, help="KV slots kept per layer")
-    kv.add_argument("--sinks", type=int, default=None, help="sink tokens for --policy sink (default 4)")
+    kv.add_argument("--sinks", type=int, default=None,
+                    help="tokens always kept from the start: --policy sink (default 4) or tova (default 0)")
+    kv.add_argument("--keep-newest", default=None, action="store_true",
+                    help="tova variant: always keep the newest token (as kvpress does)")
     kv.add_argument("--recent", type=int, default=None, help="recent window for --policy h2o (default budget/2)")
     kv.add_argument("--per-head", default=None, action=argparse.BooleanOptionalAction,
                     help="select per KV head instead of per layer (h2o default: per head; tova: per layer)")
@@ -30,12 +33,13 @@ def load_for_cli(args: argparse.Namespace):
 
     lm = load_lm(args.model, device=resolve_device(args.device))
     if args.policy is None:
-        if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head)):
+        if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head, args.keep_newest)):
             raise ConfigError("--budget/--sinks/--recent/--per-head need --policy (window, sink, h2o or tova)")
         return lm
     from msrnn.kv import make_policy, wrap
 
-    policy = make_policy(args.policy, args.budget, sinks=args.sinks, recent=args.recent, per_head=args.per_head)
+    policy = make_policy(args.policy, args.budget, sinks=args.sinks, recent=args.recent, per_head=args.per_head,
+                         keep_newest=args.keep_newest)
     return wrap(lm, policy, prefill=args.prefill, positions=args.positions)
 
 

@@ -129,14 +129,30 @@ class H2O(Policy):
 
 @dataclass
 class TOVA(Policy):
+    keep_newest: bool = False  # variant: always keep the newest token (kvpress's deviation from the official code)
+    sinks: int = 0  # variant: always keep the first `sinks` tokens
     name: ClassVar[str] = "tova"
     needs: ClassVar[str] = "last"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
+        if self.budget is not None and self.sinks + self.keep_newest >= self.budget:
+            raise ConfigError(f"sinks ({self.sinks}) plus the newest token must be < budget ({self.budget})")
+
     def score(self, c: Candidates) -> torch.Tensor:
-        return c.last  # attention probabilities; fp32 suffices (no BIG offsets to keep exact)
+        if not (self.keep_newest or self.sinks):
+            return c.last  # attention probabilities; fp32 suffices (no BIG offsets to keep exact)
+        protected = (c.positions >= 0) & (c.positions < self.sinks)
+        if self.keep_newest:
+            protected = protected | (_recency(c) == c.valid.shape[-1] - 1)
+        return c.last.double() + BIG * protected
 
     def describe(self) -> str:
-        return f"tova{'(head)' if self.per_head else ''}@{self.budget}"
+        opts = [o for o, on in (("head", self.per_head), ("newest", self.keep_newest), (f"sink{self.sinks}",
+                                                                                          self.sinks)) if on]
+        return f"tova{'(' + ','.join(opts) + ')' if opts else ''}@{self.budget}"
 
 
 KV_POLICIES: Registry[type[Policy]] = Registry("KV policy")
