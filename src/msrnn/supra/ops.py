@@ -1,0 +1,122 @@
+"""Decayed linear attention, the recurrence inside SUPRA (Mercat et al., 2024, "Linearizing Large Language Models").
+
+    S_t = gamma_h * S_{t-1} + k_t^T v_t          state [B, H, Dk, Dv], fp32
+    o_t = q_t S_t
+
+Three forms of the same function, tested against each other (outputs, final state, gradients):
+
+* :func:`naive_recurrent` -- the readable reference: a loop over tokens;
+* :func:`chunked` -- the training workhorse on CPU, O(T*C*D + (T/C)*D^2): exact attention inside chunks of C
+  tokens, the state carries everything before the chunk;
+* :func:`recurrent_step` -- one token, for decoding.
+
+Every form takes and returns a carried state, so long streams can be processed chunk by chunk. The state is
+stored *after* the decay of the step that produced it (fla's convention); SUPRA's official recurrent code stores
+``gamma * S_t`` instead, which is the same function with the state exchanged through a factor gamma.
+Inputs may be bf16 under autocast: everything here computes in fp32 and returns outputs in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from msrnn.errors import ConfigError
+
+DECAYS = ("lightning", "retnet", "none")
+
+
+def log_decay(num_heads: int, kind: str = "lightning") -> torch.Tensor:
+    """log(gamma_h) per head, [H] fp32.
+
+    * ``lightning`` (official SUPRA default, ``use_retnet_slopes=false``): gamma_h = exp(-2^(-8(h+1)/H));
+    * ``retnet``: gamma_h = 1 - 2^(-5-h);
+    * ``none``: gamma = 1 (no decay; the state's scale then grows with length).
+    """
+    if num_heads < 1:
+        raise ConfigError(f"num_heads must be >= 1, got {num_heads}")
+    h = torch.arange(num_heads, dtype=torch.float64)
+    if kind == "lightning":
+        out = -(2.0 ** (-8.0 * (h + 1) / num_heads))
+    elif kind == "retnet":
+        out = torch.log1p(-(2.0 ** (-5.0 - h)))
+    elif kind == "none":
+        out = torch.zeros(num_heads, dtype=torch.float64)
+    else:
+        raise ConfigError(f"unknown decay schedule {kind!r}; use one of {', '.join(DECAYS)}")
+    return out.float()
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, state) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ConfigError(f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; got {tuple(q.shape)}, "
+                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if log_gamma.shape != (q.shape[1],):
+        raise ConfigError(f"log_gamma must have one value per head ({q.shape[1]}), got {tuple(log_gamma.shape)}")
+    if state is not None and state.shape != (q.shape[0], q.shape[1], q.shape[3], v.shape[3]):
+        raise ConfigError(f"state must be [B, H, Dk, Dv] = {(q.shape[0], q.shape[1], q.shape[3], v.shape[3])}, "
+                          f"got {tuple(state.shape)}")
+
+
+def _zero_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_zeros((q.shape[0], q.shape[1], q.shape[3], v.shape[3]), dtype=torch.float32)
+
+
+def naive_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                    scale: float | None = None, initial_state: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference loop. q, k [B, H, T, Dk], v [B, H, T, Dv] -> (o [B, H, T, Dv], state [B, H, Dk, Dv] fp32)."""
+    _check(q, k, v, log_gamma, initial_state)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    S = _zero_state(q, v) if initial_state is None else initial_state.float()
+    gamma = log_gamma.float().exp().to(q.device)[None, :, None, None]  # [1, H, 1, 1]
+    qf, kf, vf = q.float(), k.float() * scale, v.float()
+    outs = []
+    for t in range(q.shape[2]):
+        S = gamma * S + kf[:, :, t, :, None] * vf[:, :, t, None, :]  # [B, H, Dk, Dv]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, :, t], S))
+    return torch.stack(outs, dim=2).to(q.dtype), S
+
+
+def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                   scale: float | None = None, state: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token (T = 1) for decoding; same contract as :func:`naive_recurrent`."""
+    if q.shape[2] != 1:
+        raise ConfigError(f"recurrent_step takes one token, got {q.shape[2]}; use chunked() for more")
+    return naive_recurrent(q, k, v, log_gamma, scale, state)
+
+
+def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+            scale: float | None = None, initial_state: torch.Tensor | None = None, chunk_size: int = 64
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked parallel form; same contract as :func:`naive_recurrent`. Any T (the last chunk may be short).
+
+    Inside a chunk starting after state S (positions i, j = 0..C-1):
+        o_i     = gamma^(i+1) q_i S + sum_{j<=i} gamma^(i-j) (q_i . k_j) v_j
+        S_next  = gamma^C S + sum_j gamma^(C-1-j) k_j^T v_j
+    """
+    _check(q, k, v, log_gamma, initial_state)
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    B, H, T, _ = q.shape
+    S = _zero_state(q, v) if initial_state is None else initial_state.float()
+    lg = log_gamma.float().to(q.device)[None, :, None]  # [1, H, 1]
+    qf, kf, vf = q.float(), k.float() * scale, v.float()
+    outs = []
+    for start in range(0, T, chunk_size):
+        qc, kc, vc = qf[:, :, start : start + chunk_size], kf[:, :, start : start + chunk_size], \
+            vf[:, :, start : start + chunk_size]
+        C = qc.shape[2]
+        idx = torch.arange(C, device=q.device, dtype=torch.float32)
+        rel = idx[:, None] - idx[None, :]  # [C, C] i - j
+        causal = rel >= 0
+        decay = torch.where(causal, (lg[..., None] * rel.clamp(min=0)).exp(), 0.0)  # [1, H, C, C]
+        scores = torch.matmul(qc, kc.transpose(-1, -2)) * decay  # [B, H, C, C]
+        inter = (lg * (idx + 1)).exp()[..., None]  # [1, H, C, 1]: gamma^(i+1)
+        outs.append(torch.matmul(scores, vc) + inter * torch.matmul(qc, S))
+        tail = (lg * (C - 1 - idx)).exp()[..., None]  # [1, H, C, 1]: gamma^(C-1-j)
+        S = (lg * C).exp()[..., None] * S + torch.matmul((kc * tail).transpose(-1, -2), vc)
+    return torch.cat(outs, dim=2).to(q.dtype), S
