@@ -9,7 +9,7 @@ from msrnn import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from msrnn.cli import demo, eval_cmds, kv_cmds, train_cmds
+    from msrnn.cli import demo, eval_cmds, kv_cmds, supra_cmds, train_cmds
 
     p = argparse.ArgumentParser(prog="msrnn", description="Transformers as bounded-state recurrent models.")
     p.add_argument("--version", action="version", version=f"msrnn {__version__}")
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmds.add_eval(sub)
     eval_cmds.add_generate(sub)
     kv_cmds.add_kv(sub)
+    supra_cmds.add_convert(sub)
+    supra_cmds.add_train(sub)
     kv_cmds.add_bench(sub)
     return p
 

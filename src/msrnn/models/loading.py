@@ -26,6 +26,38 @@ _ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "de
 
 FAMILY_LOADERS: Registry[Callable[..., StatefulLM]] = Registry("model family")
 
+# model_type -> the module that registers it with transformers' Auto classes (imported only when needed).
+_MODEL_TYPE_MODULES = {"msrnn_supra": "msrnn.supra.modeling"}
+_MODEL_TYPE_FAMILY = {"msrnn_supra": "supra"}
+
+
+def _lazy(target: str) -> Callable[..., StatefulLM]:
+    """A loader that imports ``module:function`` on first use, so this module never imports a family."""
+
+    def load(*args: Any, **kwargs: Any) -> StatefulLM:
+        import importlib
+
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return load
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def ensure_registered(spec: str | Path) -> None:
+    """Import the msrnn module that defines a saved model's config class, if it is one of ours."""
+    import importlib
+
+    module = _MODEL_TYPE_MODULES.get(_model_type(Path(spec)) or "")
+    if module:
+        importlib.import_module(module)
+
 
 def read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / MSRNN_META
@@ -68,6 +100,8 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
         _check_dir(path)
     elif str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
         raise ModelLoadError(f"model path {spec} does not exist; check the path or train one with 'msrnn pretrain'")
+    if is_local:
+        ensure_registered(path)
     try:
         config = AutoConfig.from_pretrained(str(spec))
     except Exception as exc:
@@ -102,9 +136,14 @@ def _load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
     return HFCausalLM(model, tokenizer=load_tokenizer_for(spec))
 
 
+FAMILY_LOADERS.add("supra", _lazy("msrnn.supra.lm:load_supra"), "SUPRA linear-attention RNN (constant state)")
+
+
 def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
             **family_options: Any) -> StatefulLM:
-    """Load ``spec`` (directory or hub id) as a StatefulLM of the family its ``msrnn.json`` names."""
+    """Load ``spec`` (directory or hub id) as a StatefulLM of the family its ``msrnn.json`` (or config) names."""
     path = Path(spec)
-    family = read_meta(path).get("family", "hf") if path.is_dir() else "hf"
+    family = "hf"
+    if path.is_dir():
+        family = read_meta(path).get("family") or _MODEL_TYPE_FAMILY.get(_model_type(path) or "", "hf")
     return FAMILY_LOADERS.get(family)(spec, device=device, dtype=dtype, **family_options)

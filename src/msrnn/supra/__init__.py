@@ -1,6 +1,9 @@
-"""SUPRA linearisation (in progress): the decayed linear-attention ops are here; the layer, conversion and
-uptraining are tracked in the SUPRA issue."""
+"""SUPRA linearisation (Mercat et al., 2024): a pretrained softmax transformer as a linear-attention RNN."""
 
+from msrnn.supra.convert import convert
+from msrnn.supra.lm import SupraLM, load_supra
+from msrnn.supra.modeling import SupraCache, SupraConfig, SupraForCausalLM
 from msrnn.supra.ops import DECAYS, chunked, log_decay, naive_recurrent, recurrent_step
 
-__all__ = ["DECAYS", "chunked", "log_decay", "naive_recurrent", "recurrent_step"]
+__all__ = ["DECAYS", "SupraCache", "SupraConfig", "SupraForCausalLM", "SupraLM", "chunked", "convert", "load_supra",
+           "log_decay", "naive_recurrent", "recurrent_step"]

@@ -78,11 +78,14 @@ def make_val_fn(batches: LMBatches | None, n: int):
     return val_fn
 
 
-def pretrain(cfg: PretrainConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_cfg: TrainConfig,
+             out_dir: str | Path, meta: dict[str, Any], resume: bool = False,
              progress: bool = True) -> tuple[Trainer, TrainResult]:
-    """Train a preset model on ``cfg.data`` and write a model directory (weights + tokenizer + meta)."""
+    """Train any causal LM on ``cfg.data`` with the shared trainer and export a model directory.
+
+    Used for pretraining a preset and for uptraining (e.g. a converted SUPRA model: all parameters train).
+    """
     out_dir = Path(out_dir)
-    tokenizer = ensure_tokenizer(cfg.data, cfg.vocab_size, cfg.tokenizer)
     spec = parse_data_spec(cfg.data)
     train_docs = load_documents(spec.__class__(spec.source, spec.name, "train"))
     stream = cached_token_stream(train_docs, tokenizer)
@@ -95,8 +98,6 @@ def pretrain(cfg: PretrainConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     except Exception as exc:  # a tiny user corpus may have no val split; training still makes sense
         log.warning("no validation data (%s); training without it", exc)
         val_batches = None
-    model = build_model(cfg.preset, len(tokenizer), seed=train_cfg.seed, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, attn_implementation=cfg.attn_implementation)
     trainer = Trainer(
         model, train_cfg, batches.batch, out_dir, val_fn=make_val_fn(val_batches, cfg.val_batches),
         tokens_per_step=batches.tokens_per_batch, save_extra=lambda d: tokenizer.save_pretrained(str(d)),
@@ -107,9 +108,19 @@ def pretrain(cfg: PretrainConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     result = trainer.train()
     params = sum(p.numel() for p in model.parameters())
     trainer.export(meta={
-        "family": "hf", "preset": cfg.preset, "params": params, "train_tokens": result.tokens + 0,
-        "total_steps": trainer.step, "pretrain": asdict(cfg), "train": train_cfg.to_dict(),
-        "train_seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+        **meta, "params": params, "train_tokens": result.tokens, "total_steps": trainer.step,
+        "data": asdict(cfg), "train": train_cfg.to_dict(), "train_seconds": round(result.seconds, 1),
+        "final_loss": result.final_loss,
         "val_loss": next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None),
     })
     return trainer, result
+
+
+def pretrain(cfg: PretrainConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+             progress: bool = True) -> tuple[Trainer, TrainResult]:
+    """Train a preset model on ``cfg.data`` and write a model directory (weights + tokenizer + meta)."""
+    tokenizer = ensure_tokenizer(cfg.data, cfg.vocab_size, cfg.tokenizer)
+    model = build_model(cfg.preset, len(tokenizer), seed=train_cfg.seed, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, attn_implementation=cfg.attn_implementation)
+    return train_lm(model, tokenizer, cfg, train_cfg, out_dir, {"family": "hf", "preset": cfg.preset},
+                    resume=resume, progress=progress)

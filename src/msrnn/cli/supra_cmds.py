@@ -1,0 +1,104 @@
+"""``msrnn convert supra`` and ``msrnn train supra``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from msrnn.cli.common import add_output_flags, add_seed, positive_int, resolve_device
+from msrnn.errors import ConfigError
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("convert", help="convert a pretrained model into another family")
+    cs = c.add_subparsers(dest="convert_cmd", required=True, metavar="FAMILY")
+    p = cs.add_parser("supra", help="softmax Llama/Mistral/Qwen2 -> SUPRA linear-attention RNN (weights copied)",
+                      description="Copy every weight of --from into a SupraForCausalLM; the feature maps phi are "
+                                  "new (nn.Linear default init, as the official code). Uptrain it with "
+                                  "'msrnn train supra'.")
+    p.add_argument("--from", dest="source", required=True, help="model directory or hub id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--decay", default="lightning", help="lightning (official default) | retnet | none")
+    p.add_argument("--feature-map", default="dense", help="dense (official: one Linear across heads) | per_head")
+    add_seed(p)
+    add_output_flags(p)
+    p.set_defaults(func=run_convert_supra)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a converted model (uptraining)")
+    ts = t.add_subparsers(dest="train_cmd", required=True, metavar="FAMILY")
+    p = ts.add_parser("supra", help="uptrain a converted SUPRA model (all parameters, warmup + cosine)")
+    p.add_argument("--from", dest="source", required=True, help="a directory made by 'msrnn convert supra'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default="stdlib")
+    p.add_argument("--max-steps", type=positive_int, default=200)
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--repeat-fraction", type=float, default=0.25)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true")
+    add_seed(p)
+    add_output_flags(p)
+    p.set_defaults(func=run_train_supra)
+
+
+def run_convert_supra(args: argparse.Namespace) -> int:
+    from msrnn.io import atomic_dir, write_json
+    from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for
+    from msrnn.supra import convert
+    from msrnn.ui import out_console, print_json, table
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose another --out")
+    model = load_hf_causal_lm(args.source)
+    tokenizer = load_tokenizer_for(args.source)
+    supra = convert(model, decay=args.decay, feature_map=args.feature_map, seed=args.seed)
+    with atomic_dir(out) as tmp:
+        supra.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / "msrnn.json", {"family": "supra", "source": str(args.source), "decay": args.decay,
+                                        "feature_map": args.feature_map, "total_steps": 0})
+    res = {"out": str(out), "params": sum(p.numel() for p in supra.parameters()),
+           "base_params": sum(p.numel() for p in model.parameters()), "decay": args.decay,
+           "feature_map": args.feature_map}
+    if args.json:
+        print_json(res)
+    else:
+        out_console.print(table("convert supra", ["field", "value"], list(res.items())))
+    return 0
+
+
+def run_train_supra(args: argparse.Namespace) -> int:
+    from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for, read_meta
+    from msrnn.train import TrainConfig
+    from msrnn.train.pretrain import PretrainConfig, train_lm
+    from msrnn.ui import out_console, print_json, table
+
+    src = Path(args.source)
+    if read_meta(src).get("family") != "supra":
+        raise ConfigError(f"{src} is not a SUPRA model directory; make one with 'msrnn convert supra --from M'")
+    out = Path(args.out)
+    if (out / "msrnn.json").exists() and not args.resume:
+        raise ConfigError(f"{out} already holds a trained model; pass --resume or choose another --out")
+    model = load_hf_causal_lm(src, device=resolve_device("auto")).train()
+    tokenizer = load_tokenizer_for(src)
+    cfg = PretrainConfig(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                         repeat_fraction=args.repeat_fraction)
+    tcfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
+                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+    meta = {**read_meta(src), "family": "supra", "uptrained_from": str(src)}
+    trainer, result = train_lm(model, tokenizer, cfg, tcfg, out, meta, resume=args.resume,
+                               progress=not args.quiet)
+    val = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
+    res = {"out": str(out), "steps": trainer.step, "tokens": result.tokens, "seconds": result.seconds,
+           "final_loss": result.final_loss, "val_loss": val}
+    if args.json:
+        print_json(res)
+    else:
+        out_console.print(table("train supra", ["field", "value"], list(res.items())))
+    return 0

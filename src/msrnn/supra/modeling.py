@@ -1,0 +1,243 @@
+"""SupraForCausalLM: a Llama-family model whose softmax attention is replaced by SUPRA's linear attention.
+
+    o = W_O . GroupNorm_h( sum_{j<=i} gamma_h^(i-j) < RoPE(phi(q_i)), RoPE(phi(k_j)) / sqrt(d) > v_j )
+    phi(x) = ReLU(W x + b)
+
+Following the official code (TRI-ML/linear_open_lm), not the paper's prose, where they differ:
+phi is one dense Linear across all heads (``feature_map="dense"``; ``"per_head"`` is offered), keys get their own
+phi under GQA (MHA shares it), RoPE comes after phi, there is no denominator (a per-head GroupNorm without affine
+replaces it), and the default decay is Lightning's exp(-2^(-8(h+1)/H)), not RetNet's.
+
+The recurrent state [B, H, Dk, Dv] lives in :class:`SupraCache` (a ``transformers.Cache``), always fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from msrnn.errors import ConfigError
+from msrnn.supra.ops import DECAYS, chunked, log_decay, recurrent_step
+
+log = logging.getLogger(__name__)
+
+FEATURE_MAPS = ("dense", "per_head")
+
+
+class SupraConfig(LlamaConfig):
+    """A Llama config plus SUPRA's choices (see the module docstring)."""
+
+    model_type = "msrnn_supra"
+
+    def __init__(self, decay: str = "lightning", feature_map: str = "dense", linear_chunk_size: int = 64,
+                 norm_eps: float = 1e-5, qkv_bias: bool | None = None, o_bias: bool | None = None,
+                 state_dtype: str = "float32", **kwargs: Any) -> None:
+        # Checked before LlamaConfig's own validation so users get one clear msrnn error.
+        hidden, heads = kwargs.get("hidden_size", 4096), kwargs.get("num_attention_heads", 32)
+        if hidden % heads:
+            raise ConfigError(f"hidden_size {hidden} is not divisible by {heads} heads; pick a divisor")
+        if (kwargs.get("head_dim") or hidden // heads) % 2:
+            raise ConfigError(f"head_dim {kwargs.get('head_dim') or hidden // heads} is odd; RoPE needs an even "
+                              "head dimension")
+        super().__init__(**kwargs)
+        if decay not in DECAYS:
+            raise ConfigError(f"unknown decay schedule {decay!r}; use one of {', '.join(DECAYS)}")
+        if feature_map not in FEATURE_MAPS:
+            raise ConfigError(f"unknown feature map {feature_map!r}; use dense or per_head")
+        if linear_chunk_size < 1:
+            raise ConfigError("linear_chunk_size must be >= 1")
+        if state_dtype != "float32":
+            warnings.warn(f"state_dtype={state_dtype!r} requested; SUPRA keeps its recurrent state in float32 "
+                          "(lower precision drifts over long streams)", stacklevel=2)
+            state_dtype = "float32"
+        self.decay = decay
+        self.feature_map = feature_map
+        self.linear_chunk_size = linear_chunk_size
+        self.norm_eps = norm_eps
+        self.qkv_bias = self.attention_bias if qkv_bias is None else qkv_bias
+        self.o_bias = self.attention_bias if o_bias is None else o_bias
+        self.state_dtype = state_dtype
+
+
+class SupraStateLayer(CacheLayerMixin):
+    """One layer's recurrent state; ``get_seq_length`` counts tokens seen (positions continue from there)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: torch.Tensor | None = None
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        raise ConfigError("SupraCache holds recurrent states, not keys and values")
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Linear attention ignores the mask; report a q x q one so long streams never build a huge mask.
+        return query_length, self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state, self.seen, self.is_initialized = None, 0, False
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state = self.state[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.repeat_interleave(repeats, dim=0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+
+class SupraCache(Cache):
+    """Constant-size state for a SupraForCausalLM: one fp32 [B, H, Dk, Dv] tensor per layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[SupraStateLayer() for _ in range(num_layers)])
+
+    def state_nbytes(self) -> int:
+        return sum(layer.state.numel() * layer.state.element_size() for layer in self.layers
+                   if layer.state is not None)
+
+
+class FeatureMap(nn.Module):
+    """phi(x) = ReLU(W x + b) over the concatenated heads (dense) or per head."""
+
+    def __init__(self, heads: int, head_dim: int, kind: str) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.kind = heads, head_dim, kind
+        if kind == "dense":
+            self.proj = nn.Linear(heads * head_dim, heads * head_dim, bias=True)
+        else:
+            ref = nn.Linear(head_dim, head_dim)  # per-head weights with nn.Linear's default init, as the official code
+            self.weight = nn.Parameter(torch.stack([ref.weight.detach().clone() for _ in range(heads)]))
+            self.bias = nn.Parameter(torch.stack([ref.bias.detach().clone() for _ in range(heads)]))
+            for h in range(heads):
+                nn.init.kaiming_uniform_(self.weight.data[h], a=5**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, heads * head_dim] -> [B, heads, T, head_dim]."""
+        B, T, _ = x.shape
+        if self.kind == "dense":
+            y = self.proj(x).view(B, T, self.heads, self.head_dim)
+        else:
+            y = torch.einsum("bthd,hed->bthe", x.view(B, T, self.heads, self.head_dim), self.weight) + self.bias
+        return F.relu(y).transpose(1, 2)  # [B, heads, T, head_dim]
+
+
+class SupraAttention(nn.Module):
+    def __init__(self, config: SupraConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        H, Hkv = config.num_attention_heads, config.num_key_value_heads
+        d = getattr(config, "head_dim", None) or config.hidden_size // H
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
+        self.q_proj = nn.Linear(config.hidden_size, H * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, Hkv * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, Hkv * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * d, config.hidden_size, bias=config.o_bias)
+        self.phi_q = FeatureMap(H, d, config.feature_map)
+        # Under GQA keys have fewer heads and their own phi; with MHA the official code shares phi.
+        self.phi_k = FeatureMap(Hkv, d, config.feature_map) if Hkv != H else None
+        # Fixed by the config, so not a buffer: transformers 5 builds models on the meta device and would leave a
+        # non-persistent buffer unmaterialised after from_pretrained.
+        self._log_gamma: torch.Tensor | None = None
+
+    def log_gamma(self, device: torch.device) -> torch.Tensor:
+        if self._log_gamma is None or self._log_gamma.device != device:
+            self._log_gamma = log_decay(self.num_heads, self.config.decay).to(device)
+        return self._log_gamma
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        B, T, _ = hidden_states.shape
+        q = self.phi_q(self.q_proj(hidden_states))  # [B, H, T, d]
+        k = (self.phi_k or self.phi_q)(self.k_proj(hidden_states))  # [B, Hkv, T, d]
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
+        layer = past_key_values.layers[self.layer_idx] if isinstance(past_key_values, SupraCache) else None
+        state = layer.state if layer is not None else None
+        lg = self.log_gamma(q.device)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # the recurrence runs in fp32
+            if T == 1 and state is not None:
+                o, new_state = recurrent_step(q, k, v, lg, state=state)
+            else:
+                o, new_state = chunked(q, k, v, lg, initial_state=state, chunk_size=self.config.linear_chunk_size)
+        if layer is not None:
+            layer.state, layer.seen, layer.is_initialized = new_state, layer.seen + T, True
+        o = o.transpose(1, 2)  # [B, T, H, d]
+        o = F.layer_norm(o.float(), (self.head_dim,), eps=self.config.norm_eps).to(hidden_states.dtype)
+        return self.o_proj(o.reshape(B, T, -1)), None
+
+
+class SupraModel(LlamaModel):
+    config_class = SupraConfig
+
+    def __init__(self, config: SupraConfig) -> None:
+        super().__init__(config)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn = SupraAttention(config, i)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask == 0).any()):
+            raise ConfigError("SUPRA models do not support padding (pad tokens would enter the recurrent state); "
+                              "run sequences of different lengths one at a time")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
+            past_key_values = None  # generate() makes an empty DynamicCache; SUPRA needs its own state cache
+        if use_cache and past_key_values is None:
+            past_key_values = SupraCache(self.config.num_hidden_layers)
+        if past_key_values is not None and not isinstance(past_key_values, SupraCache):
+            raise ConfigError("SUPRA models need a SupraCache, not a key/value cache")
+        return super().forward(input_ids=input_ids, attention_mask=None, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               **kwargs)
+
+
+class SupraForCausalLM(LlamaForCausalLM):
+    config_class = SupraConfig
+
+    def __init__(self, config: SupraConfig) -> None:
+        super().__init__(config)
+        self.model = SupraModel(config)
+        self.post_init()
+
+
+def register() -> None:
+    """AutoConfig / AutoModelForCausalLM registration, so from_pretrained works on saved SUPRA models."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("msrnn_supra", SupraConfig)
+        AutoModelForCausalLM.register(SupraConfig, SupraForCausalLM)
+    except ValueError:
+        pass  # already registered
+
+
+register()
