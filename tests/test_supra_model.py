@@ -123,3 +123,12 @@ def test_cli_convert_train_eval(tmp_path, tiny_corpus, capsys):
     assert results[0]["peak_state_bytes"] == results[1]["peak_state_bytes"] > 0  # constant in --max-tokens
     assert main(["train", "supra", "--from", str(base), "--out", str(tmp_path / "x")]) == 2
     assert "not a SUPRA model directory" in capsys.readouterr().err
+
+
+def test_supra_bench_plumbing():
+    from msrnn.bench.supra import bench_decode, bench_ops
+
+    ops = bench_ops([16, 64], heads=2, dim=8, rounds=1)
+    assert [r["T"] for r in ops["rows"]] == [16, 64] and all(r["chunked vs naive"] > 0 for r in ops["rows"])
+    dec = bench_decode(convert(tiny("llama")), [8, 40], steps=2, rounds=1, prefill_chunk=16)
+    assert dec["rows"][0]["state bytes"] == dec["rows"][1]["state bytes"] > 0

@@ -26,6 +26,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=positive_int, default=380,
                    help="training steps of the small model (default 380: ~1.6M tokens, ~7 min on 2 cores)")
     p.add_argument("--preset", default="small")
+    p.add_argument("--repeat-fraction", type=float, default=0.5,
+                   help="share of training sequences whose second half repeats the first (default 0.5: with only "
+                        "~1.5M training tokens, a strong copy signal is what makes the model use its context)")
     p.add_argument("--eval-tokens", type=positive_int, default=2048, help="tokens per held-out document")
     p.add_argument("--chunk-size", type=positive_int, default=256)
     p.add_argument("--kv-budget", type=positive_int, default=64, help="KV slots per layer for the eviction part")
@@ -83,12 +86,13 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     data_fp = fingerprint(load_documents("stdlib:train"))
-    model_dir = cache_dir() / "models" / f"demo-{args.preset}-s{args.max_steps}-seed{args.seed}-{data_fp}"
+    model_dir = cache_dir() / "models" / (f"demo-{args.preset}-s{args.max_steps}-r{args.repeat_fraction:g}"
+                                          f"-seed{args.seed}-{data_fp}")
     trained_now = False
     if not (model_dir / "msrnn.json").exists():
         err_console.print(f"[bold]msrnn demo[/]: training the {args.preset} model ({args.max_steps} steps); "
                           f"cached at {model_dir}")
-        pretrain(PretrainConfig(preset=args.preset, data="stdlib", val_batches=4),
+        pretrain(PretrainConfig(preset=args.preset, data="stdlib", val_batches=4, repeat_fraction=args.repeat_fraction),
                  TrainConfig(max_steps=args.max_steps, lr=2e-3, warmup_steps=30, eval_every=max(1, args.max_steps // 3),
                              save_every=100, seed=args.seed),
                  model_dir, resume=True, progress=not args.quiet)

@@ -57,6 +57,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     add_output_flags(p)
     p.set_defaults(func=run_bench_kv)
+    from msrnn.cli.supra_cmds import add_bench_supra
+
+    add_bench_supra(bs)
 
 
 def _save(out: str | None, name: str, obj) -> str | None:

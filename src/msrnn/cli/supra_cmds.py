@@ -102,3 +102,56 @@ def run_train_supra(args: argparse.Namespace) -> int:
     else:
         out_console.print(table("train supra", ["field", "value"], list(res.items())))
     return 0
+
+
+def add_bench_supra(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("supra", help="linear attention: chunked vs naive vs softmax SDPA; decode at 1k vs 64k")
+    p.add_argument("--model", default=None, help="SUPRA model dir for the decode part (default: a random small one)")
+    p.add_argument("--lengths", default="256,1024,4096,16384")
+    p.add_argument("--positions", default="1024,65536")
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--dim", type=positive_int, default=64)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--out", default=None)
+    add_output_flags(p)
+    p.set_defaults(func=run_bench_supra)
+
+
+def run_bench_supra(args: argparse.Namespace) -> int:
+    from msrnn.bench.supra import bench_decode, bench_ops
+    from msrnn.io import write_json
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+        positions = [int(x) for x in args.positions.split(",") if x]
+    except ValueError:
+        raise ConfigError("--lengths/--positions take comma-separated integers") from None
+    with err_console.status("timing linear attention forms"):
+        ops = bench_ops(lengths, heads=args.heads, dim=args.dim, rounds=args.rounds)
+    if args.model:
+        from msrnn.models.loading import load_hf_causal_lm
+
+        model = load_hf_causal_lm(args.model)
+    else:
+        from msrnn.models.presets import build_model
+        from msrnn.supra import convert
+
+        model = convert(build_model("small", 4096))
+    with err_console.status(f"prefilling to {max(positions)} tokens and timing decode"):
+        dec = bench_decode(model, positions, rounds=args.rounds)
+    result = {"ops": ops, "decode": dec, "model": args.model or "random small"}
+    if args.out:
+        write_json(Path(args.out) / "results.json", result)
+    if args.json:
+        print_json(result)
+        return 0
+    cols = ["T", "naive ms", "chunked ms", "sdpa ms", "chunked vs naive", "sdpa / chunked"]
+    out_console.print(table(f"linear attention, 1 x {args.heads} heads x d {args.dim} (median of {args.rounds})",
+                            cols, [[r.get(c, "-") for c in cols] for r in ops["rows"]]))
+    out_console.print(f"crossover (linear faster than softmax SDPA from): T = {ops['crossover_T']}")
+    out_console.print(table("decode", ["position", "ms/token", "state bytes"],
+                            [[r["position"], r["ms/token"], r["state bytes"]] for r in dec["rows"]]))
+    out_console.print(f"ratio {dec['rows'][-1]['position']} vs {dec['rows'][0]['position']}: "
+                      f"{dec['ratio_last_first']:.3f}")
+    return 0
