@@ -36,10 +36,11 @@ def bench_ops(lengths: list[int], heads: int = 8, dim: int = 64, chunk: int = 64
         g = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(1, heads, T, dim, generator=g) for _ in range(3))
         row: dict[str, Any] = {"T": T}
-        row["chunked ms"] = 1e3 * _time(lambda: chunked(q, k, v, lg, chunk_size=chunk), rounds)
-        row["sdpa ms"] = 1e3 * _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), rounds)
+        x = (q, k, v)
+        row["chunked ms"] = 1e3 * _time(lambda x=x: chunked(*x, lg, chunk_size=chunk), rounds)
+        row["sdpa ms"] = 1e3 * _time(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True), rounds)
         if T <= naive_max:
-            row["naive ms"] = 1e3 * _time(lambda: naive_recurrent(q, k, v, lg), max(1, rounds - 2))
+            row["naive ms"] = 1e3 * _time(lambda x=x: naive_recurrent(*x, lg), max(1, rounds - 2))
             row["chunked vs naive"] = row["naive ms"] / row["chunked ms"]
         row["sdpa / chunked"] = row["sdpa ms"] / row["chunked ms"]
         rows.append(row)
