@@ -1,0 +1,147 @@
+"""S4D: a diagonal state-space layer (Gu et al., 2022, "On the Parameterization and Initialization of Diagonal
+State Space Models"), the SSM the Block-State Transformer builds on.
+
+Per channel h, with N/2 complex modes (conjugate pairs folded into ``2 Re``), zero-order hold:
+
+    A = -0.5 + i*pi*n (S4D-Lin),  dt log-uniform in [dt_min, dt_max],  Abar = exp(dt*A),  Bbar = (Abar - 1) / A
+    x_t = Abar * x_{t-1} + Bbar * u_t            state [B, H, N/2] complex64
+    y_t = 2 Re(C . x_t) + D * u_t                i.e. y = K * u + D u with K_l = 2 Re(C Bbar Abar^l)
+
+Three forms of one function, tested against each other: :func:`direct_conv` (the readable reference),
+:func:`fft_conv` (rfft padded to 2L, fp32, normalised by torch's irfft -- the BST appendix pseudocode forgets
+both the axis and the 1/n), and :func:`recurrent_scan` (the step used for streaming). Each takes a carried state
+and returns the final one, so long streams can be cut anywhere. Kernels are generated ``channel_chunk`` channels
+at a time so memory is O(chunk * N * L), not O(H * N * L).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from msrnn.errors import ConfigError
+
+
+class S4DKernel(nn.Module):
+    """Parameters of H independent diagonal SSMs and their convolution kernels."""
+
+    def __init__(self, channels: int, state_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 channel_chunk: int = 64) -> None:
+        super().__init__()
+        if state_size < 2 or state_size % 2:
+            raise ConfigError(f"state_size must be an even number >= 2 (complex conjugate pairs), got {state_size}")
+        if not 0 < dt_min < dt_max:
+            raise ConfigError("need 0 < dt_min < dt_max")
+        self.channels, self.modes, self.channel_chunk = channels, state_size // 2, channel_chunk
+        log_dt = torch.rand(channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.log_dt = nn.Parameter(log_dt)
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, self.modes, dtype=torch.cfloat) * 0.5**0.5))
+        self.log_A_real = nn.Parameter(torch.log(0.5 * torch.ones(channels, self.modes)))
+        self.A_imag = nn.Parameter(math.pi * torch.arange(self.modes).float().expand(channels, -1).clone())
+        self.D = nn.Parameter(torch.randn(channels))
+
+    def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Abar, Bbar, C) as complex64 [H, N/2], computed in fp32 whatever the autocast state."""
+        with torch.autocast(device_type=self.log_dt.device.type, enabled=False):
+            A = torch.complex(-self.log_A_real.float().exp(), self.A_imag.float())  # [H, N/2]
+            dtA = A * self.log_dt.float().exp()[:, None]
+            Abar = dtA.exp()
+            Bbar = (Abar - 1) / A
+            return Abar, Bbar, torch.view_as_complex(self.C.float().contiguous())
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """K [H, L] fp32, generated channel_chunk channels at a time."""
+        Abar, Bbar, C = self.discrete()
+        steps = torch.arange(length, device=Abar.device, dtype=torch.float32)
+        log_abar = Abar.log()  # [H, N/2]: Abar^l = exp(l log Abar)
+        out = []
+        for s in range(0, self.channels, self.channel_chunk):
+            sl = slice(s, s + self.channel_chunk)
+            vander = torch.exp(log_abar[sl, :, None] * steps)  # [h, N/2, L]
+            out.append(2 * torch.einsum("hn,hnl->hl", C[sl] * Bbar[sl], vander).real)
+        return torch.cat(out)
+
+    def zero_state(self, batch: int, device=None) -> torch.Tensor:
+        return torch.zeros(batch, self.channels, self.modes, dtype=torch.cfloat, device=device)
+
+
+def _check(u: torch.Tensor, ssm: S4DKernel) -> None:
+    if u.dim() != 3 or u.shape[1] != ssm.channels:
+        raise ConfigError(f"expected u [B, {ssm.channels}, L], got {tuple(u.shape)}")
+
+
+def _state_contribution(ssm: S4DKernel, state: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """y_t += 2 Re(C Abar^(t+1) x0): the carried state's effect on the next `length` outputs, [B, H, L]."""
+    if state is None:
+        return None
+    Abar, _, C = ssm.discrete()
+    steps = torch.arange(1, length + 1, device=Abar.device, dtype=torch.float32)
+    vander = torch.exp(Abar.log()[:, :, None] * steps)  # [H, N/2, L]
+    return 2 * torch.einsum("bhn,hn,hnl->bhl", state, C, vander).real
+
+
+def _final_state(ssm: S4DKernel, u: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    """x_L = Abar^L x0 + sum_l Abar^(L-1-l) Bbar u_l, [B, H, N/2] complex64 (chunked over channels)."""
+    Abar, Bbar, _ = ssm.discrete()
+    L = u.shape[-1]
+    steps = torch.arange(L - 1, -1, -1, device=u.device, dtype=torch.float32)
+    log_abar = Abar.log()
+    parts = []
+    for s in range(0, ssm.channels, ssm.channel_chunk):
+        sl = slice(s, s + ssm.channel_chunk)
+        vander = torch.exp(log_abar[sl, :, None] * steps) * Bbar[sl, :, None]  # [h, N/2, L]
+        parts.append(torch.einsum("bhl,hnl->bhn", u[:, sl].to(torch.cfloat), vander))
+    x = torch.cat(parts, dim=1)
+    if state is not None:
+        x = x + state * torch.exp(log_abar * L)
+    return x
+
+
+def fft_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """u [B, H, L] -> (y [B, H, L] in u's dtype, final state). FFT over time, padded to 2L, in fp32."""
+    _check(u, ssm)
+    L = u.shape[-1]
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        uf = u.float()
+        K = ssm.kernel(L)
+        n = 2 * L  # linear (not circular) convolution
+        y = torch.fft.irfft(torch.fft.rfft(uf, n=n) * torch.fft.rfft(K, n=n), n=n)[..., :L]
+        y = y + uf * ssm.D.float()[:, None]
+        extra = _state_contribution(ssm, state, L)
+        if extra is not None:
+            y = y + extra
+        return y.to(u.dtype), _final_state(ssm, uf, state)
+
+
+def direct_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: y_t = sum_{s<=t} K_{t-s} u_s + D u_t (+ the carried state), O(L^2)."""
+    _check(u, ssm)
+    L = u.shape[-1]
+    uf = u.float()
+    K = ssm.kernel(L)  # [H, L]
+    idx = torch.arange(L)
+    lag = idx[:, None] - idx[None, :]  # [L, L] t - s
+    toeplitz = torch.where(lag >= 0, K[:, lag.clamp(min=0)], 0.0)  # [H, L, L]
+    y = torch.einsum("hts,bhs->bht", toeplitz, uf) + uf * ssm.D.float()[:, None]
+    extra = _state_contribution(ssm, state, L)
+    if extra is not None:
+        y = y + extra
+    return y.to(u.dtype), _final_state(ssm, uf, state)
+
+
+def recurrent_scan(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token recurrence over the diagonal complex state (streaming and decoding)."""
+    _check(u, ssm)
+    Abar, Bbar, C = ssm.discrete()
+    x = ssm.zero_state(u.shape[0], u.device) if state is None else state
+    uf = u.float()
+    ys = []
+    for t in range(u.shape[-1]):
+        x = Abar * x + Bbar * uf[:, :, t, None]  # [B, H, N/2]
+        ys.append(2 * (x * C).sum(-1).real + ssm.D.float() * uf[:, :, t])
+    return torch.stack(ys, dim=-1).to(u.dtype), x

@@ -1,0 +1,73 @@
+"""S4D: direct convolution == FFT convolution == recurrent scan, with carried state, odd lengths, gradients."""
+
+import pytest
+import torch
+from helpers import assert_close
+
+from msrnn.errors import ConfigError
+from msrnn.ssm import S4DKernel, direct_conv, fft_conv, recurrent_scan
+
+
+def make(H=6, N=16, chunk=4, seed=0):
+    torch.manual_seed(seed)
+    return S4DKernel(H, state_size=N, channel_chunk=chunk)
+
+
+@pytest.mark.parametrize("L", [1, 63, 100])
+def test_three_forms_agree_with_carried_state(L):
+    ssm = make()
+    u = torch.randn(2, 6, L)
+    x0 = torch.randn(2, 6, 8, dtype=torch.cfloat) * 0.3
+    y_ref, s_ref = direct_conv(u, ssm, x0)
+    for fn in (fft_conv, recurrent_scan):
+        y, s = fn(u, ssm, x0)
+        assert_close(f"{fn.__name__} y L={L}", y_ref, y, atol=1e-4, rtol=1e-4)
+        assert_close(f"{fn.__name__} state L={L}", torch.view_as_real(s_ref), torch.view_as_real(s), atol=1e-4,
+                     rtol=1e-4)
+
+
+def test_split_stream_equals_one_pass():
+    ssm = make()
+    u = torch.randn(1, 6, 90)
+    y, s = fft_conv(u, ssm)
+    y1, s1 = fft_conv(u[..., :37], ssm)
+    y2, s2 = recurrent_scan(u[..., 37:], ssm, s1)
+    assert_close("split y", y, torch.cat([y1, y2], -1), atol=1e-4, rtol=1e-4)
+    assert_close("split state", torch.view_as_real(s), torch.view_as_real(s2), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_chunking_does_not_change_the_kernel():
+    a, b = make(chunk=1), make(chunk=64)
+    b.load_state_dict(a.state_dict())
+    assert_close("kernel", a.kernel(300), b.kernel(300), atol=1e-6)
+
+
+def test_gradients_agree_fft_vs_direct():
+    ssm = make()
+    u = torch.randn(2, 6, 40, requires_grad=True)
+    grads = []
+    for fn in (direct_conv, fft_conv):
+        ssm.zero_grad()
+        y, _ = fn(u, ssm)
+        (y * torch.linspace(-1, 1, 40)).sum().backward()
+        grads.append([u.grad.clone()] + [p.grad.clone() for p in ssm.parameters()])
+        u.grad = None
+    for i, (a, b) in enumerate(zip(*grads, strict=True)):
+        assert_close(f"grad {i}", a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_fp32_under_bf16_and_long_stream_is_finite():
+    ssm = make()
+    y, s = fft_conv(torch.randn(1, 6, 4096).bfloat16(), ssm)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.cfloat and torch.isfinite(y.float()).all()
+    x = None
+    for _ in range(16):  # 16 x 8192 = 131k tokens through the carried state
+        _, x = fft_conv(torch.randn(1, 6, 8192), ssm, x)
+    assert torch.isfinite(torch.view_as_real(x)).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="even"):
+        S4DKernel(4, state_size=7)
+    with pytest.raises(ConfigError, match="expected u"):
+        fft_conv(torch.randn(1, 5, 10), make())
