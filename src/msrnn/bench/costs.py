@@ -1,0 +1,128 @@
+"""Analytic forward FLOPs and state bytes versus stream length, for every family, from one model config.
+
+Counts matmul FLOPs (2 per multiply-add) of a Llama-style decoder processing a stream of L tokens, and the bytes
+of state it carries at the end. Families:
+
+* ``full``  -- softmax attention with the whole KV cache: attention FLOPs grow as L^2, state as L;
+* ``kv``    -- KV eviction at ``budget`` slots per layer (TOVA adds one probability row per token);
+* ``supra`` -- linear attention: phi maps plus a [H, d, d] fp32 state per layer (constant);
+* ``bst``   -- Block-State Transformer: FFT SSM over the stream + attention inside blocks of ``block`` tokens
+               and to ``block`` context states; state = SSM states + the current block's keys/values;
+* ``rmt``   -- Recurrent Memory Transformer: full attention inside segments of ``segment`` tokens plus
+               2 * ``memory`` memory slots; state = the memory vectors.
+
+These are models, not measurements: tests tie the state-byte formulas to the bytes the implementations really hold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from msrnn.errors import ConfigError
+
+FAMILIES = ("full", "kv", "supra", "bst", "rmt")
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: int
+    d: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    bytes_per_value: int = 4  # fp32 weights/activations on CPU
+
+    @classmethod
+    def from_config(cls, cfg: Any, bytes_per_value: int = 4) -> Arch:
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                   getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), hd, cfg.intermediate_size,
+                   cfg.vocab_size, bytes_per_value)
+
+    def dense_flops_per_token(self) -> float:
+        """Projections, MLP and LM head (independent of context length)."""
+        q_o = 2 * 2 * self.d * self.heads * self.head_dim
+        kv = 2 * 2 * self.d * self.kv_heads * self.head_dim
+        mlp = 2 * 3 * self.d * self.ffn
+        return self.layers * (q_o + kv + mlp) + 2 * self.d * self.vocab
+
+    def kv_bytes_per_slot(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value
+
+
+def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 64, ssm_state: int = 64,
+          segment: int = 512, memory: int = 16, score_row: bool = True) -> dict[str, float]:
+    """{"flops": forward FLOPs for the whole stream, "state_bytes": state held after it}."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+    if length < 1:
+        raise ConfigError("length must be >= 1")
+    L, a = length, arch
+    attn_unit = 4 * a.heads * a.head_dim  # FLOPs per (query, key) pair: scores + weighted sum
+    dense = a.dense_flops_per_token() * L
+    if family == "full":
+        pairs = L * (L + 1) / 2
+        return {"flops": dense + a.layers * attn_unit * pairs, "state_bytes": a.kv_bytes_per_slot() * L}
+    if family == "kv":
+        k = budget
+        # Token t attends to min(t - 1, k) kept slots plus itself.
+        pairs = sum(min(t - 1, k) + 1 for t in range(1, min(L, k + 1) + 1)) + max(0, L - k - 1) * (k + 1)
+        extra = a.layers * 2 * a.heads * a.head_dim * (k + 1) * max(0, L - k) if score_row else 0
+        return {"flops": dense + a.layers * attn_unit * pairs + extra,
+                "state_bytes": a.kv_bytes_per_slot() * min(L, k)}
+    if family == "supra":
+        phi = 2 * (a.heads * a.head_dim) ** 2 + 2 * (a.kv_heads * a.head_dim) ** 2
+        rec = 4 * a.heads * a.head_dim * a.head_dim  # state update k^T v and readout q S
+        return {"flops": dense + a.layers * (phi + rec) * L,
+                "state_bytes": a.layers * a.heads * a.head_dim * a.head_dim * 4}
+    if family == "bst":
+        n_fft = 2 * L
+        ssm = a.layers * (a.d * 5 * n_fft * math.log2(max(n_fft, 2)) + 2 * a.d * ssm_state * L)
+        within = L * (block + 1) / 2  # causal attention inside blocks (average)
+        cross = L * block  # every token attends to `block` context states
+        state = a.layers * (a.d * (ssm_state // 2) * 8 + 2 * a.kv_heads * a.head_dim * block * a.bytes_per_value)
+        return {"flops": dense + ssm + a.layers * attn_unit * (within + cross), "state_bytes": state}
+    seg = segment + 2 * memory
+    n_seg = math.ceil(L / segment)
+    per_seg = a.dense_flops_per_token() * seg + a.layers * attn_unit * seg * (seg + 1) / 2
+    return {"flops": n_seg * per_seg, "state_bytes": memory * a.d * a.bytes_per_value}
+
+
+def cost_table(arch: Arch, lengths: list[int], **kw: Any) -> list[dict[str, Any]]:
+    rows = []
+    for L in lengths:
+        for fam in FAMILIES:
+            rows.append({"family": fam, "length": L, **costs(arch, fam, L, **kw)})
+    return rows
+
+
+def plot_costs(rows: list[dict[str, Any]], out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from msrnn.io import atomic_file
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for fam in FAMILIES:
+        pts = sorted((r["length"], r["flops"], r["state_bytes"]) for r in rows if r["family"] == fam)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=fam)
+    for ax, ylabel in zip(axes, ("forward FLOPs (whole stream)", "state bytes per sequence"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("stream length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("analytic cost model (msrnn.bench.costs)")
+    fig.tight_layout()
+    with atomic_file(out, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+    return out
