@@ -44,3 +44,14 @@ def test_state_bytes_match_the_implementations():
         sup = SupraLM(convert(model))
         _, st = sup.forward_chunk(x, sup.init_state(1))
         assert sup.state_nbytes(st) == costs(arch, "supra", 50)["state_bytes"]
+
+
+def test_cli_costs(tmp_path, capsys):
+    import json
+
+    from msrnn.cli.main import main
+
+    assert main(["bench", "costs", "--preset", "tiny", "--lengths", "64,128", "--plot", str(tmp_path / "c.png"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"]) == 10 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -60,6 +60,17 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     from msrnn.cli.supra_cmds import add_bench_supra
 
     add_bench_supra(bs)
+    c = bs.add_parser("costs", help="analytic FLOPs and state bytes vs length for every family (no timing)")
+    c.add_argument("--model", default=None, help="model directory to read the architecture from")
+    c.add_argument("--preset", default="small", help="architecture preset when --model is not given")
+    c.add_argument("--lengths", default="512,2048,8192,32768,131072,1048576")
+    c.add_argument("--budget", type=positive_int, default=512, help="KV slots (kv family)")
+    c.add_argument("--block", type=positive_int, default=64, help="BST block length")
+    c.add_argument("--segment", type=positive_int, default=512, help="RMT segment length")
+    c.add_argument("--memory", type=positive_int, default=16, help="RMT memory tokens")
+    c.add_argument("--plot", default=None, help="write the two-panel PNG here")
+    add_output_flags(c)
+    c.set_defaults(func=run_bench_costs)
 
 
 def _save(out: str | None, name: str, obj) -> str | None:
@@ -192,4 +203,37 @@ def run_bench_kv(args: argparse.Namespace) -> int:
              r["full bytes"] / 2**20, r[f"tova@{b} bytes"] / 2**20] for r in result["rows"]]
     out_console.print(table(f"decode speed (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps)",
                             cols, body))
+    return 0
+
+
+def run_bench_costs(args: argparse.Namespace) -> int:
+    from msrnn.bench.costs import Arch, cost_table, plot_costs
+    from msrnn.errors import ConfigError
+    from msrnn.ui import out_console, print_json, table
+
+    if args.model:
+        from transformers import AutoConfig
+
+        from msrnn.models.loading import ensure_registered
+
+        ensure_registered(args.model)
+        cfg = AutoConfig.from_pretrained(args.model)
+    else:
+        from msrnn.models.presets import preset_config
+
+        cfg = preset_config(args.preset, 4096)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+    except ValueError:
+        raise ConfigError("--lengths takes comma-separated integers") from None
+    rows = cost_table(Arch.from_config(cfg), lengths, budget=args.budget, block=args.block, segment=args.segment,
+                      memory=args.memory)
+    plot = plot_costs(rows, args.plot) if args.plot else None
+    if args.json:
+        print_json({"rows": rows, "plot": plot})
+        return 0
+    out_console.print(table("analytic cost model", ["family", "length", "GFLOPs", "state bytes"],
+                            [[r["family"], r["length"], r["flops"] / 1e9, int(r["state_bytes"])] for r in rows]))
+    if plot:
+        out_console.print(f"plot: {plot}")
     return 0
