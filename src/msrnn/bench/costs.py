@@ -106,7 +106,7 @@ def plot_costs(rows: list[dict[str, Any]], out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from msrnn.io import atomic_file
+    from msrnn.evaluate.plots import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for fam in FAMILIES:
@@ -121,8 +121,4 @@ def plot_costs(rows: list[dict[str, Any]], out: str) -> str:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("analytic cost model (msrnn.bench.costs)")
-    fig.tight_layout()
-    with atomic_file(out, "wb") as fh:
-        fig.savefig(fh, format="png")
-    plt.close(fig)
-    return out
+    return str(save_figure(fig, out))

@@ -9,6 +9,18 @@ import numpy as np
 from msrnn.io import atomic_file
 
 
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_file(out, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+    return out
+
+
 def plot_ppl_vs_position(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: str | Path, title: str = "") -> Path:
     """One line per label: perplexity against token position (log x)."""
     import matplotlib
@@ -26,12 +38,7 @@ def plot_ppl_vs_position(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: 
     ax.set_title(title or "Perplexity versus position")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_file(out, "wb") as fh:
-        fig.savefig(fh, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def log_buckets(result, min_edge: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msrnn.io import atomic_file
+from msrnn.evaluate.plots import save_figure
 from msrnn.kv.lm import KVEvictionLM
 
 KINDS = ("newline", "indent", "punct", "word", "number", "other")
@@ -120,9 +120,4 @@ def plot_retention(trace: RetentionTrace, out: str | Path, title: str = "") -> P
         ax.set_ylabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title or "kept positions over time", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_file(out, "wb") as fh:
-        fig.savefig(fh, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

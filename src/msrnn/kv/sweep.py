@@ -124,7 +124,7 @@ def plot_sweep(result: dict[str, Any], out_prefix: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from msrnn.io import atomic_file
+    from msrnn.evaluate.plots import save_figure
 
     paths = []
     for task in sorted({r["task"] for r in result["rows"]}):
@@ -142,10 +142,5 @@ def plot_sweep(result: dict[str, Any], out_prefix: str) -> list[str]:
         ax.set_title(f"KV eviction policies, task: {task}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = f"{out_prefix}_{task}.png"
-        with atomic_file(path, "wb") as fh:
-            fig.savefig(fh, format="png")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(str(save_figure(fig, f"{out_prefix}_{task}.png")))
     return paths

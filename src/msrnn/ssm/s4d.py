@@ -99,6 +99,16 @@ def _final_state(ssm: S4DKernel, u: torch.Tensor, state: torch.Tensor | None) ->
     return x
 
 
+def _finish(ssm: S4DKernel, uf: torch.Tensor, conv: torch.Tensor, state: torch.Tensor | None,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the D skip and the carried state's contribution to a convolution; compute the final state."""
+    y = conv + uf * ssm.D.float()[:, None]
+    extra = _state_contribution(ssm, state, uf.shape[-1])
+    if extra is not None:
+        y = y + extra
+    return y.to(dtype), _final_state(ssm, uf, state)
+
+
 def fft_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """u [B, H, L] -> (y [B, H, L] in u's dtype, final state). FFT over time, padded to 2L, in fp32."""
@@ -109,11 +119,7 @@ def fft_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
         K = ssm.kernel(L)
         n = 2 * L  # linear (not circular) convolution
         y = torch.fft.irfft(torch.fft.rfft(uf, n=n) * torch.fft.rfft(K, n=n), n=n)[..., :L]
-        y = y + uf * ssm.D.float()[:, None]
-        extra = _state_contribution(ssm, state, L)
-        if extra is not None:
-            y = y + extra
-        return y.to(u.dtype), _final_state(ssm, uf, state)
+        return _finish(ssm, uf, y, state, u.dtype)
 
 
 def direct_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
@@ -126,11 +132,7 @@ def direct_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = No
     idx = torch.arange(L)
     lag = idx[:, None] - idx[None, :]  # [L, L] t - s
     toeplitz = torch.where(lag >= 0, K[:, lag.clamp(min=0)], 0.0)  # [H, L, L]
-    y = torch.einsum("hts,bhs->bht", toeplitz, uf) + uf * ssm.D.float()[:, None]
-    extra = _state_contribution(ssm, state, L)
-    if extra is not None:
-        y = y + extra
-    return y.to(u.dtype), _final_state(ssm, uf, state)
+    return _finish(ssm, uf, torch.einsum("hts,bhs->bht", toeplitz, uf), state, u.dtype)
 
 
 def recurrent_scan(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
