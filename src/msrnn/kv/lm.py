@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
 from msrnn.errors import ConfigError, ModelLoadError
 from msrnn.kv.attention import register
 from msrnn.kv.cache import KVEvictionCache
@@ -85,9 +83,3 @@ def wrap(lm: Any, policy: Policy, prefill: str = "exact", positions: str = "orig
         raise ConfigError("KV eviction applies to plain HF causal LMs (family 'hf'), not to "
                           f"{type(lm).__name__}")
     return KVEvictionLM(lm.model, policy, prefill, positions, tokenizer=lm.tokenizer)
-
-
-@torch.inference_mode()
-def kept_positions(lm: KVEvictionLM, state) -> list[torch.Tensor]:
-    """Per layer, the original positions of the tokens held, [B, G, S]."""
-    return [layer.kept_positions().clone() for layer in state.cache.layers]
