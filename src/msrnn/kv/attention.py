@@ -113,7 +113,10 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
     policy = layer.policy
     new_valid = _new_validity(mask, B, T, S0, dev)  # [B, T]
     layer.all_valid = layer.all_valid and bool(new_valid.all())
-    new_pos = torch.where(new_valid, layer.counter[:, None] + new_valid.long().cumsum(1) - 1, -1)  # [B, T]
+    if T == 1 and layer.all_valid:
+        new_pos = layer.counter[:, None]  # the common decode step: one real token
+    else:
+        new_pos = torch.where(new_valid, layer.counter[:, None] + new_valid.long().cumsum(1) - 1, -1)  # [B, T]
     positions = torch.cat([layer.positions, new_pos[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
     valid = torch.cat([layer.valid, new_valid[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
     acc = None
@@ -127,7 +130,7 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
     else:
         out, keep = _exact(layer, query, key, value, positions, valid, acc, S0, scaling)
         weights = None
-    layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1))
+    layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1) if not layer.all_valid else T)
     return out, weights
 
 
@@ -175,8 +178,7 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
             colsum += p.sum(2)
         acc += _group(colsum, G, "sum")
     if k is None or S <= k:
-        keep = torch.arange(S, device=dev).expand(B, G, S)
-        return out, weights, keep
+        return out, weights, None  # nothing to evict: the layer keeps every slot without copying
     last = None
     if policy.needs == "last":
         p = weights[:, :, -1].float() if weights is not None else \

@@ -34,6 +34,8 @@ def _select_slots(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     B, H, _, D = x.shape
     if keep.shape[1] == 1:
         # index_select is several times faster than a gather through an index expanded over heads and channels.
+        if B == 1:
+            return x.index_select(2, keep[0, 0])
         return torch.stack([x[b].index_select(1, keep[b, 0]) for b in range(B)])
     return x.gather(2, keep[..., None].expand(-1, -1, -1, D))
 
@@ -100,14 +102,17 @@ class EvictionLayer(DynamicLayer):
         ACTIVE_LAYER.set(self)
         return full_k, full_v
 
-    def commit(self, keep: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-               acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor) -> None:
-        """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending)."""
+    def commit(self, keep: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor,
+               acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor | int) -> None:
+        """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending); None keeps all."""
         full_k, full_v = self.pending
-        self.keys, self.values = _select_slots(full_k, keep), _select_slots(full_v, keep)
-        self.positions = positions.gather(2, keep)
-        self.valid = valid.gather(2, keep)
-        self.acc = acc.gather(2, keep) if acc is not None else None
+        if keep is None:
+            self.keys, self.values, self.positions, self.valid, self.acc = full_k, full_v, positions, valid, acc
+        else:
+            self.keys, self.values = _select_slots(full_k, keep), _select_slots(full_v, keep)
+            self.positions = positions.gather(2, keep)
+            self.valid = valid.gather(2, keep)
+            self.acc = acc.gather(2, keep) if acc is not None else None
         self.seen += new_tokens
         self.counter = self.counter + new_valid_counts
         self.pending = None
