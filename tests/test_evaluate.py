@@ -77,3 +77,9 @@ def test_generate_sampling_is_seeded(tiny_model):
     assert a.equal(b) and not a.equal(c)
     with pytest.raises(ConfigError):
         generate(lm, p, 3, top_p=0.0)
+
+
+def test_min_tokens_selects_by_full_length_before_truncation(tiny_model):
+    docs = [list(range(1, 101)), list(range(1, 31))]
+    res = evaluate_stream(HFCausalLM(tiny_model), docs, StreamEvalConfig(chunk_size=16, max_tokens=20, min_tokens=50))
+    assert res.documents == 1 and res.tokens == 19

@@ -27,7 +27,7 @@ class StreamEvalConfig:
     chunk_size: int = 128
     max_tokens: int | None = 4096  # per document; None = whole documents
     max_documents: int | None = None
-    min_tokens: int = 2  # shorter documents are skipped (they have nothing to score)
+    min_tokens: int = 2  # documents shorter than this (before truncation) are skipped
     bucket_edges: tuple[int, ...] | None = None  # None = 0, 16, 32, 64, ... up to the longest document
 
     def __post_init__(self) -> None:
@@ -99,8 +99,9 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
     """Stream every document through ``lm`` and collect per-position NLLs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    docs = [np.asarray(d, dtype=np.int64)[: cfg.max_tokens] for d in documents]
-    docs = [d for d in docs if len(d) >= cfg.min_tokens][: cfg.max_documents]
+    # min_tokens selects documents by their full length; max_tokens then truncates the selected ones.
+    docs = [np.asarray(d, dtype=np.int64) for d in documents]
+    docs = [d[: cfg.max_tokens] for d in docs if len(d) >= cfg.min_tokens][: cfg.max_documents]
     if not docs:
         raise DataError(f"no document has at least {cfg.min_tokens} tokens; use more or longer data")
     max_len = max(len(d) for d in docs)
