@@ -89,34 +89,61 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma:
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
-            scale: float | None = None, initial_state: torch.Tensor | None = None, chunk_size: int = 64
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            scale: float | None = None, initial_state: torch.Tensor | None = None, chunk_size: int = 64,
+            block_chunks: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked parallel form; same contract as :func:`naive_recurrent`. Any T (the last chunk may be short).
 
-    Inside a chunk starting after state S (positions i, j = 0..C-1):
-        o_i     = gamma^(i+1) q_i S + sum_{j<=i} gamma^(i-j) (q_i . k_j) v_j
-        S_next  = gamma^C S + sum_j gamma^(C-1-j) k_j^T v_j
+    Inside chunk c (positions i, j = 0..C-1), with S_c the state before it:
+        o_i     = gamma^(i+1) q_i S_c + sum_{j<=i} gamma^(i-j) (q_i . k_j) v_j
+        S_{c+1} = gamma^C S_c + U_c,   U_c = sum_j gamma^(C-1-j) k_j^T v_j
+    All chunks of a block of ``block_chunks`` chunks are computed at once: the intra-chunk terms, U_c and the
+    inter-chunk readout as batched matmuls; only the cheap S_c recurrence runs as a loop over chunks. Blocks are
+    processed in sequence with the state carried, so memory stays O(block_chunks * C * D + block_chunks * D^2).
     """
     _check(q, k, v, log_gamma, initial_state)
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 1 or block_chunks < 1:
+        raise ConfigError(f"chunk_size and block_chunks must be >= 1, got {chunk_size}, {block_chunks}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    B, H, T, _ = q.shape
+    T = q.shape[2]
     S = _zero_state(q, v) if initial_state is None else initial_state.float()
-    lg = log_gamma.float().to(q.device)[None, :, None]  # [1, H, 1]
+    lg = log_gamma.float().to(q.device)
     qf, kf, vf = q.float(), k.float() * scale, v.float()
     outs = []
-    for start in range(0, T, chunk_size):
-        qc, kc, vc = qf[:, :, start : start + chunk_size], kf[:, :, start : start + chunk_size], \
-            vf[:, :, start : start + chunk_size]
-        C = qc.shape[2]
-        idx = torch.arange(C, device=q.device, dtype=torch.float32)
-        rel = idx[:, None] - idx[None, :]  # [C, C] i - j
-        causal = rel >= 0
-        decay = torch.where(causal, (lg[..., None] * rel.clamp(min=0)).exp(), 0.0)  # [1, H, C, C]
-        scores = torch.matmul(qc, kc.transpose(-1, -2)) * decay  # [B, H, C, C]
-        inter = (lg * (idx + 1)).exp()[..., None]  # [1, H, C, 1]: gamma^(i+1)
-        outs.append(torch.matmul(scores, vc) + inter * torch.matmul(qc, S))
-        tail = (lg * (C - 1 - idx)).exp()[..., None]  # [1, H, C, 1]: gamma^(C-1-j)
-        S = (lg * C).exp()[..., None] * S + torch.matmul((kc * tail).transpose(-1, -2), vc)
+    full = T // chunk_size * chunk_size
+    span = chunk_size * block_chunks
+    for start in range(0, full, span):
+        end = min(start + span, full)
+        o, S = _chunk_block(qf[:, :, start:end], kf[:, :, start:end], vf[:, :, start:end], lg, S, chunk_size)
+        outs.append(o)
+    if full < T:  # the short last chunk
+        o, S = _chunk_block(qf[:, :, full:], kf[:, :, full:], vf[:, :, full:], lg, S, T - full)
+        outs.append(o)
     return torch.cat(outs, dim=2).to(q.dtype), S
+
+
+def _chunk_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Tensor, S: torch.Tensor,
+                 C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n = T/C whole chunks at once (fp32 inputs, k already scaled); returns (o [B, H, T, Dv], state)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    n = T // C
+    qc, kc, vc = q.reshape(B, H, n, C, Dk), k.reshape(B, H, n, C, Dk), v.reshape(B, H, n, C, Dv)
+    idx = torch.arange(C, device=q.device, dtype=torch.float32)
+    rel = idx[:, None] - idx[None, :]  # [C, C] i - j
+    lgh = lg[:, None, None]  # [H, 1, 1]
+    intra = torch.where(rel >= 0, (lgh * rel.clamp(min=0)).exp(), 0.0)  # [H, C, C]
+    inter = (lg[:, None] * (idx + 1)).exp()[:, None, :, None]  # [H, 1, C, 1]: gamma^(i+1)
+    tail = (lg[:, None] * (C - 1 - idx)).exp()[:, None, :, None]  # [H, 1, C, 1]: gamma^(C-1-j)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * intra[:, None]  # [B, H, n, C, C]
+    o = torch.matmul(scores, vc)  # [B, H, n, C, Dv]
+    U = torch.matmul((kc * tail).transpose(-1, -2), vc)  # [B, H, n, Dk, Dv]
+    # Chunk-start states by a scan over chunks: n cheap [B, H, Dk, Dv] steps (an [n, n] prefix matmul would cost
+    # O(n^2 D^2) and dominate for small chunks).
+    decay_c = (lg * C).exp()[None, :, None, None]  # gamma^C [1, H, 1, 1]
+    starts = []
+    for c in range(n):
+        starts.append(S)
+        S = decay_c * S + U[:, :, c]
+    o = o + inter * torch.matmul(qc, torch.stack(starts, dim=2))  # [B, H, n, C, Dv]
+    S_next = S
+    return o.reshape(B, H, T, Dv), S_next
