@@ -152,3 +152,11 @@ def test_generate_with_policy(trained_dir, capsys):
                "--budget", "4", "--max-new-tokens", "6", "--temperature", "0.8", "--json"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 6
+
+
+def test_min_tokens_selects_long_documents_even_when_truncating(trained_dir, tiny_corpus, capsys):
+    rc = main(["eval", "ppl", "--model", str(trained_dir), "--data", f"{tiny_corpus}:all", "--min-tokens", "2000",
+               "--max-tokens", "64", "--chunk-size", "32", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["documents"] >= 1 and out["tokens"] == out["documents"] * 63

@@ -68,11 +68,12 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     from msrnn.evaluate.plots import log_buckets, plot_ppl_vs_position
     from msrnn.ui import out_console, print_json, table
 
-    cfg = StreamEvalConfig(chunk_size=args.chunk_size, max_tokens=args.max_tokens, max_documents=args.max_docs,
-                           min_tokens=max(2, args.min_tokens))
+    # Documents are selected by full length (--min-tokens) and truncated by eval_documents; the evaluator then
+    # only needs its own minimum of 2 tokens.
+    cfg = StreamEvalConfig(chunk_size=args.chunk_size, max_tokens=args.max_tokens, max_documents=args.max_docs)
     lm = load_for_cli(args)
     docs = eval_documents(args.data, getattr(lm, "tokenizer", None), unit=args.documents,
-                          max_documents=args.max_docs, min_tokens=cfg.min_tokens, max_tokens=args.max_tokens,
+                          max_documents=args.max_docs, min_tokens=max(2, args.min_tokens), max_tokens=args.max_tokens,
                           add_bos=args.add_bos)
     res = evaluate_stream(lm, [d.ids for d in docs], cfg, progress=not (args.quiet or args.json))
     out = {"model": str(args.model), "data": args.data, "policy": getattr(getattr(lm, "policy", None), "describe",
