@@ -90,7 +90,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma:
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
             scale: float | None = None, initial_state: torch.Tensor | None = None, chunk_size: int = 64,
-            block_chunks: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+            block_chunks: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked parallel form; same contract as :func:`naive_recurrent`. Any T (the last chunk may be short).
 
     Inside chunk c (positions i, j = 0..C-1), with S_c the state before it:
