@@ -3,7 +3,30 @@
 from msrnn.supra.convert import convert
 from msrnn.supra.lm import SupraLM, load_supra
 from msrnn.supra.modeling import SupraCache, SupraConfig, SupraForCausalLM
-from msrnn.supra.ops import DECAYS, chunked, log_decay, naive_recurrent, recurrent_step
+from msrnn.supra.ops import (
+    BACKENDS,
+    DECAYS,
+    chunked,
+    fla_chunked,
+    log_decay,
+    naive_recurrent,
+    recurrent_step,
+    resolve_backend,
+)
 
-__all__ = ["DECAYS", "SupraCache", "SupraConfig", "SupraForCausalLM", "SupraLM", "chunked", "convert", "load_supra",
-           "log_decay", "naive_recurrent", "recurrent_step"]
+__all__ = [
+    "BACKENDS",
+    "DECAYS",
+    "SupraCache",
+    "SupraConfig",
+    "SupraForCausalLM",
+    "SupraLM",
+    "chunked",
+    "convert",
+    "fla_chunked",
+    "load_supra",
+    "log_decay",
+    "naive_recurrent",
+    "recurrent_step",
+    "resolve_backend",
+]

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from msrnn.errors import ConfigError
-from msrnn.supra.ops import DECAYS, chunked, log_decay, recurrent_step
+from msrnn.supra.ops import BACKENDS, DECAYS, chunked, fla_chunked, log_decay, recurrent_step, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class SupraConfig(LlamaConfig):
 
     def __init__(self, decay: str = "lightning", feature_map: str = "dense", linear_chunk_size: int = 64,
                  norm_eps: float = 1e-5, qkv_bias: bool | None = None, o_bias: bool | None = None,
-                 state_dtype: str = "float32", **kwargs: Any) -> None:
+                 state_dtype: str = "float32", linear_backend: str = "auto", **kwargs: Any) -> None:
         # Checked before LlamaConfig's own validation so users get one clear msrnn error.
         hidden, heads = kwargs.get("hidden_size", 4096), kwargs.get("num_attention_heads", 32)
         if hidden % heads:
@@ -52,6 +52,8 @@ class SupraConfig(LlamaConfig):
             raise ConfigError(f"unknown decay schedule {decay!r}; use one of {', '.join(DECAYS)}")
         if feature_map not in FEATURE_MAPS:
             raise ConfigError(f"unknown feature map {feature_map!r}; use dense or per_head")
+        if linear_backend not in BACKENDS:
+            raise ConfigError(f"unknown linear-attention backend {linear_backend!r}; use auto, torch or fla")
         if linear_chunk_size < 1:
             raise ConfigError("linear_chunk_size must be >= 1")
         if state_dtype != "float32":
@@ -65,6 +67,7 @@ class SupraConfig(LlamaConfig):
         self.qkv_bias = self.attention_bias if qkv_bias is None else qkv_bias
         self.o_bias = self.attention_bias if o_bias is None else o_bias
         self.state_dtype = state_dtype
+        self.linear_backend = linear_backend
 
 
 class SupraStateLayer(CacheLayerMixin):
@@ -185,6 +188,8 @@ class SupraAttention(nn.Module):
         with torch.autocast(device_type=q.device.type, enabled=False):  # the recurrence runs in fp32
             if T == 1 and state is not None:
                 o, new_state = recurrent_step(q, k, v, lg, state=state)
+            elif resolve_backend(self.config.linear_backend, q.device) == "fla":
+                o, new_state = fla_chunked(q, k, v, lg, initial_state=state)
             else:
                 o, new_state = chunked(q, k, v, lg, initial_state=state, chunk_size=self.config.linear_chunk_size)
         if layer is not None:

@@ -147,3 +147,48 @@ def _chunk_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Te
     o = o + inter * torch.matmul(qc, torch.stack(starts, dim=2))  # [B, H, n, C, Dv]
     S_next = S
     return o.reshape(B, H, T, Dv), S_next
+
+
+BACKENDS = ("auto", "torch", "fla")
+
+
+def fla_available() -> bool:
+    """flash-linear-attention is installed (its Triton kernels also need a CUDA device)."""
+    try:
+        import fla.ops.simple_gla  # noqa: F401
+    except Exception:  # ImportError, or triton failing to initialise on a machine without a GPU
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """``auto`` uses flash-linear-attention on CUDA when it is installed, the torch forms otherwise."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"unknown linear-attention backend {requested!r}; use auto, torch or fla")
+    if requested == "torch":
+        return "torch"
+    usable = device.type == "cuda" and fla_available()
+    if requested == "fla" and not usable:
+        raise ConfigError("backend 'fla' needs a CUDA device and `pip install 'msrnn[gpu]'`; use backend 'torch'")
+    return "fla" if usable else "torch"
+
+
+def fla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                scale: float | None = None, initial_state: torch.Tensor | None = None, kernel=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-linear-attention's simple-GLA kernel with a head-wise constant decay; same contract as :func:`chunked`.
+
+    fla works in [B, T, H, D] and stores the state after the decay, as we do, but it scales q where we scale k:
+    outputs agree, while its state is ours divided by ``scale``, so carried states are converted both ways.
+    ``kernel`` defaults to ``fla.ops.simple_gla.chunk_simple_gla``; tests pass fla's pure-PyTorch reference to check
+    this plumbing on a CPU.
+    """
+    _check(q, k, v, log_gamma, initial_state)
+    if kernel is None:
+        from fla.ops.simple_gla import chunk_simple_gla as kernel
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, T, H, D]
+    h0 = None if initial_state is None else initial_state.float() / scale
+    o, S = kernel(qt, kt, vt, g_gamma=log_gamma.float().to(q.device), scale=scale, initial_state=h0,
+                  output_final_state=True)
+    return o.transpose(1, 2).to(q.dtype), S.float() * scale
