@@ -1,0 +1,72 @@
+"""An RMT as a StatefulLM: the state is the memory plus the current segment's KV cache (bounded by S + 2m)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from msrnn.protocol import check_chunk, tensor_nbytes
+from msrnn.rmt.wrapper import MemoryWrapper
+
+
+@dataclass
+class RMTState:
+    memory: torch.Tensor  # [B, m, d]
+    cache: DynamicCache | None  # keys/values of [read memory + the current segment's tokens so far]
+    in_segment: int  # tokens of the current segment already consumed
+    batch_size: int
+    seen: int = 0
+
+
+class RMTLM:
+    """Streams any length through a MemoryWrapper: tokens go into the current segment through a KV cache; when
+    a segment is full its write-memory slots are fed to get the next memory, and the cache is dropped.
+    Logits equal the wrapper's segment-by-segment forward."""
+
+    def __init__(self, wrapper: MemoryWrapper, tokenizer=None) -> None:
+        self.wrapper, self.tokenizer = wrapper, tokenizer
+        self.vocab_size = int(wrapper.model.config.vocab_size)
+
+    def init_state(self, batch_size: int) -> RMTState:
+        return RMTState(self.wrapper.initial_memory(batch_size).detach().clone(), None, 0, batch_size)
+
+    def _start_segment(self, state: RMTState) -> None:
+        model, m = self.wrapper.model, self.wrapper.m
+        cache = DynamicCache(config=model.config)
+        pos = torch.arange(m)[None].expand(state.batch_size, -1)
+        model(inputs_embeds=state.memory, position_ids=pos, past_key_values=cache, use_cache=True)
+        state.cache = cache
+
+    def _finish_segment(self, state: RMTState) -> None:
+        model, m = self.wrapper.model, self.wrapper.m
+        start = m + state.in_segment
+        pos = torch.arange(start, start + m)[None].expand(state.batch_size, -1)
+        out = model(inputs_embeds=state.memory, position_ids=pos, past_key_values=state.cache, use_cache=True,
+                    output_hidden_states=True)
+        state.memory, state.cache, state.in_segment = out.hidden_states[-1], None, 0
+
+    def forward_chunk(self, input_ids: torch.Tensor, state: RMTState) -> tuple[torch.Tensor, RMTState]:
+        check_chunk(input_ids, state.batch_size)
+        model, m, S = self.wrapper.model, self.wrapper.m, self.wrapper.config.segment_length
+        outs, pos = [], 0
+        while pos < input_ids.shape[1]:
+            if state.cache is None:
+                self._start_segment(state)
+            take = min(S - state.in_segment, input_ids.shape[1] - pos)
+            ids = input_ids[:, pos : pos + take]
+            p = torch.arange(m + state.in_segment, m + state.in_segment + take)[None].expand(state.batch_size, -1)
+            out = model(input_ids=ids, position_ids=p, past_key_values=state.cache, use_cache=True)
+            outs.append(out.logits.float())
+            state.in_segment += take
+            pos += take
+            if state.in_segment == S:
+                self._finish_segment(state)
+        state.seen += input_ids.shape[1]
+        return torch.cat(outs, dim=1), state
+
+    def state_nbytes(self, state: RMTState) -> int:
+        layers = [] if state.cache is None else state.cache.layers
+        kv = sum(tensor_nbytes([layer.keys, layer.values]) for layer in layers)
+        return tensor_nbytes(state.memory) + kv
