@@ -93,3 +93,11 @@ def test_bad_configs():
         RMTConfig(bptt_depth=0)
     with pytest.raises(ConfigError, match="exceeds the model's 512 positions"):
         MemoryWrapper(tiny("llama"), RMTConfig(num_memory_tokens=16, segment_length=500))
+
+
+def test_stream_bench_plumbing():
+    from msrnn.bench.stream import stream_bench
+
+    res = stream_bench(RMTLM(make(m=2, S=4).eval()), tokens=64, chunk=8, samples=4)
+    assert res["tokens"] == 64 and res["nonfinite"] == 0 and len(res["rows"]) == 4
+    assert len({r["state_bytes"] for r in res["rows"]}) == 1

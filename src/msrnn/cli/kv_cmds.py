@@ -60,6 +60,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     from msrnn.cli.supra_cmds import add_bench_supra
 
     add_bench_supra(bs)
+    add_bench_stream(bs)
     c = bs.add_parser("costs", help="analytic FLOPs and state bytes vs length for every family (no timing)")
     c.add_argument("--model", default=None, help="model directory to read the architecture from")
     c.add_argument("--preset", default="small", help="architecture preset when --model is not given")
@@ -236,4 +237,50 @@ def run_bench_costs(args: argparse.Namespace) -> int:
                             [[r["family"], r["length"], r["flops"] / 1e9, int(r["state_bytes"])] for r in rows]))
     if plot:
         out_console.print(f"plot: {plot}")
+    return 0
+
+
+def add_bench_stream(bs: argparse._SubParsersAction) -> None:
+    p = bs.add_parser("stream", help="stream N tokens (e.g. 1M) through a bounded model: RSS, time, state, NaN check")
+    p.add_argument("--model", required=True, help="model directory (any family)")
+    p.add_argument("--family", default="auto", help="auto (from the model dir) | kv | rmt")
+    p.add_argument("--policy", default="tova", help="with --family kv")
+    p.add_argument("--budget", type=positive_int, default=512, help="with --family kv")
+    p.add_argument("--memory", type=positive_int, default=16, help="with --family rmt: memory tokens")
+    p.add_argument("--segment", type=positive_int, default=512, help="with --family rmt: segment length")
+    p.add_argument("--tokens", type=positive_int, default=1_048_576)
+    p.add_argument("--chunk-size", type=positive_int, default=512)
+    p.add_argument("--out", default=None)
+    add_output_flags(p)
+    p.set_defaults(func=run_bench_stream)
+
+
+def run_bench_stream(args: argparse.Namespace) -> int:
+    from msrnn.bench.stream import stream_bench
+    from msrnn.errors import ConfigError
+    from msrnn.models import load_lm
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    lm = load_lm(args.model)
+    if args.family == "kv":
+        from msrnn.kv import make_policy, wrap
+
+        lm = wrap(lm, make_policy(args.policy, args.budget), prefill="oneshot")
+    elif args.family == "rmt":
+        from msrnn.rmt import RMTLM, MemoryWrapper, RMTConfig
+
+        lm = RMTLM(MemoryWrapper(lm.model, RMTConfig(num_memory_tokens=args.memory, segment_length=args.segment)))
+    elif args.family != "auto":
+        raise ConfigError(f"unknown --family {args.family!r}; use auto, kv or rmt")
+    with err_console.status(f"streaming {args.tokens:,} tokens"):
+        res = stream_bench(lm, args.tokens, chunk=args.chunk_size)
+    res.update({"model": args.model, "family": args.family})
+    _save(args.out, "results.json", res)
+    if args.json:
+        print_json(res)
+        return 0
+    out_console.print(table(f"stream of {res['tokens']:,} tokens ({res['tokens_per_s']:,.0f} tok/s, "
+                            f"{res['nonfinite']} non-finite logits)", ["tokens", "RSS MiB", "state bytes",
+                                                                       "ms/chunk"],
+                            [[r["tokens"], r["rss_mib"], r["state_bytes"], r["ms_per_chunk"]] for r in res["rows"]]))
     return 0
