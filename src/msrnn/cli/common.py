@@ -48,3 +48,14 @@ def setup_logging(verbose: bool) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def emit(args: argparse.Namespace, title: str, result: dict) -> int:
+    """Print a command's result: one JSON object with --json, otherwise a two-column rich table."""
+    from msrnn.ui import out_console, print_json, table
+
+    if getattr(args, "json", False):
+        print_json(result)
+    else:
+        out_console.print(table(title, ["field", "value"], list(result.items())))
+    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msrnn.cli.common import add_output_flags, add_seed, positive_int, resolve_device
+from msrnn.cli.common import add_output_flags, add_seed, emit, positive_int, resolve_device
 from msrnn.errors import ConfigError
 
 
@@ -50,7 +50,6 @@ def run_convert_supra(args: argparse.Namespace) -> int:
     from msrnn.io import atomic_dir, write_json
     from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for
     from msrnn.supra import convert
-    from msrnn.ui import out_console, print_json, table
 
     out = Path(args.out)
     if out.exists():
@@ -66,18 +65,13 @@ def run_convert_supra(args: argparse.Namespace) -> int:
     res = {"out": str(out), "params": sum(p.numel() for p in supra.parameters()),
            "base_params": sum(p.numel() for p in model.parameters()), "decay": args.decay,
            "feature_map": args.feature_map}
-    if args.json:
-        print_json(res)
-    else:
-        out_console.print(table("convert supra", ["field", "value"], list(res.items())))
-    return 0
+    return emit(args, "convert supra", res)
 
 
 def run_train_supra(args: argparse.Namespace) -> int:
     from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for, read_meta
     from msrnn.train import TrainConfig
     from msrnn.train.pretrain import PretrainConfig, train_lm
-    from msrnn.ui import out_console, print_json, table
 
     src = Path(args.source)
     if read_meta(src).get("family") != "supra":
@@ -97,11 +91,7 @@ def run_train_supra(args: argparse.Namespace) -> int:
     val = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
     res = {"out": str(out), "steps": trainer.step, "tokens": result.tokens, "seconds": result.seconds,
            "final_loss": result.final_loss, "val_loss": val}
-    if args.json:
-        print_json(res)
-    else:
-        out_console.print(table("train supra", ["field", "value"], list(res.items())))
-    return 0
+    return emit(args, "train supra", res)
 
 
 def add_bench_supra(bench_sub: argparse._SubParsersAction) -> None:

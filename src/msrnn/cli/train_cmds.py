@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msrnn.cli.common import add_output_flags, add_seed, positive_int
+from msrnn.cli.common import add_output_flags, add_seed, emit, positive_int
 from msrnn.errors import ConfigError
 
 
@@ -23,7 +23,7 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
 def run_tokenizer(args: argparse.Namespace) -> int:
     from msrnn.data import load_documents, save_tokenizer, train_bpe
     from msrnn.data.corpus import parse_data_spec
-    from msrnn.ui import err_console, out_console, print_json, table
+    from msrnn.ui import err_console
 
     spec = parse_data_spec(args.data)
     if spec.split == "all" and spec.source == "stdlib":
@@ -37,11 +37,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     sample = docs[0].text[:20000]
     ratio = len(sample.encode()) / max(1, len(tok(sample)["input_ids"]))
     res = {"out": str(args.out), "vocab_size": len(tok), "documents": len(docs), "bytes_per_token": ratio}
-    if args.json:
-        print_json(res)
-    else:
-        out_console.print(table("tokenizer", ["field", "value"], list(res.items())))
-    return 0
+    return emit(args, "tokenizer", res)
 
 
 def add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +70,6 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     from msrnn.train import TrainConfig
     from msrnn.train.pretrain import PretrainConfig, pretrain
-    from msrnn.ui import out_console, print_json, table
 
     out = Path(args.out)
     if (out / "msrnn.json").exists() and not args.resume:
@@ -90,8 +85,4 @@ def run_pretrain(args: argparse.Namespace) -> int:
     res = {"out": str(out), "steps": trainer.step, "tokens": result.tokens, "seconds": result.seconds,
            "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "final_loss": result.final_loss,
            "val_loss": val}
-    if args.json:
-        print_json(res)
-    else:
-        out_console.print(table("pretrain", ["field", "value"], list(res.items())))
-    return 0
+    return emit(args, "pretrain", res)
