@@ -56,18 +56,8 @@ def tiny_tokenizer(tiny_corpus: Path):
     return train_bpe((d.text for d in load_documents(str(tiny_corpus))), vocab_size=384)
 
 
-def tiny_llama(vocab: int = 384, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-               attn: str = "sdpa", seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=1024, tie_word_embeddings=False)
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture
 def tiny_model():
-    return tiny_llama()
+    from helpers import tiny
+
+    return tiny("llama")

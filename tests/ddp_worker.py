@@ -21,11 +21,11 @@ def batch(rank):
 
 def worker():
     sys.path.insert(0, sys.argv[2])
-    from conftest import tiny_llama
+    from helpers import tiny
 
     from msrnn.train import TrainConfig, Trainer
 
-    model = tiny_llama(seed=0).train()
+    model = tiny("llama", seed=0).train()
     cfg = TrainConfig(max_steps=1, lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.0, eval_every=0,
                       weight_decay=0.0, adam_eps=1e-3)
     t = Trainer(model, cfg, lambda step, micro, rank: batch(rank), OUT + "/run", progress=False)

@@ -1,4 +1,4 @@
-"""One assert_close for the whole suite: reports max-abs and relative-RMS error, fails on NaN."""
+"""Test helpers: one assert_close (max-abs and relative-RMS error, fails on NaN) and tiny random models."""
 
 from __future__ import annotations
 
@@ -15,3 +15,35 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float = 
     assert bool((err <= bound).all()), (
         f"{name}: max abs err {err.max().item():.3e} (rel rms {rel_rms:.3e}) > atol {atol}"
     )
+
+
+V = 384
+
+
+def tiny(arch: str, attn: str = "sdpa", seed: int = 0):
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg, cls = LlamaConfig(**common), LlamaForCausalLM
+    elif arch == "mistral":
+        cfg, cls = MistralConfig(**common, sliding_window=None), MistralForCausalLM
+    elif arch == "qwen2":
+        cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
+    elif arch == "gpt2":
+        cfg, cls = GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=512), GPT2LMHeadModel
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return cls(cfg).eval()

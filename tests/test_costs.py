@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_kv import V, tiny
+from helpers import V, tiny
 
 from msrnn.bench.costs import Arch, cost_table, costs
 from msrnn.errors import ConfigError
@@ -27,7 +27,7 @@ def test_scaling_shapes():
 def test_state_bytes_match_the_implementations():
     from msrnn.kv import KVEvictionLM, make_policy
     from msrnn.models import HFCausalLM
-    from msrnn.protocol import tensor_nbytes
+    from msrnn.models.hf import cache_kv_nbytes
     from msrnn.supra import SupraLM, convert
 
     model = tiny("llama")
@@ -39,7 +39,7 @@ def test_state_bytes_match_the_implementations():
         assert full.state_nbytes(st) == costs(arch, "full", 50)["state_bytes"]
         kv = KVEvictionLM(model, make_policy("tova", 16))
         _, st = kv.forward_chunk(x, kv.init_state(1))
-        kv_only = sum(tensor_nbytes([layer.keys, layer.values]) for layer in st.cache.layers)
+        kv_only = cache_kv_nbytes(st.cache)
         assert kv_only == costs(arch, "kv", 50, budget=16)["state_bytes"]
         sup = SupraLM(convert(model))
         _, st = sup.forward_chunk(x, sup.init_state(1))

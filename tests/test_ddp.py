@@ -21,10 +21,10 @@ def test_two_process_gloo_ddp_step_equals_single_process_on_both_batches(tmp_pat
 
     # Reference: one single-process step on the two ranks' batches concatenated.
     sys.path.insert(0, str(HERE))
-    from conftest import tiny_llama
     from ddp_worker import batch
+    from helpers import tiny
 
-    model = tiny_llama(seed=0).train()
+    model = tiny("llama", seed=0).train()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-3)
     b0, b1 = batch(0), batch(1)

@@ -3,7 +3,7 @@ generate() with batches and left padding, and clear errors."""
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import V, assert_close, tiny
 from kv_reference import dense_stream
 
 from msrnn.errors import ConfigError, ModelLoadError, MsrnnError
@@ -11,38 +11,6 @@ from msrnn.kv import KVEvictionLM, make_cache, make_policy, prepare_model
 from msrnn.kv.rope import find_inv_freq, rotate
 from msrnn.models import HFCausalLM
 from msrnn.protocol import stream_logits
-
-V = 384
-
-
-def tiny(arch: str, attn: str = "sdpa", seed: int = 0):
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-    if arch == "llama":
-        cfg, cls = LlamaConfig(**common), LlamaForCausalLM
-    elif arch == "mistral":
-        cfg, cls = MistralConfig(**common, sliding_window=None), MistralForCausalLM
-    elif arch == "qwen2":
-        cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
-    elif arch == "gpt2":
-        cfg, cls = GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=512), GPT2LMHeadModel
-    else:
-        raise ValueError(arch)
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    return cls(cfg).eval()
-
 
 POLICIES = [("window", {}), ("sink", {"sinks": 3}), ("h2o", {}), ("h2o", {"per_head": False}), ("tova", {}),
             ("tova", {"per_head": True}), ("tova", {"keep_newest": True, "sinks": 2})]

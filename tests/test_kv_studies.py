@@ -5,7 +5,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from test_kv import tiny
+from helpers import tiny
 
 from msrnn.errors import ConfigError, DataError
 from msrnn.kv import KVEvictionLM, make_policy

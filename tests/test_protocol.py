@@ -10,9 +10,9 @@ from msrnn.models import HFCausalLM
 @pytest.mark.parametrize("chunks", [1, 7, 63, [5, 13, 1, 44]], ids=lambda c: f"chunks={c}")
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_chunked_stream_equals_full_forward(chunks, attn):
-    from conftest import tiny_llama
+    from helpers import tiny
 
-    model = tiny_llama(attn=attn)
+    model = tiny("llama", attn=attn)
     lm = HFCausalLM(model)
     assert isinstance(lm, StatefulLM)
     x = torch.randint(0, 384, (2, 63))  # odd length

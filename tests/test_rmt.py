@@ -3,8 +3,7 @@ wrapper, memory bytes stay constant."""
 
 import pytest
 import torch
-from helpers import assert_close
-from test_kv import V, tiny
+from helpers import V, assert_close, tiny
 
 from msrnn.errors import ConfigError
 from msrnn.protocol import stream_logits

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_close
-from test_kv import V, tiny
+from helpers import V, assert_close, tiny
 
 from msrnn.errors import ConfigError, ModelLoadError
 from msrnn.protocol import stream_logits

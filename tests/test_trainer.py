@@ -6,9 +6,9 @@ from msrnn.train import TrainConfig, Trainer
 
 
 def make_trainer(out, steps, save_every=0, seed=0):
-    from conftest import tiny_llama
+    from helpers import tiny
 
-    model = tiny_llama(seed=seed).train()
+    model = tiny("llama", seed=seed).train()
 
     def batch_fn(step, micro, rank):
         g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)

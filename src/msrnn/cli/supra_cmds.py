@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from msrnn.cli.common import add_output_flags, add_seed, emit, positive_int, resolve_device
+from msrnn.cli.training import add_training_flags, check_out, summary, train_config
 from msrnn.errors import ConfigError
 
 
@@ -30,19 +31,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     ts = t.add_subparsers(dest="train_cmd", required=True, metavar="FAMILY")
     p = ts.add_parser("supra", help="uptrain a converted SUPRA model (all parameters, warmup + cosine)")
     p.add_argument("--from", dest="source", required=True, help="a directory made by 'msrnn convert supra'")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", default="stdlib")
-    p.add_argument("--max-steps", type=positive_int, default=200)
-    p.add_argument("--seq-len", type=positive_int, default=512)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--repeat-fraction", type=float, default=0.25)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true")
-    add_seed(p)
-    add_output_flags(p)
+    add_training_flags(p, max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50, save_every=100)
     p.set_defaults(func=run_train_supra)
 
 
@@ -70,28 +59,20 @@ def run_convert_supra(args: argparse.Namespace) -> int:
 
 def run_train_supra(args: argparse.Namespace) -> int:
     from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for, read_meta
-    from msrnn.train import TrainConfig
     from msrnn.train.pretrain import PretrainConfig, train_lm
 
     src = Path(args.source)
     if read_meta(src).get("family") != "supra":
         raise ConfigError(f"{src} is not a SUPRA model directory; make one with 'msrnn convert supra --from M'")
-    out = Path(args.out)
-    if (out / "msrnn.json").exists() and not args.resume:
-        raise ConfigError(f"{out} already holds a trained model; pass --resume or choose another --out")
+    out = check_out(args)
     model = load_hf_causal_lm(src, device=resolve_device("auto")).train()
     tokenizer = load_tokenizer_for(src)
     cfg = PretrainConfig(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                          repeat_fraction=args.repeat_fraction)
-    tcfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     meta = {**read_meta(src), "family": "supra", "uptrained_from": str(src)}
-    trainer, result = train_lm(model, tokenizer, cfg, tcfg, out, meta, resume=args.resume,
+    trainer, result = train_lm(model, tokenizer, cfg, train_config(args), out, meta, resume=args.resume,
                                progress=not args.quiet)
-    val = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
-    res = {"out": str(out), "steps": trainer.step, "tokens": result.tokens, "seconds": result.seconds,
-           "final_loss": result.final_loss, "val_loss": val}
-    return emit(args, "train supra", res)
+    return emit(args, "train supra", summary(out, trainer, result))
 
 
 def add_bench_supra(bench_sub: argparse._SubParsersAction) -> None:

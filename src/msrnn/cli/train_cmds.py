@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msrnn.cli.common import add_output_flags, add_seed, emit, positive_int
+from msrnn.cli.common import add_output_flags, emit, positive_int
+from msrnn.cli.training import add_training_flags, check_out, summary, train_config
 from msrnn.errors import ConfigError
 
 
@@ -45,44 +46,19 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
                        description="Train a preset Llama model (tiny/small/base) on --data and write a model "
                                    "directory (weights, tokenizer, msrnn.json) to --out.")
     p.add_argument("--preset", default="small", help="tiny | small | base (default small)")
-    p.add_argument("--data", default="stdlib", help="corpus spec (train/val splits are taken from it)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train and cache a BPE)")
     p.add_argument("--vocab-size", type=positive_int, default=4096)
-    p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--max-steps", type=positive_int, default=1000)
-    p.add_argument("--seq-len", type=positive_int, default=512)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--repeat-fraction", type=float, default=0.25,
-                   help="share of each batch whose 2nd half repeats the 1st (induction heads; default 0.25)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    add_seed(p)
-    add_output_flags(p)
+    add_training_flags(p, max_steps=1000, lr=2e-3, warmup_steps=50, eval_every=100, save_every=200)
     p.set_defaults(func=run_pretrain)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from msrnn.train import TrainConfig
     from msrnn.train.pretrain import PretrainConfig, pretrain
 
-    out = Path(args.out)
-    if (out / "msrnn.json").exists() and not args.resume:
-        raise ConfigError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
+    out = check_out(args)
     cfg = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                          seq_len=args.seq_len, batch_size=args.batch_size, repeat_fraction=args.repeat_fraction,
                          attn_implementation=args.attn)
-    tcfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                       warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, eval_every=args.eval_every,
-                       save_every=args.save_every, seed=args.seed)
-    trainer, result = pretrain(cfg, tcfg, out, resume=args.resume, progress=not args.quiet)
-    val = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
-    res = {"out": str(out), "steps": trainer.step, "tokens": result.tokens, "seconds": result.seconds,
-           "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "final_loss": result.final_loss,
-           "val_loss": val}
-    return emit(args, "pretrain", res)
+    trainer, result = pretrain(cfg, train_config(args), out, resume=args.resume, progress=not args.quiet)
+    return emit(args, "pretrain", summary(out, trainer, result))

@@ -11,12 +11,11 @@ from msrnn.kv.cache import KVEvictionCache
 from msrnn.kv.policies import Policy
 from msrnn.kv.rope import find_inv_freq
 from msrnn.models.hf import HFCausalLM
+from msrnn.models.loading import is_encoder_only
 from msrnn.protocol import tensor_nbytes
 
 log = logging.getLogger(__name__)
 
-_ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert",
-             "camembert", "mpnet", "modernbert"}
 
 
 def check_supported(model: Any) -> None:
@@ -28,7 +27,7 @@ def check_supported(model: Any) -> None:
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False):
         raise ModelLoadError(f"{cfg.model_type} is an encoder-decoder model; KV eviction supports decoder-only LMs")
-    if cfg.model_type in _ENCODERS and not getattr(cfg, "is_decoder", False):
+    if is_encoder_only(cfg):
         raise ModelLoadError(f"{cfg.model_type} is an encoder-only model with no KV cache; use a decoder LM "
                              "such as Llama, Mistral, Qwen2 or GPT-2")
     if not hasattr(cfg, "num_hidden_layers") or not any(hasattr(m, "layer_idx") for m in model.modules()):

@@ -61,7 +61,10 @@ class HFCausalLM:
         return out.logits.float(), state
 
     def state_nbytes(self, state: HFState) -> int:
-        total = 0
-        for layer in getattr(state.cache, "layers", []):
-            total += tensor_nbytes([getattr(layer, "keys", None), getattr(layer, "values", None)])
-        return total
+        return cache_kv_nbytes(state.cache)
+
+
+def cache_kv_nbytes(cache: Cache | None) -> int:
+    """Bytes of the keys and values a transformers cache holds (0 for None)."""
+    return sum(tensor_nbytes([getattr(layer, "keys", None), getattr(layer, "values", None)])
+               for layer in getattr(cache, "layers", []))

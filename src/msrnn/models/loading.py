@@ -21,7 +21,7 @@ MSRNN_META = "msrnn.json"
 
 # Encoder-only families that transformers can also build "for causal LM" when configured as decoders; a
 # checkpoint of one of them without is_decoder=True is an encoder and has no usable next-token head.
-_ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert",
+ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert",
                      "camembert", "ernie", "mpnet", "modernbert"}
 
 FAMILY_LOADERS: Registry[Callable[..., StatefulLM]] = Registry("model family")
@@ -29,6 +29,11 @@ FAMILY_LOADERS: Registry[Callable[..., StatefulLM]] = Registry("model family")
 # model_type -> the module that registers it with transformers' Auto classes (imported only when needed).
 _MODEL_TYPE_MODULES = {"msrnn_supra": "msrnn.supra.modeling"}
 _MODEL_TYPE_FAMILY = {"msrnn_supra": "supra"}
+
+
+def is_encoder_only(config: Any) -> bool:
+    """An encoder family not configured as a decoder: no causal next-token head, no KV cache."""
+    return config.model_type in ENCODER_FAMILIES and not getattr(config, "is_decoder", False)
 
 
 def _lazy(target: str) -> Callable[..., StatefulLM]:
@@ -106,8 +111,7 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
         config = AutoConfig.from_pretrained(str(spec))
     except Exception as exc:
         raise ModelLoadError(f"cannot read the config of {spec} ({type(exc).__name__}: {str(exc)[:120]})") from None
-    encoder_only = config.model_type in _ENCODER_FAMILIES and not getattr(config, "is_decoder", False)
-    if encoder_only or type(config) not in AutoModelForCausalLM._model_mapping:
+    if is_encoder_only(config) or type(config) not in AutoModelForCausalLM._model_mapping:
         raise ModelLoadError(
             f"{spec} is a {config.model_type!r} model, not a causal LM; "
             "use a decoder such as Llama, Mistral, Qwen2, GPT-2"

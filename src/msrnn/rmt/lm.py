@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from msrnn.models.hf import cache_kv_nbytes
 from msrnn.protocol import check_chunk, tensor_nbytes
 from msrnn.rmt.wrapper import MemoryWrapper
 
@@ -67,6 +68,4 @@ class RMTLM:
         return torch.cat(outs, dim=1), state
 
     def state_nbytes(self, state: RMTState) -> int:
-        layers = [] if state.cache is None else state.cache.layers
-        kv = sum(tensor_nbytes([layer.keys, layer.values]) for layer in layers)
-        return tensor_nbytes(state.memory) + kv
+        return tensor_nbytes(state.memory) + cache_kv_nbytes(state.cache)
