@@ -61,3 +61,15 @@ def tiny_model():
     from helpers import tiny
 
     return tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def task_tokenizer(tiny_corpus: Path):
+    """A tiny BPE that has also seen the task vocabulary, so the six places start with six different tokens (the
+    plain 384-token code BPE splits 'bathroom' and 'bedroom' after the same ' b')."""
+    from msrnn.data import load_documents, train_bpe
+    from msrnn.tasks.templates import NAMES, PLACES
+
+    words = " ".join(f"{n} went to the {p}. Where is {n}? Answer: {p}" for n in NAMES for p in PLACES)
+    texts = [d.text for d in load_documents(str(tiny_corpus))] + [words] * 40
+    return train_bpe(iter(texts), vocab_size=384)

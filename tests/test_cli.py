@@ -14,7 +14,8 @@ def run_cli(*args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("cmd", [[], ["demo"], ["tokenizer"], ["pretrain"], ["eval", "ppl"], ["generate"]])
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["tokenizer"], ["pretrain"], ["eval", "ppl"], ["eval", "task"],
+                                 ["generate"], ["train", "rmt"], ["train", "supra"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

@@ -11,7 +11,7 @@ from msrnn.rmt import RMTLM, MemoryWrapper, RMTConfig
 
 
 def make(bptt=-1, arch="llama", m=3, S=8):
-    return MemoryWrapper(tiny(arch, seed=2), RMTConfig(num_memory_tokens=m, segment_length=S, bptt_depth=bptt))
+    return MemoryWrapper.wrap(tiny(arch, seed=2), num_memory_tokens=m, segment_length=S, bptt_depth=bptt)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -77,12 +77,40 @@ def test_memory_bytes_constant_over_100_segments():
     assert torch.isfinite(state.memory).all()
 
 
-def test_save_and_restore_memory_parameter(tmp_path):
-    w = make()
-    torch.save(w.state_dict(), tmp_path / "rmt.pt")
-    w2 = make()
-    w2.load_state_dict(torch.load(tmp_path / "rmt.pt"))
-    assert torch.equal(w.memory, w2.memory)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_save_pretrained_round_trip_keeps_memory_and_backbone(tmp_path, arch, task_tokenizer):
+    from transformers import AutoModel
+
+    from msrnn.models import load_lm
+
+    w = make(arch=arch).eval()
+    with torch.no_grad():
+        w.memory.add_(0.5)  # differs from any fresh init
+    w.save_pretrained(tmp_path / "rmt")
+    task_tokenizer.save_pretrained(str(tmp_path / "rmt"))
+    w2 = AutoModel.from_pretrained(tmp_path / "rmt").eval()
+    assert type(w2) is MemoryWrapper and torch.equal(w.memory, w2.memory)
+    x = torch.randint(0, V, (2, 21))
+    with torch.no_grad():
+        assert torch.equal(w(x)["logits"], w2(x)["logits"])
+        lm = load_lm(tmp_path / "rmt")
+        assert isinstance(lm, RMTLM)
+        assert_close("loaded stream", w(x)["logits"], stream_logits(lm, x, 5), atol=1e-4)
+
+
+def test_final_logits_equal_the_stream_and_mixed_lengths_equal_each_alone():
+    w = make(m=2, S=8).eval()
+    a, b = torch.randint(0, V, (1, 24)), torch.randint(0, V, (1, 13))  # 3 segments; 2 segments (short first)
+    with torch.no_grad():
+        logits, _ = RMTLM(w).forward_chunk(a, RMTLM(w).init_state(1))
+        assert_close("final vs stream", logits[:, -1], w.final_logits(a), atol=1e-4)
+        batch = torch.zeros(2, 24, dtype=torch.long)
+        mask = torch.zeros(2, 24, dtype=torch.long)
+        batch[0], mask[0] = a[0], 1
+        batch[1, 11:], mask[1, 11:] = b[0], 1
+        both = w.final_logits(batch, mask)
+        assert_close("a in batch", w.final_logits(a), both[:1], atol=1e-4)
+        assert_close("b in batch", w.final_logits(b), both[1:], atol=1e-4)
 
 
 def test_bad_configs():
@@ -91,7 +119,71 @@ def test_bad_configs():
     with pytest.raises(ConfigError, match="bptt_depth"):
         RMTConfig(bptt_depth=0)
     with pytest.raises(ConfigError, match="exceeds the model's 512 positions"):
-        MemoryWrapper(tiny("llama"), RMTConfig(num_memory_tokens=16, segment_length=500))
+        MemoryWrapper.wrap(tiny("llama"), num_memory_tokens=16, segment_length=500)
+    with pytest.raises(ConfigError, match="not a causal LM"):
+        MemoryWrapper.wrap(_tiny_bert())
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    return BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).eval()
+
+
+class _Tok:
+    cls_token_id, sep_token_id, pad_token_id = 1, 2, 0
+
+
+def make_encoder(bptt=-1):
+    from msrnn.rmt import MemoryEncoderClassifier
+
+    return MemoryEncoderClassifier.wrap(_tiny_bert(), _Tok(), ["a", "b", "c"], num_memory_tokens=3,
+                                        segment_length=10, bptt_depth=bptt).eval()
+
+
+def test_encoder_mixed_lengths_equal_each_alone_and_memory_matters():
+    enc = make_encoder()
+    a, b = torch.randint(3, V, (1, 30)), torch.randint(3, V, (1, 17))
+    with torch.no_grad():
+        batch = torch.zeros(2, 30, dtype=torch.long)
+        mask = torch.zeros(2, 30, dtype=torch.long)
+        batch[0], mask[0] = a[0], 1
+        batch[1, 13:], mask[1, 13:] = b[0], 1
+        both = enc(batch, mask)["logits"]
+        assert_close("a", enc(a)["logits"], both[:1], atol=1e-5)
+        assert_close("b", enc(b)["logits"], both[1:], atol=1e-5)
+        a2 = a.clone()
+        a2[:, :10] = torch.randint(3, V, (1, 10))  # change only the first segment
+        assert not torch.allclose(enc(a)["logits"], enc(a2)["logits"])  # it reaches the answer through memory
+
+
+def test_encoder_truncated_bptt_and_round_trip(tmp_path):
+    from transformers import AutoModel
+
+    x, y = torch.randint(3, V, (1, 30)), torch.tensor([1])
+
+    def first_grad(bptt):
+        enc = make_encoder(bptt).train()
+        captured = {}
+
+        def hook(_, __, out):
+            if "first" not in captured:
+                out.retain_grad()
+                captured["first"] = out
+        enc.encoder.get_input_embeddings().register_forward_hook(hook)
+        enc(x, labels=y)["loss"].backward()
+        return captured["first"].grad
+
+    assert first_grad(-1).abs().sum() > 0
+    cut = first_grad(1)  # None: the first segment is not in the loss's graph at all
+    assert cut is None or torch.count_nonzero(cut) == 0
+    enc = make_encoder()
+    enc.save_pretrained(tmp_path / "enc")
+    enc2 = AutoModel.from_pretrained(tmp_path / "enc").eval()
+    with torch.no_grad():
+        assert torch.equal(enc(x)["logits"], enc2(x)["logits"])
 
 
 def test_stream_bench_plumbing():

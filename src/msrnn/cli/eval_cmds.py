@@ -43,8 +43,7 @@ def load_for_cli(args: argparse.Namespace):
     return wrap(lm, policy, prefill=args.prefill, positions=args.positions)
 
 
-def add_eval(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_cmd", required=True, metavar="KIND")
+def add_eval_ppl(ev: argparse._SubParsersAction) -> None:
     p = ev.add_parser("ppl", help="streaming perplexity over long documents",
                       description="Stream each document through the model chunk by chunk from a fresh state and "
                                   "report perplexity overall and by position, peak state bytes and tokens/s.")

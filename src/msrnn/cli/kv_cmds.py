@@ -267,9 +267,9 @@ def run_bench_stream(args: argparse.Namespace) -> int:
 
         lm = wrap(lm, make_policy(args.policy, args.budget), prefill="oneshot")
     elif args.family == "rmt":
-        from msrnn.rmt import RMTLM, MemoryWrapper, RMTConfig
+        from msrnn.rmt import RMTLM, MemoryWrapper
 
-        lm = RMTLM(MemoryWrapper(lm.model, RMTConfig(num_memory_tokens=args.memory, segment_length=args.segment)))
+        lm = RMTLM(MemoryWrapper.wrap(lm.model, num_memory_tokens=args.memory, segment_length=args.segment))
     elif args.family != "auto":
         raise ConfigError(f"unknown --family {args.family!r}; use auto, kv or rmt")
     with err_console.status(f"streaming {args.tokens:,} tokens"):

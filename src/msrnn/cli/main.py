@@ -9,7 +9,7 @@ from msrnn import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from msrnn.cli import demo, eval_cmds, kv_cmds, supra_cmds, train_cmds
+    from msrnn.cli import demo, eval_cmds, kv_cmds, rmt_cmds, supra_cmds, train_cmds
 
     p = argparse.ArgumentParser(prog="msrnn", description="Transformers as bounded-state recurrent models.")
     p.add_argument("--version", action="version", version=f"msrnn {__version__}")
@@ -18,11 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_demo(sub)
     train_cmds.add_tokenizer(sub)
     train_cmds.add_pretrain(sub)
-    eval_cmds.add_eval(sub)
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_cmd", required=True, metavar="KIND")
+    eval_cmds.add_eval_ppl(ev)
+    rmt_cmds.add_eval_task(ev)
     eval_cmds.add_generate(sub)
     kv_cmds.add_kv(sub)
     supra_cmds.add_convert(sub)
-    supra_cmds.add_train(sub)
+    ts = sub.add_parser("train", help="train or uptrain a family's model").add_subparsers(
+        dest="train_cmd", required=True, metavar="FAMILY")
+    supra_cmds.add_train_supra(ts)
+    rmt_cmds.add_train_rmt(ts)
     kv_cmds.add_bench(sub)
     return p
 

@@ -26,9 +26,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_convert_supra)
 
 
-def add_train(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train a converted model (uptraining)")
-    ts = t.add_subparsers(dest="train_cmd", required=True, metavar="FAMILY")
+def add_train_supra(ts: argparse._SubParsersAction) -> None:
     p = ts.add_parser("supra", help="uptrain a converted SUPRA model (all parameters, warmup + cosine)")
     p.add_argument("--from", dest="source", required=True, help="a directory made by 'msrnn convert supra'")
     add_training_flags(p, max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50, save_every=100)

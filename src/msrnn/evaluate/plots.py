@@ -57,3 +57,26 @@ def log_buckets(result, min_edge: int = 8) -> tuple[np.ndarray, np.ndarray]:
             xs.append(np.sqrt(lo * hi))
             ys.append(float(np.exp(nll[lo:hi].sum() / c)))
     return np.array(xs), np.array(ys)
+
+
+def plot_accuracy_vs_segments(curves: dict[str, list[dict]], out: str | Path, title: str = "",
+                              chance: float | None = None) -> Path:
+    """One line per label: task accuracy against input length in segments (log x), as the RMT report's Fig. 5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, rows in curves.items():
+        ax.plot([r["segments"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", ms=4, label=label)
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", ls="--", lw=1, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("input length (segments)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "Accuracy versus length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return save_figure(fig, out)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+import msrnn.rmt.encoder  # noqa: F401  (registers the encoder config with AutoConfig)
 from msrnn.models.hf import cache_kv_nbytes
 from msrnn.protocol import check_chunk, tensor_nbytes
 from msrnn.rmt.wrapper import MemoryWrapper
@@ -69,3 +72,27 @@ class RMTLM:
 
     def state_nbytes(self, state: RMTState) -> int:
         return tensor_nbytes(state.memory) + cache_kv_nbytes(state.cache)
+
+
+def load_rmt(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **_: Any) -> Any:
+    """Load an RMT model directory: a decoder wrapper as a streaming :class:`RMTLM`, an encoder classifier as is
+    (it has no next-token head to stream; task evaluation uses it directly)."""
+    from transformers import AutoConfig, AutoModel
+
+    from msrnn.errors import ModelLoadError
+    from msrnn.models.loading import _check_dir, load_tokenizer_for
+
+    path = Path(spec)
+    _check_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModel.from_pretrained(str(path), **({"dtype": dtype} if dtype else {}))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the RMT model at {spec} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160]}); the checkpoint may be corrupt, re-save it") from None
+    model = model.to(device).eval()
+    tokenizer = load_tokenizer_for(path)
+    if config.backbone_kind == "encoder":
+        model.tokenizer = tokenizer
+        return model
+    return RMTLM(model, tokenizer)

@@ -8,47 +8,72 @@ Truncated BPTT (``bptt_depth = k``): only the last k segments are connected thro
 last segment reaches back k segments; ``-1`` keeps the whole chain. Unlike the upstream ``framework_accel`` branch
 (which detached a local variable and so never truncated), the detached tensor is the one carried forward; a test
 checks that the first segment's gradient is exactly zero.
+
+Batches may mix lengths: sequences are right-aligned (left-padded, ``attention_mask`` 0 on padding) so every
+question ends the last segment, as in the report's encoder code. A segment that is all padding for a sample
+passes that sample's memory through unchanged.
+
+The wrapper is a ``PreTrainedModel`` whose ``config.json`` holds the backbone's config, so ``save_pretrained``
+stores backbone and memory together and ``from_pretrained`` rebuilds both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from msrnn.errors import ConfigError
+from msrnn.rmt.config import RMTConfig
 
 
-@dataclass
-class RMTConfig:
-    num_memory_tokens: int = 16
-    segment_length: int = 512
-    bptt_depth: int = -1  # -1 = full BPTT; k >= 1 = only the last k segments are connected through memory
-
-    def __post_init__(self) -> None:
-        if self.num_memory_tokens < 1:
-            raise ConfigError("num_memory_tokens must be >= 1 (zero memory tokens is a plain segmented model)")
-        if self.segment_length < 1:
-            raise ConfigError("segment_length must be >= 1")
-        if self.bptt_depth == 0 or self.bptt_depth < -1:
-            raise ConfigError(f"bptt_depth must be -1 (full) or >= 1, got {self.bptt_depth}")
+def max_positions(config: Any) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-class MemoryWrapper(nn.Module):
-    def __init__(self, model: Any, config: RMTConfig) -> None:
-        super().__init__()
-        self.model, self.config = model, config
-        m, d = config.num_memory_tokens, model.config.hidden_size
+class MemoryWrapper(PreTrainedModel):
+    config_class = RMTConfig
+    base_model_prefix = "rmt"
+    _supports_sdpa = True
+
+    def __init__(self, config: RMTConfig, backbone: Any = None) -> None:
+        super().__init__(config)
+        if backbone is None:
+            from transformers import AutoModelForCausalLM
+
+            backbone = AutoModelForCausalLM.from_config(config.backbone_config())
+        m, d = config.num_memory_tokens, backbone.config.hidden_size
         span = config.segment_length + 2 * m
-        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if max_pos is not None and span > max_pos:
-            raise ConfigError(f"segment_length + 2 * num_memory_tokens = {span} exceeds the model's {max_pos} "
+        limit = max_positions(backbone.config)
+        if limit is not None and span > limit:
+            raise ConfigError(f"segment_length + 2 * num_memory_tokens = {span} exceeds the model's {limit} "
                               "positions; shorten the segment or use fewer memory tokens")
-        emb = model.get_input_embeddings().weight
+        config.backbone = backbone.config.to_dict()
+        self.model = backbone
+        emb = backbone.get_input_embeddings().weight
+        # The upstream init: memory rows on the scale of the token embeddings.
         self.memory = nn.Parameter(torch.randn(m, d) * emb.detach().float().std())
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Leave everything as built: the backbone is pretrained (or loaded), the memory set in ``__init__``."""
+
+    @classmethod
+    def wrap(cls, model: Any, num_memory_tokens: int = 16, segment_length: int = 512, bptt_depth: int = -1,
+             **config: Any) -> MemoryWrapper:
+        """Wrap a live HF causal LM (its weights are kept as they are)."""
+        from msrnn.models.loading import is_encoder_only
+
+        if is_encoder_only(model.config) or not hasattr(model, "get_output_embeddings") \
+                or model.get_output_embeddings() is None:
+            raise ConfigError(f"{type(model).__name__} is not a causal LM; the decoder RMT needs a next-token head "
+                              "(use MemoryEncoderClassifier for encoders such as BERT)")
+        rmt = RMTConfig(num_memory_tokens=num_memory_tokens, segment_length=segment_length, bptt_depth=bptt_depth,
+                        **config)
+        return cls(rmt, backbone=model)
 
     @property
     def m(self) -> int:
@@ -57,35 +82,103 @@ class MemoryWrapper(nn.Module):
     def initial_memory(self, batch_size: int) -> torch.Tensor:
         return self.memory[None].expand(batch_size, -1, -1)  # [B, m, d]
 
-    def cell(self, segment: torch.Tensor, memory: torch.Tensor, write: bool = True
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One segment [B, s] with memory [B, m, d] -> (logits [B, s, V], new memory [B, m, d] or None)."""
+    def cell(self, segment: torch.Tensor, memory: torch.Tensor, write: bool = True,
+             attention_mask: torch.Tensor | None = None, logits: bool = True
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """One segment [B, s] with memory [B, m, d] -> (logits [B, s, V] or None, new memory [B, m, d] or None,
+        final hidden states of the segment's tokens [B, s, d])."""
         emb = self.model.get_input_embeddings()(segment)  # [B, s, d]
         parts = [memory.to(emb.dtype), emb] + ([memory.to(emb.dtype)] if write else [])
         x = torch.cat(parts, dim=1)  # [B, m + s (+ m), d]
-        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-        out = self.model(inputs_embeds=x, position_ids=pos, output_hidden_states=write, use_cache=False)
-        logits = out.logits[:, self.m : self.m + segment.shape[1]]
-        return logits, (out.hidden_states[-1][:, -self.m :] if write else None)
+        B, m, s = x.shape[0], self.m, segment.shape[1]
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(B, -1)
+        kwargs: dict[str, Any] = {}
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(B, m)
+            kwargs["attention_mask"] = torch.cat([ones, attention_mask] + ([ones] if write else []), dim=1)
+        if not logits:
+            kwargs["logits_to_keep"] = 1  # the head is applied by the caller where it needs it
+        out = self.model(inputs_embeds=x, position_ids=pos, output_hidden_states=True, use_cache=False, **kwargs)
+        hidden = out.hidden_states[-1]  # [B, m + s (+ m), d], after the final norm
+        seg_logits = out.logits[:, m : m + s] if logits else None
+        return seg_logits, (hidden[:, -m:] if write else None), hidden[:, m : m + s]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                labels_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """All segments of input_ids [B, T]; LM loss over every token (or where ``labels_mask`` is true)."""
+    def _segments(self, T: int) -> tuple[int, int]:
+        """(number of segments, left padding) of a right-aligned sequence of T tokens."""
+        S = self.config.segment_length
+        n = max(1, (T + S - 1) // S)
+        return n, n * S - T
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, keep_logits: bool = True,
+            align: str = "left") -> dict[str, Any]:
+        """All segments of ``input_ids`` [B, T]. ``align='left'`` cuts from the start (the last segment may be
+        short: language modelling); ``'right'`` pads the front so the last segment ends the sequence (tasks).
+        Returns ``logits`` [B, T, V] (if kept), ``last_hidden`` [B, d] (the final token's) and ``memory``."""
         B, T = input_ids.shape
         S = self.config.segment_length
-        n = (T + S - 1) // S
+        if align == "right":
+            n, pad = self._segments(T)
+            if pad:
+                input_ids = F.pad(input_ids, (pad, 0))
+                mask = attention_mask if attention_mask is not None else input_ids.new_ones(B, T)
+                attention_mask = F.pad(mask, (pad, 0))
+        elif align == "left":
+            n, pad = self._segments(T)[0], 0
+        else:
+            raise ConfigError(f"align must be 'left' or 'right', got {align!r}")
         memory = self.initial_memory(B)
-        logits = []
+        logits, last_hidden = [], None
         for i in range(n):
-            if self.config.bptt_depth != -1 and i > 0 and i < n - self.config.bptt_depth + 1:
+            if self.config.bptt_depth != -1 and 0 < i < n - self.config.bptt_depth + 1:
                 memory = memory.detach()  # truncate: this segment's input memory carries no gradient back
-            seg_logits, memory = self.cell(input_ids[:, i * S : (i + 1) * S], memory, write=True)
-            logits.append(seg_logits)
-        out: dict[str, Any] = {"logits": torch.cat(logits, dim=1), "memory": memory}
+            seg = input_ids[:, i * S : (i + 1) * S]
+            seg_mask = None if attention_mask is None else attention_mask[:, i * S : (i + 1) * S]
+            if seg_mask is not None and bool(seg_mask.all()):
+                seg_mask = None
+            seg_logits, new_memory, hidden = self.cell(seg, memory, write=True, attention_mask=seg_mask,
+                                                       logits=keep_logits)
+            if seg_mask is not None:
+                # Samples with no tokens in this segment keep their memory: they have not started yet.
+                live = seg_mask.any(dim=1)[:, None, None]
+                new_memory = torch.where(live, new_memory, memory.to(new_memory.dtype))
+            memory = new_memory
+            last_hidden = hidden[:, -1]
+            if keep_logits:
+                logits.append(seg_logits)
+        out: dict[str, Any] = {"memory": memory, "last_hidden": last_hidden}
+        if keep_logits:
+            out["logits"] = torch.cat(logits, dim=1)[:, pad:]
+        return out
+
+    def final_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [B, V] after the last token of right-aligned sequences (task answers)."""
+        h = self.run(input_ids, attention_mask, keep_logits=False, align="right")["last_hidden"]
+        return self.model.get_output_embeddings()(h).float()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                labels_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+                ) -> dict[str, Any]:
+        """Language modelling over all segments (or, with ``labels_mask``, only where it is true: answer-only)."""
+        out = self.run(input_ids, attention_mask, keep_logits=True, align="left")
         if labels is not None:
             shift_logits = out["logits"][:, :-1].float()
             shift_labels = labels[:, 1:]
             mask = torch.ones_like(shift_labels, dtype=torch.bool) if labels_mask is None else labels_mask[:, 1:]
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, 1:].bool()
             nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none")  # [B, T-1]
             out["loss"] = (nll * mask).sum() / mask.sum().clamp(min=1)
         return out
+
+
+def register() -> None:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        AutoConfig.register("msrnn_rmt", RMTConfig)
+        AutoModel.register(RMTConfig, MemoryWrapper)
+    except ValueError:
+        pass  # already registered
+
+
+register()

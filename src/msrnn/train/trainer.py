@@ -82,6 +82,7 @@ class Trainer:
         save_extra: Callable[[Path], None] | None = None,
         progress: bool = True,
         accelerator: Any = None,
+        curriculum: Any = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -93,6 +94,9 @@ class Trainer:
         self.tokens_per_step = tokens_per_step
         self.save_extra = save_extra
         self.progress = progress
+        # Anything with update(step, record) -> dict, state_dict() and load_state_dict(): told every validation
+        # result and saved in every checkpoint (the segment curriculum of RMT training).
+        self.curriculum = curriculum
         mp = config.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -136,6 +140,7 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "history": self.history,
                     "config": self.config.to_dict(),
+                    "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
                     "rng": {
                         "python": random.getstate(),
                         "numpy": np.random.get_state(),
@@ -178,6 +183,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.history = list(state["history"])
+        if self.curriculum is not None and state.get("curriculum"):
+            self.curriculum.load_state_dict(state["curriculum"])
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -239,12 +246,20 @@ class Trainer:
                 record: dict[str, float] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     record.update(self._validate())
+                    if self.curriculum is not None:
+                        record.update(self.curriculum.update(self.step, record))
                 self.history.append(record)
                 elapsed = time.perf_counter() - t0
                 tps = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
-                info = f"loss {loss:.3f}  {tps:,.0f} tok/s"
+                # Variable-length training (the RMT curriculum) passes no token count: show steps/s instead.
+                rate = f"{tps:,.0f} tok/s" if tokens_per_step else f"{(self.step - start_step) / elapsed:.2f} step/s"
+                info = f"loss {loss:.3f}  {rate}"
                 if "val_loss" in record:
                     info += f"  val {record['val_loss']:.3f}"
+                if "val_acc" in record:
+                    info += f"  acc {record['val_acc']:.2f}"
+                if self.curriculum is not None:
+                    info += f"  seg {self.curriculum.stage}"
                 bar.update(task, completed=self.step, info=info)
                 if show and not err_console.is_terminal and self.step % max(1, cfg.max_steps // 20) == 0:
                     # Logs and CI have no live bar: a plain line every 5% instead.

@@ -1,0 +1,95 @@
+"""Accuracy on the memory tasks versus input length, the same for every family.
+
+A causal LM answers with the label whose first token gets the highest next-token logit after the question's
+"Answer:" prompt (the sample is streamed through the msrnn protocol, so KV eviction, SUPRA, BST and RMT are
+scored identically and their state is measured while they read). An encoder RMT classifier answers with its
+head. Samples of one length are generated from a fixed seed, so every family sees the same inputs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from msrnn.errors import ConfigError
+from msrnn.protocol import tensor_nbytes
+from msrnn.tasks.samples import TaskGenerator, TaskSample, collate
+from msrnn.ui import err_console
+
+
+@dataclass
+class TaskEvalConfig:
+    samples: int = 100
+    batch_size: int = 8
+    chunk_size: int = 512
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+
+def _is_classifier(model: Any) -> bool:
+    return getattr(getattr(model, "config", None), "backbone_kind", None) == "encoder"
+
+
+@torch.no_grad()
+def _answer_stream(lm: Any, batch: list[TaskSample], label_ids: list[int], chunk: int) -> tuple[list[int], int]:
+    ids = torch.tensor([s.input_ids for s in batch])  # [B, T]: one length per call
+    state = lm.init_state(len(batch))
+    peak, last = 0, None
+    for pos in range(0, ids.shape[1], chunk):
+        logits, state = lm.forward_chunk(ids[:, pos : pos + chunk], state)
+        last = logits[:, -1]
+        peak = max(peak, lm.state_nbytes(state))
+    del state
+    return last[:, label_ids].argmax(-1).tolist(), peak // len(batch)
+
+
+@torch.no_grad()
+def _answer_classifier(model: Any, batch: list[TaskSample]) -> tuple[list[int], int]:
+    out = model(**{k: v for k, v in collate(batch, model.config.pad_token_id or 0).items() if k != "labels"})
+    return out["logits"].argmax(-1).tolist(), tensor_nbytes(out["memory"][0])
+
+
+def evaluate_task(model: Any, generator: TaskGenerator, lengths: Sequence[int], cfg: TaskEvalConfig,
+                  samples: dict[int, list[TaskSample]] | None = None, progress: bool = False
+                  ) -> list[dict[str, Any]]:
+    """One row per length: tokens, accuracy, peak state bytes per sequence, seconds."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    classify = _is_classifier(model)
+    label_ids = None if classify else generator.label_token_ids()
+    rows = []
+    with Progress(TextColumn("[bold]task {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=not progress, console=err_console) as bar:
+        for n in lengths:
+            data = (samples or {}).get(n)
+            if data is None:
+                rng = random.Random(cfg.seed * 1_000_003 + n)
+                data = [generator.sample(n, rng) for _ in range(cfg.samples)]
+            job = bar.add_task(f"{n:,} tokens", total=len(data))
+            correct, peak, t0 = 0, 0, time.perf_counter()
+            for i in range(0, len(data), cfg.batch_size):
+                batch = data[i : i + cfg.batch_size]
+                if classify:
+                    pred, state = _answer_classifier(model, batch)
+                elif len({len(s.input_ids) for s in batch}) == 1:
+                    pred, state = _answer_stream(model, batch, label_ids, cfg.chunk_size)
+                else:  # a stream batch needs one length (BABILong files mix them): one sample at a time
+                    pred, state = [], 0
+                    for s in batch:
+                        p, b = _answer_stream(model, [s], label_ids, cfg.chunk_size)
+                        pred, state = pred + p, max(state, b)
+                correct += sum(p == s.label for p, s in zip(pred, batch, strict=True))
+                peak = max(peak, state)
+                bar.advance(job, len(batch))
+            rows.append({"tokens": n, "accuracy": correct / len(data), "samples": len(data),
+                         "peak_state_bytes": peak, "seconds": time.perf_counter() - t0})
+    return rows
