@@ -15,7 +15,7 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["tokenizer"], ["pretrain"], ["eval", "ppl"], ["eval", "task"],
-                                 ["generate"], ["train", "rmt"], ["train", "supra"]])
+                                 ["generate"], ["train", "rmt"], ["train", "supra"], ["train", "bst"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

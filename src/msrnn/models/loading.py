@@ -28,8 +28,8 @@ FAMILY_LOADERS: Registry[Callable[..., StatefulLM]] = Registry("model family")
 
 # model_type -> the module that registers it with transformers' Auto classes (imported only when needed).
 _MODEL_TYPE_MODULES = {"msrnn_supra": "msrnn.supra.modeling", "msrnn_rmt": "msrnn.rmt.wrapper",
-                       "msrnn_rmt_encoder": "msrnn.rmt.encoder"}
-_MODEL_TYPE_FAMILY = {"msrnn_supra": "supra", "msrnn_rmt": "rmt", "msrnn_rmt_encoder": "rmt"}
+                       "msrnn_rmt_encoder": "msrnn.rmt.encoder", "msrnn_bst": "msrnn.bst.modeling"}
+_MODEL_TYPE_FAMILY = {"msrnn_supra": "supra", "msrnn_rmt": "rmt", "msrnn_rmt_encoder": "rmt", "msrnn_bst": "bst"}
 
 
 def is_encoder_only(config: Any) -> bool:
@@ -143,6 +143,7 @@ def _load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 FAMILY_LOADERS.add("supra", _lazy("msrnn.supra.lm:load_supra"), "SUPRA linear-attention RNN (constant state)")
 FAMILY_LOADERS.add("rmt", _lazy("msrnn.rmt.lm:load_rmt"), "Recurrent Memory Transformer (memory tokens)")
+FAMILY_LOADERS.add("bst", _lazy("msrnn.bst.lm:load_bst"), "Block-State Transformer (SSM + block attention)")
 
 
 def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

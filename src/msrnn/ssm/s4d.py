@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from msrnn.errors import ConfigError
+from msrnn.ssm.conv import causal_fft_conv
 
 
 class S4DKernel(nn.Module):
@@ -116,10 +117,7 @@ def fft_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
     L = u.shape[-1]
     with torch.autocast(device_type=u.device.type, enabled=False):
         uf = u.float()
-        K = ssm.kernel(L)
-        n = 2 * L  # linear (not circular) convolution
-        y = torch.fft.irfft(torch.fft.rfft(uf, n=n) * torch.fft.rfft(K, n=n), n=n)[..., :L]
-        return _finish(ssm, uf, y, state, u.dtype)
+        return _finish(ssm, uf, causal_fft_conv(uf, ssm.kernel(L)), state, u.dtype)
 
 
 def direct_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None

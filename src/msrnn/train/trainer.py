@@ -175,7 +175,8 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         # Tied weights are saved once; anything else missing means the checkpoint does not fit this model.
-        missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and "lm_head" not in k]
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        missing = [k for k in missing if k not in tied and "lm_head" not in k]
         if missing or unexpected:
             raise ModelLoadError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}); resume with the same --preset")

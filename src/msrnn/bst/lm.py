@@ -1,0 +1,33 @@
+"""A BST model as a StatefulLM: the state is the SSM states plus the current block's keys and values (and the
+previous block's for SLIDE), constant however long the stream; only the ``full`` baseline grows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from msrnn.bst.modeling import BSTForCausalLM
+from msrnn.protocol import check_chunk, tensor_nbytes
+
+
+class BSTLM:
+    def __init__(self, model: BSTForCausalLM, tokenizer: Any = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.vocab_size = model.config.vocab_size
+
+    def init_state(self, batch_size: int) -> dict[str, Any]:
+        return self.model.init_state(batch_size)
+
+    def forward_chunk(self, input_ids: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        check_chunk(input_ids, len(state["layers"][0]["k"]))
+        return self.model.step(input_ids.to(self.model.embed_tokens.weight.device), state).float(), state
+
+    def state_nbytes(self, state: dict[str, Any]) -> int:
+        return tensor_nbytes(state["layers"])
+
+
+def load_bst(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **_: Any) -> BSTLM:
+    from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for
+
+    return BSTLM(load_hf_causal_lm(spec, device=device, dtype=dtype), load_tokenizer_for(spec))

@@ -1,0 +1,106 @@
+"""Block-State Transformer language model (Fathi et al., 2023), with the SLIDE and full-attention baselines.
+
+There is no official code; this follows the paper's appendix pseudocode with its two bugs fixed (the FFT runs
+over time, and torch's irfft normalises). Deviations from BRECT's vertical cell, which BST reuses: standard
+scaled dot-product attention with rotary positions instead of L2-normalised keys with learned scales and T5
+relative biases; SwiGLU FFN and RMSNorm (Llama style) instead of the meliad MLP and LayerNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from msrnn.bst.config import BSTConfig
+from msrnn.bst.layers import BSTLayer
+
+
+class BSTForCausalLM(PreTrainedModel):
+    config_class = BSTConfig
+    base_model_prefix = "bst"
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+    main_input_name = "input_ids"
+
+    def __init__(self, config: BSTConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BSTLayer(config, i in config.ssm_layers) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear) and not getattr(module, "_keep_init", False):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    @property
+    def block(self) -> int | None:
+        """Tokens per block; None for full attention (one block that never ends)."""
+        return None if self.config.variant == "full" else self.config.block_size
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_: Any) -> CausalLMOutput:
+        """Parallel form: the sequence is padded at the end to whole blocks (causal, so padding changes nothing
+        before it), all blocks run at once and the SSM convolves the whole sequence by FFT."""
+        B, L = input_ids.shape
+        W = self.block or L
+        pad = (-L) % W
+        x = self.embed_tokens(F.pad(input_ids, (0, pad)))
+        for layer in self.layers:
+            x = layer(x, W)
+        logits = self.lm_head(self.norm(x[:, :L]))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    # ------------------------------------------------------------------ streaming
+    def init_state(self, batch_size: int) -> dict[str, Any]:
+        device = self.embed_tokens.weight.device
+        return {"pos": 0, "layers": [layer.init_state(batch_size, device) for layer in self.layers]}
+
+    def step(self, input_ids: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Any number of tokens -> logits [B, T, V]; the chunk is cut at block boundaries."""
+        W = self.block
+        outs, i = [], 0
+        while i < input_ids.shape[1]:
+            offset = state["pos"] % W if W else state["pos"]
+            take = input_ids.shape[1] - i if W is None else min(W - offset, input_ids.shape[1] - i)
+            x = self.embed_tokens(input_ids[:, i : i + take])
+            for layer, ls in zip(self.layers, state["layers"], strict=True):
+                x = layer.step(x, ls, state["pos"], offset, W)
+            outs.append(self.lm_head(self.norm(x)))
+            state["pos"] += take
+            i += take
+        return torch.cat(outs, dim=1)
+
+
+def register() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("msrnn_bst", BSTConfig)
+        AutoModelForCausalLM.register(BSTConfig, BSTForCausalLM)
+    except ValueError:
+        pass  # already registered
+
+
+register()

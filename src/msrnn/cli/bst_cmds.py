@@ -1,0 +1,61 @@
+"""``msrnn train bst``: train a Block-State Transformer (or its SLIDE / full-attention baselines) from scratch."""
+
+from __future__ import annotations
+
+import argparse
+
+from msrnn.cli.common import emit, positive_int, resolve_device
+from msrnn.cli.training import add_training_flags, check_out, summary, train_config
+
+
+def add_train_bst(ts: argparse._SubParsersAction) -> None:
+    p = ts.add_parser("bst", help="train a Block-State Transformer (sh|mh|mf) or a SLIDE / full baseline",
+                      description="Build a BST language model at the size of --preset (hidden size, layers, heads, "
+                                  "FFN) and train it on --data with the shared trainer. The SSM sublayer sits at "
+                                  "--ssm-layers; the other layers attend within their block of --block-size tokens.")
+    p.add_argument("--variant", default="sh", help="sh | mh | mf | slide | full (default sh)")
+    p.add_argument("--kernel", default="s4", help="s4 (structured, any length) | unstruct (explicit taps)")
+    p.add_argument("--preset", default="small", help="size preset: tiny | small | base (default small)")
+    p.add_argument("--block-size", type=positive_int, default=None, help="W (default seq-len / 8)")
+    p.add_argument("--state-size", type=int, default=16, help="S4D state size N, even (default 16)")
+    p.add_argument("--mf-states", type=positive_int, default=8, help="MF: number of filters/context states")
+    p.add_argument("--ssm-layers", default=None, help="comma-separated layer indices (default: the middle one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the cached stdlib BPE)")
+    p.add_argument("--vocab-size", type=positive_int, default=4096)
+    add_training_flags(p, max_steps=400, lr=2e-3, warmup_steps=30, eval_every=100, save_every=100)
+    p.set_defaults(func=run_train_bst)
+
+
+def run_train_bst(args: argparse.Namespace) -> int:
+    import torch
+
+    from msrnn.bst import BSTConfig, BSTForCausalLM
+    from msrnn.errors import ConfigError
+    from msrnn.models.presets import PRESETS
+    from msrnn.train.pretrain import PretrainConfig, ensure_tokenizer, train_lm
+
+    out = check_out(args)
+    preset = PRESETS.get(args.preset)()
+    try:
+        layers = [int(x) for x in args.ssm_layers.split(",")] if args.ssm_layers else None
+    except ValueError:
+        raise ConfigError("--ssm-layers takes comma-separated layer indices, e.g. 1,3") from None
+    W = args.block_size or max(1, args.seq_len // 8)
+    tokenizer = ensure_tokenizer(args.data, args.vocab_size, args.tokenizer)
+    cfg = BSTConfig(vocab_size=len(tokenizer), hidden_size=preset.hidden_size, num_hidden_layers=preset.num_layers,
+                    num_attention_heads=preset.num_heads, intermediate_size=preset.intermediate_size, block_size=W,
+                    variant=args.variant, kernel=args.kernel, state_size=args.state_size, mf_states=args.mf_states,
+                    ssm_layers=layers, filter_length=args.seq_len, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = BSTForCausalLM(cfg).to(resolve_device("auto"))
+    data = PretrainConfig(preset=args.preset, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                          repeat_fraction=args.repeat_fraction)
+    meta = {"family": "bst", "name": cfg.name, "variant": args.variant, "kernel": args.kernel,
+            "block_size": W, "train_length": args.seq_len}
+    trainer, result = train_lm(model, tokenizer, data, train_config(args), out, meta, resume=args.resume,
+                               progress=not args.quiet)
+    res = summary(out, trainer, result)
+    res.update({"model": cfg.name, "params": sum(p.numel() for p in model.parameters()), "block_size": W})
+    return emit(args, "train bst", res)

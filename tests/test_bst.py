@@ -1,0 +1,141 @@
+"""Block-State Transformer: streaming equals the parallel forward for every variant, context flows where each
+variant says it does, the state is constant, save/load round-trips, bad configs get clear errors."""
+
+import pytest
+import torch
+from helpers import assert_close
+
+from msrnn.bst import BSTLM, BSTConfig, BSTForCausalLM
+from msrnn.errors import ConfigError
+from msrnn.protocol import stream_logits
+
+V = 97
+CASES = [("sh", "s4"), ("mh", "s4"), ("mf", "s4"), ("sh", "unstruct"), ("mf", "unstruct"), ("slide", "s4"),
+         ("full", "s4")]
+
+
+def make(variant="sh", kernel="s4", W=8, layers=2, ssm_layers=(0,), seed=0):
+    torch.manual_seed(seed)
+    cfg = BSTConfig(vocab_size=V, hidden_size=60, num_hidden_layers=layers, num_attention_heads=3,
+                    intermediate_size=64, block_size=W, variant=variant, kernel=kernel, state_size=6, mf_states=3,
+                    filter_length=20, ssm_layers=list(ssm_layers))
+    return BSTForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("variant,kernel", CASES)
+@pytest.mark.parametrize("chunk", [1, 5, 8, 63])
+def test_streaming_equals_parallel_at_odd_lengths(variant, kernel, chunk):
+    m = make(variant, kernel)
+    x = torch.randint(0, V, (2, 63))  # W = 8 does not divide 63: the parallel form pads
+    with torch.no_grad():
+        assert_close(f"{variant}:{kernel} chunk {chunk}", m(x).logits, stream_logits(BSTLM(m), x, chunk), atol=1e-5)
+
+
+def test_block_larger_than_the_sequence():
+    m = make("sh", W=64)
+    x = torch.randint(0, V, (1, 9))
+    with torch.no_grad():
+        assert_close("W > L", m(x).logits, stream_logits(BSTLM(m), x, 2), atol=1e-5)
+
+
+def _influence(m, src, dst, T=48):
+    """Does changing token `src` change the logits at `dst`?"""
+    x = torch.randint(0, V, (1, T))
+    y = x.clone()
+    y[0, src] = (x[0, src] + 1) % V
+    with torch.no_grad():
+        return not torch.allclose(m(x).logits[0, dst], m(y).logits[0, dst], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
+def test_the_ssm_carries_context_across_blocks(variant):
+    m = make(variant, W=8)
+    assert _influence(m, 0, 47)  # block 0 reaches block 5 only through the SSM's context states
+    assert not _influence(m, 20, 19)  # and nothing flows backwards
+
+
+def test_slide_sees_one_block_back_per_layer_and_no_further():
+    m = make("slide", W=8, layers=2)
+    assert _influence(m, 0, 23)  # block 2: two layers x one block back
+    assert not _influence(m, 0, 24)  # block 3 is out of reach without an SSM
+
+
+def test_unstructured_filter_forgets_beyond_its_taps():
+    m = make("sh", "unstruct", W=8, layers=1)  # one layer: context beyond the block comes only from the filter
+    assert _influence(m, 0, 19)  # 19 < filter_length = 20
+    assert not _influence(m, 0, 40)
+
+
+@pytest.mark.parametrize("variant,grows", [("sh", False), ("mf", False), ("slide", False), ("full", True)])
+def test_state_bytes_constant_except_full_attention(variant, grows):
+    lm = BSTLM(make(variant, W=8))
+    state, sizes = lm.init_state(1), []
+    with torch.no_grad():
+        for _ in range(12):
+            _, state = lm.forward_chunk(torch.randint(0, V, (1, 8)), state)
+            sizes.append(lm.state_nbytes(state))
+    assert (sizes[-1] > sizes[0]) == grows
+    if not grows:
+        assert len(set(sizes[1:])) == 1
+
+
+def test_ssm_runs_in_fp32_under_bf16_autocast():
+    m = make("sh")
+    layer = m.layers[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer.ssm.conv(torch.randn(1, 16, 60))
+        out = m(torch.randint(0, V, (1, 16))).logits
+    assert y.dtype == torch.float32 and torch.isfinite(out.float()).all()
+
+
+def test_save_load_round_trip(tmp_path, task_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from msrnn.models import load_lm
+
+    m = make("mf")
+    m.save_pretrained(tmp_path / "bst")
+    task_tokenizer.save_pretrained(str(tmp_path / "bst"))
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "bst").eval()
+    x = torch.randint(0, V, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, m2(x).logits)
+        lm = load_lm(tmp_path / "bst")
+        assert isinstance(lm, BSTLM)
+        assert_close("loaded stream", m(x).logits, stream_logits(lm, x, 7), atol=1e-5)
+    assert m2.lm_head.weight.data_ptr() == m2.embed_tokens.weight.data_ptr()  # tied after loading
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"state_size": 7}, "state_size must be an even"),
+    ({"ssm_dtype": "float16"}, "run in float32"),
+    ({"variant": "xl"}, "unknown BST variant"),
+    ({"kernel": "fourier"}, "unknown SSM kernel"),
+    ({"hidden_size": 62}, "not divisible"),
+    ({"ssm_layers": [9]}, "ssm_layers"),
+    ({"block_size": 0}, "block_size"),
+])
+def test_bad_configs(kwargs, msg):
+    with pytest.raises(ConfigError, match=msg):
+        BSTConfig(**{"num_attention_heads": 4, **kwargs})
+
+
+def test_train_bst_cli_and_eval_ppl_any_chunk_size(tmp_path, tiny_corpus, capsys):
+    import json
+
+    from msrnn.cli.main import main
+
+    out = tmp_path / "bst"
+    rc = main(["train", "bst", "--variant", "sh", "--preset", "tiny", "--data", str(tiny_corpus), "--vocab-size",
+               "320", "--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
+               "--save-every", "0", "--out", str(out), "--json", "--quiet"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "BST:SH:S4"
+    ppl = []
+    for chunk in ("1", "7", "64"):
+        assert main(["eval", "ppl", "--model", str(out), "--data", str(tiny_corpus), "--chunk-size", chunk,
+                     "--max-tokens", "64", "--max-docs", "2", "--json", "--quiet"]) == 0
+        ppl.append(json.loads(capsys.readouterr().out)["ppl"])
+    assert max(ppl) - min(ppl) < 1e-3 * ppl[0]
+    assert main(["train", "bst", "--variant", "xl", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "unknown BST variant" in capsys.readouterr().err
