@@ -8,9 +8,9 @@ from msrnn.errors import ConfigError
 from msrnn.ssm import S4DKernel, direct_conv, fft_conv, recurrent_scan
 
 
-def make(H=6, N=16, chunk=4, seed=0):
+def make(H=6, N=16, seed=0):
     torch.manual_seed(seed)
-    return S4DKernel(H, state_size=N, channel_chunk=chunk)
+    return S4DKernel(H, state_size=N)
 
 
 @pytest.mark.parametrize("L", [1, 63, 100])
@@ -36,10 +36,10 @@ def test_split_stream_equals_one_pass():
     assert_close("split state", torch.view_as_real(s), torch.view_as_real(s2), atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_chunking_does_not_change_the_kernel():
-    a, b = make(chunk=1), make(chunk=64)
-    b.load_state_dict(a.state_dict())
-    assert_close("kernel", a.kernel(300), b.kernel(300), atol=1e-6)
+@pytest.mark.parametrize("L", [1, 7, 300, 1000])
+def test_split_power_kernel_equals_the_vandermonde_reference(L):
+    ssm = make()
+    assert_close(f"kernel L={L}", ssm.kernel_reference(L), ssm.kernel(L), atol=1e-5, rtol=1e-4)
 
 
 def test_gradients_agree_fft_vs_direct():

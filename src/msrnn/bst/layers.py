@@ -83,11 +83,14 @@ class ContextSSM(nn.Module):
             self.init_context = nn.Parameter(torch.randn(cfg.mf_states, d) * 0.02)
             self.context_ids = nn.Parameter(torch.randn(cfg.mf_states, d) * 0.02)
 
-    def conv(self, u: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """u [B, T, d] -> (y [B, rep, T, d] fp32, new SSM state)."""
+    def conv(self, u: torch.Tensor, state: Any = None, streaming: bool = True) -> tuple[torch.Tensor, Any]:
+        """u [B, T, d] -> (y [B, rep, T, d] fp32, new SSM state; None when not ``streaming``)."""
         B, T, d = u.shape
         x = u.float().transpose(1, 2).repeat(1, self.rep, 1)  # [B, rep*d, T]
-        y, state = (fft_conv if self.cfg.kernel == "s4" else fir_conv)(x, self.kernel, state)
+        if self.cfg.kernel == "s4":
+            y, state = fft_conv(x, self.kernel, state, want_state=streaming)
+        else:
+            y, state = fir_conv(x, self.kernel, state)
         return y.view(B, self.rep, d, T).transpose(2, 3), state  # [B, rep, T, d]
 
     def lift(self, y: torch.Tensor) -> torch.Tensor:
@@ -167,7 +170,7 @@ class BSTLayer(nn.Module):
         sa = merge(sa.view(B, nb, h, W, dh).transpose(1, 2).reshape(B, h, L, dh))
         ca = None
         if self.has_ssm:
-            y, _ = self.ssm.conv(hn)  # [B, rep, L, d]
+            y, _ = self.ssm.conv(hn, streaming=False)  # [B, rep, L, d]
             q2 = blocks(heads(self.q2(hn), h))
             if self.cfg.variant == "mf":
                 ends = y[:, :, W - 1 :: W]  # [B, S, nb, d]: outputs at each block's last position

@@ -59,3 +59,55 @@ def run_train_bst(args: argparse.Namespace) -> int:
     res = summary(out, trainer, result)
     res.update({"model": cfg.name, "params": sum(p.numel() for p in model.parameters()), "block_size": W})
     return emit(args, "train bst", res)
+
+
+def add_bench_bst(bs: argparse._SubParsersAction) -> None:
+    from msrnn.cli.common import add_output_flags
+
+    p = bs.add_parser("bst", help="S4D by FFT vs recurrent scan; BST layer vs full attention vs block-sequential")
+    p.add_argument("--ssm-lengths", default="4096,16384,65536")
+    p.add_argument("--layer-lengths", default="1024,2048,4096,8192,16384")
+    p.add_argument("--channels", type=positive_int, default=256, help="SSM channels (= model width)")
+    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS-versus-L subprocess runs")
+    p.add_argument("--out", default=None, help="write results.json here")
+    add_output_flags(p)
+    p.set_defaults(func=run_bench_bst)
+
+
+def run_bench_bst(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from msrnn.bench.bst import bench_layers, bench_memory, bench_ssm
+    from msrnn.cli.rmt_cmds import _int_list
+    from msrnn.io import write_json
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    ssm_lengths = _int_list(args.ssm_lengths, "--ssm-lengths")
+    layer_lengths = _int_list(args.layer_lengths, "--layer-lengths")
+    with err_console.status("timing the S4D layer: FFT vs recurrent scan"):
+        ssm = bench_ssm(ssm_lengths, channels=args.channels, rounds=args.rounds)
+    with err_console.status("timing one layer: BST vs full attention vs block-sequential"):
+        layers = bench_layers(layer_lengths, d=args.channels, W=args.block_size, rounds=args.rounds)
+    memory = None
+    if not args.no_memory and sys.platform.startswith("linux"):
+        with err_console.status("peak RSS per layer forward, one fresh process per length"):
+            memory = bench_memory(layer_lengths, d=args.channels, W=args.block_size)
+    result = {"ssm": ssm, "layers": layers, "memory": memory, "channels": args.channels, "block": args.block_size}
+    if args.out:
+        write_json(Path(args.out) / "results.json", result)
+    if args.json:
+        print_json(result)
+        return 0
+    cols = ["L", "fft ms", "scan ms", "scan / fft"]
+    out_console.print(table(f"S4D, 1 x {args.channels} channels, N=16", cols, [[r.get(c, "-") for c in cols]
+                                                                              for r in ssm]))
+    cols = ["L", "bst ms", "full attn ms", "block-sequential ms", "full / bst", "sequential / bst"]
+    out_console.print(table(f"one layer, d={args.channels}, W={args.block_size}", cols,
+                            [[r.get(c, "-") for c in cols] for r in layers]))
+    if memory:
+        out_console.print(table("peak RSS growth of one forward (MiB)", ["L", "bst MiB", "full attn MiB"],
+                                [[r["L"], r["bst MiB"], r["full attn MiB"]] for r in memory]))
+    return 0

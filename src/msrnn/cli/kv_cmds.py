@@ -61,6 +61,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
     add_bench_supra(bs)
     add_bench_stream(bs)
+    from msrnn.cli.bst_cmds import add_bench_bst
+
+    add_bench_bst(bs)
     c = bs.add_parser("costs", help="analytic FLOPs and state bytes vs length for every family (no timing)")
     c.add_argument("--model", default=None, help="model directory to read the architecture from")
     c.add_argument("--preset", default="small", help="architecture preset when --model is not given")

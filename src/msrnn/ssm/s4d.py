@@ -10,8 +10,9 @@ Per channel h, with N/2 complex modes (conjugate pairs folded into ``2 Re``), ze
 Three forms of one function, tested against each other: :func:`direct_conv` (the readable reference),
 :func:`fft_conv` (rfft padded to 2L, fp32, normalised by torch's irfft -- the BST appendix pseudocode forgets
 both the axis and the 1/n), and :func:`recurrent_scan` (the step used for streaming). Each takes a carried state
-and returns the final one, so long streams can be cut anywhere. Kernels are generated ``channel_chunk`` channels
-at a time so memory is O(chunk * N * L), not O(H * N * L).
+and returns the final one, so long streams can be cut anywhere. The fast path never builds the O(H * N * L)
+Vandermonde tensor: powers of Abar are split as Abar^(jc + i) = Abar^(jc) Abar^i and contracted by matmuls
+(:func:`split_powers`); the reference path builds it.
 """
 
 from __future__ import annotations
@@ -25,17 +26,30 @@ from msrnn.errors import ConfigError
 from msrnn.ssm.conv import causal_fft_conv
 
 
+def split_powers(log_abar: torch.Tensor, length: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Abar^(offset + j*c + i) = Q[..., j] * P[..., i] for l = j*c + i < length, with c ~ sqrt(length).
+
+    Both factors are small (O(H N sqrt L) complex exps instead of O(H N L)), and contracting them with a
+    matmul never materialises the [H, N/2, L] Vandermonde tensor: kernel generation and the final state cost
+    O(H L N) multiply-adds in BLAS. Each factor is one exp of an exact exponent, so no error accumulates."""
+    c = max(1, math.isqrt(max(length, 1)))
+    J = -(-length // c)
+    dev = log_abar.device
+    P = torch.exp(log_abar[..., None] * torch.arange(c, device=dev, dtype=torch.float32))  # [..., c]
+    Q = torch.exp(log_abar[..., None] * (offset + c * torch.arange(J, device=dev, dtype=torch.float32)))  # [..., J]
+    return P, Q
+
+
 class S4DKernel(nn.Module):
     """Parameters of H independent diagonal SSMs and their convolution kernels."""
 
-    def __init__(self, channels: int, state_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
-                 channel_chunk: int = 64) -> None:
+    def __init__(self, channels: int, state_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
         super().__init__()
         if state_size < 2 or state_size % 2:
             raise ConfigError(f"state_size must be an even number >= 2 (complex conjugate pairs), got {state_size}")
         if not 0 < dt_min < dt_max:
             raise ConfigError("need 0 < dt_min < dt_max")
-        self.channels, self.modes, self.channel_chunk = channels, state_size // 2, channel_chunk
+        self.channels, self.modes = channels, state_size // 2
         log_dt = torch.rand(channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_dt = nn.Parameter(log_dt)
         self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, self.modes, dtype=torch.cfloat) * 0.5**0.5))
@@ -53,16 +67,17 @@ class S4DKernel(nn.Module):
             return Abar, Bbar, torch.view_as_complex(self.C.float().contiguous())
 
     def kernel(self, length: int) -> torch.Tensor:
-        """K [H, L] fp32, generated channel_chunk channels at a time."""
+        """K [H, L] fp32: K_l = 2 Re(sum_n C Bbar Abar^l), by the split-power matmul."""
         Abar, Bbar, C = self.discrete()
-        steps = torch.arange(length, device=Abar.device, dtype=torch.float32)
-        log_abar = Abar.log()  # [H, N/2]: Abar^l = exp(l log Abar)
-        out = []
-        for s in range(0, self.channels, self.channel_chunk):
-            sl = slice(s, s + self.channel_chunk)
-            vander = torch.exp(log_abar[sl, :, None] * steps)  # [h, N/2, L]
-            out.append(2 * torch.einsum("hn,hnl->hl", C[sl] * Bbar[sl], vander).real)
-        return torch.cat(out)
+        P, Q = split_powers(Abar.log(), length)  # [H, N/2, c], [H, N/2, J]
+        K = torch.matmul((C * Bbar)[:, :, None].mul(Q).transpose(1, 2), P)  # [H, J, c]
+        return 2 * K.real.reshape(self.channels, -1)[:, :length]
+
+    def kernel_reference(self, length: int) -> torch.Tensor:
+        """The same kernel from the explicit [H, N/2, L] Vandermonde tensor (readable, memory-hungry)."""
+        Abar, Bbar, C = self.discrete()
+        vander = torch.exp(Abar.log()[:, :, None] * torch.arange(length, dtype=torch.float32))  # [H, N/2, L]
+        return 2 * torch.einsum("hn,hnl->hl", C * Bbar, vander).real
 
     def zero_state(self, batch: int, device=None) -> torch.Tensor:
         return torch.zeros(batch, self.channels, self.modes, dtype=torch.cfloat, device=device)
@@ -78,46 +93,46 @@ def _state_contribution(ssm: S4DKernel, state: torch.Tensor | None, length: int)
     if state is None:
         return None
     Abar, _, C = ssm.discrete()
-    steps = torch.arange(1, length + 1, device=Abar.device, dtype=torch.float32)
-    vander = torch.exp(Abar.log()[:, :, None] * steps)  # [H, N/2, L]
-    return 2 * torch.einsum("bhn,hn,hnl->bhl", state, C, vander).real
+    P, Q = split_powers(Abar.log(), length, offset=1)  # Abar^(1 + j c + i)
+    sq = (state * C)[..., None] * Q  # [B, H, N/2, J]
+    y = torch.matmul(sq.transpose(2, 3), P)  # [B, H, J, c]
+    return 2 * y.real.reshape(*state.shape[:2], -1)[..., :length]
 
 
 def _final_state(ssm: S4DKernel, u: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-    """x_L = Abar^L x0 + sum_l Abar^(L-1-l) Bbar u_l, [B, H, N/2] complex64 (chunked over channels)."""
+    """x_L = Abar^L x0 + sum_m Abar^m Bbar u_(L-1-m), [B, H, N/2] complex64 (split powers over m)."""
     Abar, Bbar, _ = ssm.discrete()
-    L = u.shape[-1]
-    steps = torch.arange(L - 1, -1, -1, device=u.device, dtype=torch.float32)
+    B, H, L = u.shape
     log_abar = Abar.log()
-    parts = []
-    for s in range(0, ssm.channels, ssm.channel_chunk):
-        sl = slice(s, s + ssm.channel_chunk)
-        vander = torch.exp(log_abar[sl, :, None] * steps) * Bbar[sl, :, None]  # [h, N/2, L]
-        parts.append(torch.einsum("bhl,hnl->bhn", u[:, sl].to(torch.cfloat), vander))
-    x = torch.cat(parts, dim=1)
+    P, Q = split_powers(log_abar, L)  # [H, N/2, c], [H, N/2, J]
+    c, J = P.shape[-1], Q.shape[-1]
+    rev = torch.nn.functional.pad(u.flip(-1), (0, c * J - L))  # u_(L-1-m), zero past the start
+    inner = torch.matmul(rev.view(B, H, J, c).to(torch.cfloat), P.transpose(1, 2))  # [B, H, J, N/2]
+    x = Bbar * (inner * Q.transpose(1, 2)).sum(2)  # [B, H, N/2]
     if state is not None:
         x = x + state * torch.exp(log_abar * L)
     return x
 
 
 def _finish(ssm: S4DKernel, uf: torch.Tensor, conv: torch.Tensor, state: torch.Tensor | None,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            dtype: torch.dtype, want_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Add the D skip and the carried state's contribution to a convolution; compute the final state."""
     y = conv + uf * ssm.D.float()[:, None]
     extra = _state_contribution(ssm, state, uf.shape[-1])
     if extra is not None:
         y = y + extra
-    return y.to(dtype), _final_state(ssm, uf, state)
+    return y.to(dtype), (_final_state(ssm, uf, state) if want_state else None)
 
 
-def fft_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """u [B, H, L] -> (y [B, H, L] in u's dtype, final state). FFT over time, padded to 2L, in fp32."""
+def fft_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None, want_state: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """u [B, H, L] -> (y [B, H, L] in u's dtype, final state or None when ``want_state`` is false: a parallel
+    forward over a whole sequence has no use for it). FFT over time, padded to 2L, in fp32."""
     _check(u, ssm)
     L = u.shape[-1]
     with torch.autocast(device_type=u.device.type, enabled=False):
         uf = u.float()
-        return _finish(ssm, uf, causal_fft_conv(uf, ssm.kernel(L)), state, u.dtype)
+        return _finish(ssm, uf, causal_fft_conv(uf, ssm.kernel(L)), state, u.dtype, want_state)
 
 
 def direct_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
@@ -126,7 +141,7 @@ def direct_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = No
     _check(u, ssm)
     L = u.shape[-1]
     uf = u.float()
-    K = ssm.kernel(L)  # [H, L]
+    K = ssm.kernel_reference(L)  # [H, L]
     idx = torch.arange(L)
     lag = idx[:, None] - idx[None, :]  # [L, L] t - s
     toeplitz = torch.where(lag >= 0, K[:, lag.clamp(min=0)], 0.0)  # [H, L, L]
