@@ -52,9 +52,9 @@ def bench_layers(lengths: list[int], d: int = 256, heads: int = 4, W: int = 128,
         x = torch.randn(1, L, d)
         row: dict[str, Any] = {"L": L}
         row["bst ms"] = 1e3 * median_time(lambda x=x: bst(x, W), rounds)
-        row["full attn ms"] = 1e3 * median_time(lambda x=x: full(x, L), rounds)
+        row["full attn ms"] = 1e3 * median_time(lambda x=x, L=L: full(x, L), rounds)
 
-        def sequential(x=x) -> None:
+        def sequential(x: torch.Tensor = x, L: int = L) -> None:
             state = bst.init_state(1, x.device)
             for s in range(0, L, W):
                 bst.step(x[:, s : s + W], state, s, 0, W)
