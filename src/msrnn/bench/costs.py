@@ -54,8 +54,8 @@ class Arch:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value
 
 
-def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 64, ssm_state: int = 64,
-          segment: int = 512, memory: int = 16, score_row: bool = True) -> dict[str, float]:
+def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 64, ssm_state: int = 16,
+          segment: int = 512, memory: int = 16, score_row: bool = True, ssm_layers: int = 1) -> dict[str, float]:
     """{"flops": forward FLOPs for the whole stream, "state_bytes": state held after it}."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
@@ -80,12 +80,17 @@ def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 
         return {"flops": dense + a.layers * (phi + rec) * L,
                 "state_bytes": a.layers * a.heads * a.head_dim * a.head_dim * 4}
     if family == "bst":
+        # BST:SH as msrnn.bst builds it: the SSM and the cross-attention only in `ssm_layers` layers, multi-head
+        # (not grouped) attention, within-block attention everywhere. State at its peak, one token short of a
+        # full block: every layer's block keys/values, plus the SSM layers' complex64 state and context K/V.
         n_fft = 2 * L
-        ssm = a.layers * (a.d * 5 * n_fft * math.log2(max(n_fft, 2)) + 2 * a.d * ssm_state * L)
+        ssm = ssm_layers * (a.d * 5 * n_fft * math.log2(max(n_fft, 2)) + 2 * a.d * ssm_state * L)
         within = L * (block + 1) / 2  # causal attention inside blocks (average)
-        cross = L * block  # every token attends to `block` context states
-        state = a.layers * (a.d * (ssm_state // 2) * 8 + 2 * a.kv_heads * a.head_dim * block * a.bytes_per_value)
-        return {"flops": dense + ssm + a.layers * attn_unit * (within + cross), "state_bytes": state}
+        cross = L * (block + 1) / 2  # SH: causal cross-attention to the block's own context states
+        kv_block = 2 * a.heads * a.head_dim * (block - 1) * a.bytes_per_value
+        state = a.layers * kv_block + ssm_layers * (a.d * (ssm_state // 2) * 8 + kv_block)
+        return {"flops": dense + ssm + a.layers * attn_unit * within + ssm_layers * attn_unit * cross,
+                "state_bytes": state}
     seg = segment + 2 * memory
     n_seg = math.ceil(L / segment)
     per_seg = a.dense_flops_per_token() * seg + a.layers * attn_unit * seg * (seg + 1) / 2
