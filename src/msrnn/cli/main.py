@@ -9,7 +9,7 @@ from msrnn import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from msrnn.cli import bst_cmds, demo, eval_cmds, kv_cmds, rmt_cmds, supra_cmds, train_cmds
+    from msrnn.cli import bst_cmds, compare_cmds, demo, eval_cmds, kv_cmds, rmt_cmds, supra_cmds, train_cmds
 
     p = argparse.ArgumentParser(prog="msrnn", description="Transformers as bounded-state recurrent models.")
     p.add_argument("--version", action="version", version=f"msrnn {__version__}")
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     rmt_cmds.add_train_rmt(ts)
     bst_cmds.add_train_bst(ts)
     kv_cmds.add_bench(sub)
+    compare_cmds.add_compare(sub)
     return p
 
 

@@ -1,0 +1,57 @@
+"""``msrnn compare``: every family on the same documents (and tasks) at equal state bytes, as a report folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from msrnn.cli.common import add_output_flags, positive_int
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare KV eviction, SUPRA, BST and RMT at equal state bytes",
+                       description="Evaluate the base model's full cache, KV policies at each --budgets byte count "
+                                   "and at each --models directory's own state size, and those bounded models, on "
+                                   "the same held-out documents; write report.md, PNGs and results.json to --out. "
+                                   "Finished entries are kept, so rerunning resumes.")
+    p.add_argument("--base", required=True, help="base decoder model directory (the KV family's model)")
+    p.add_argument("--models", default="", help="comma-separated trained SUPRA / BST / RMT directories")
+    p.add_argument("--budgets", default="", help="comma-separated state budgets in bytes per sequence for KV")
+    p.add_argument("--policies", default="window,sink,h2o,tova")
+    p.add_argument("--data", default="stdlib:test")
+    p.add_argument("--documents", default="folder", choices=["file", "folder"])
+    p.add_argument("--max-tokens", type=positive_int, default=2048, help="tokens per document (documents shorter "
+                                                                         "than this are skipped)")
+    p.add_argument("--max-docs", type=positive_int, default=6)
+    p.add_argument("--chunk-size", type=positive_int, default=128)
+    p.add_argument("--task", default=None, help="also score this memory task (models trained on it)")
+    p.add_argument("--segments", default="1,4,16", help="task lengths in segments")
+    p.add_argument("--segment-length", type=positive_int, default=128)
+    p.add_argument("--samples", type=positive_int, default=50)
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--fresh", action="store_true", help="re-run every entry instead of resuming")
+    add_output_flags(p)
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from msrnn.cli.rmt_cmds import _int_list
+    from msrnn.compare import CompareConfig, compare
+    from msrnn.ui import out_console, print_json, table
+
+    cfg = CompareConfig(base=args.base, models=[m for m in args.models.split(",") if m],
+                        budgets=_int_list(args.budgets, "--budgets") if args.budgets else [],
+                        policies=[p for p in args.policies.split(",") if p], data=args.data,
+                        documents=args.documents, max_tokens=args.max_tokens, max_docs=args.max_docs,
+                        chunk_size=args.chunk_size, task=args.task,
+                        task_segments=_int_list(args.segments, "--segments"), segment_length=args.segment_length,
+                        task_samples=args.samples)
+    report = compare(cfg, args.out, resume=not args.fresh, progress=not (args.quiet or args.json))
+    if args.json:
+        print_json(report)
+        return 0
+    rows = [[e["name"], e["family"], e["state_bytes"], e["ppl"], e["tokens_per_s"], "yes" if e["resumed"] else ""]
+            for e in sorted(report["entries"], key=lambda e: (e["state_bytes"], e["ppl"]))]
+    out_console.print(table("perplexity at equal state bytes", ["entry", "family", "state bytes", "ppl", "tok/s",
+                                                               "resumed"], rows))
+    out_console.print(f"report: {args.out}/report.md")
+    return 0

@@ -1,0 +1,80 @@
+"""msrnn compare: every family on the same documents, KV matched to each bounded model's bytes, resumable."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny
+
+from msrnn.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, task_tokenizer):
+    from msrnn.bst import BSTConfig, BSTForCausalLM
+    from msrnn.rmt import MemoryWrapper
+
+    root = tmp_path_factory.mktemp("cmp")
+    base = tiny("llama", seed=1)
+    base.save_pretrained(root / "base")
+    torch.manual_seed(0)
+    bst = BSTForCausalLM(BSTConfig(vocab_size=base.config.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=96, block_size=16, state_size=8))
+    bst.save_pretrained(root / "bst")
+    rmt = MemoryWrapper.wrap(tiny("llama", seed=1), num_memory_tokens=4, segment_length=96, task="memorize",
+                             label_names=["bathroom", "hallway", "garden", "office", "bedroom", "kitchen"])
+    rmt.save_pretrained(root / "rmt")
+    for name in ("base", "bst", "rmt"):
+        task_tokenizer.save_pretrained(str(root / name))
+    (root / "rmt" / "msrnn.json").write_text(json.dumps({"family": "rmt"}))
+    return root
+
+
+def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
+    argv = ["compare", "--base", str(dirs / "base"), "--models", f"{dirs / 'bst'},{dirs / 'rmt'}",
+            "--budgets", "8192", "--policies", "window,tova", "--data", str(tiny_corpus), "--documents", "file",
+            "--max-tokens", "80", "--max-docs", "2", "--chunk-size", "16", "--task", "memorize", "--segments", "1,2",
+            "--segment-length", "96", "--samples", "4", "--out", str(tmp_path / "rep"), "--json", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = {e["name"]: e for e in report["entries"]}
+    assert report["schema"] == 1 and "full" in names and "kv:tova@8192" in names
+    bst, rmt = names["bst:bst"], names["rmt:rmt"]
+    for e in report["entries"]:
+        assert {"name", "family", "state_bytes", "ppl", "tokens_per_s", "ppl_by_position"} <= set(e)
+        assert e["ppl"] > 1 and e["nonfinite"] == 0 and not e["resumed"]
+    # KV policies run at each bounded model's own byte count, and stay within it.
+    for model in (bst, rmt):
+        kv = names[f"kv:tova@{model['budget_bytes']}"]
+        assert kv["state_bytes"] <= model["budget_bytes"]
+    per_slot = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_dim 16 x fp32
+    tova = names["kv:tova@8192"]
+    assert 8192 // per_slot - 2 <= tova["slots"] <= 8192 // per_slot and tova["state_bytes"] <= 8192
+    assert [r["segments"] for r in rmt["task"]] == [1, 2] and "task" not in names["full"]
+    for f in ("report.md", "results.json", "ppl_vs_state.png", "ppl_vs_position.png", "accuracy_vs_length.png"):
+        assert (tmp_path / "rep" / f).exists(), f
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert all(e["resumed"] for e in again["entries"])
+    assert [e["ppl"] for e in again["entries"]] == [e["ppl"] for e in report["entries"]]
+
+
+def test_compare_rejects_a_model_with_another_tokenizer(dirs, tiny_tokenizer, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(dirs / "bst", other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    tiny_tokenizer.save_pretrained(str(other))
+    rc = main(["compare", "--base", str(dirs / "base"), "--models", str(other), "--out", str(tmp_path / "r"),
+               "--quiet"])
+    assert rc == 2 and "different tokenizer" in capsys.readouterr().err
+
+
+def test_compare_bad_input(dirs, tmp_path, capsys):
+    assert main(["compare", "--base", str(dirs / "base"), "--budgets", "-5", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "positive" in capsys.readouterr().err
+    assert main(["compare", "--base", str(dirs / "base"), "--policies", "lru", "--out", str(tmp_path),
+                 "--quiet"]) == 2
+    assert "unknown KV policy 'lru'" in capsys.readouterr().err
