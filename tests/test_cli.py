@@ -96,12 +96,18 @@ def test_pretrain_refuses_to_clobber_without_resume(trained_dir, capsys, tiny_co
 def test_eval_ppl_json_schema(trained_dir, tiny_corpus, capsys, tmp_path):
     png = tmp_path / "p.png"
     rc = main(["eval", "ppl", "--model", str(trained_dir), "--data", f"{tiny_corpus}:all", "--chunk-size", "16",
-               "--max-tokens", "100", "--max-docs", "3", "--plot", str(png), "--json"])
+               "--max-tokens", "100", "--max-docs", "3", "--plot", str(png), "--at", "16,100", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("ppl", "tokens", "peak_state_bytes", "tokens_per_s", "buckets"):
         assert key in out
     assert out["tokens"] == 3 * 99 and out["ppl"] > 1
+    assert abs(out["ppl_at"]["100"] - out["ppl"]) < 1e-6 * out["ppl"]  # the first 100 tokens are all of them
+    first16 = [b for b in out["buckets"] if b["end"] <= 16]
+    import math
+
+    nll = sum(math.log(b["ppl"]) * b["tokens"] for b in first16) / sum(b["tokens"] for b in first16)
+    assert first16 and abs(out["ppl_at"]["16"] - math.exp(nll)) < 1e-4 * out["ppl_at"]["16"]
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -57,6 +57,8 @@ def add_eval_ppl(ev: argparse._SubParsersAction) -> None:
     p.add_argument("--min-tokens", type=positive_int, default=2)
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to each document")
     p.add_argument("--plot", default=None, help="write perplexity versus position to this PNG")
+    p.add_argument("--at", default=None,
+                   help="also report perplexity over the first n tokens for each n (e.g. 512,2048,8192), one pass")
     add_output_flags(p)
     p.set_defaults(func=run_eval_ppl)
 
@@ -77,6 +79,10 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     res = evaluate_stream(lm, [d.ids for d in docs], cfg, progress=not (args.quiet or args.json))
     out = {"model": str(args.model), "data": args.data, "policy": getattr(getattr(lm, "policy", None), "describe",
                                                                          lambda: "full")(), **res.to_dict()}
+    if args.at:
+        from msrnn.cli.rmt_cmds import _int_list
+
+        out["ppl_at"] = {str(n): res.ppl_first(n) for n in _int_list(args.at, "--at")}
     if args.plot:
         plot_ppl_vs_position({str(args.model): log_buckets(res)}, args.plot, title=f"{args.model} on {args.data}")
         out["plot"] = args.plot
@@ -85,7 +91,8 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
         return 0
     out_console.print(table("perplexity by position", ["positions", "tokens", "ppl"],
                             [(f"{b['start']}-{b['end']}", b["tokens"], b["ppl"]) for b in res.buckets]))
-    summary = [("ppl", res.ppl), ("tokens", res.tokens), ("documents", res.documents),
+    summary = [*((f"ppl (first {n})", v) for n, v in out.get("ppl_at", {}).items()),
+               ("ppl", res.ppl), ("tokens", res.tokens), ("documents", res.documents),
                ("peak_state_bytes", res.peak_state_bytes), ("tokens_per_s", res.tokens_per_s)]
     out_console.print(table("summary", ["metric", "value"], summary + ([("plot", args.plot)] if args.plot else [])))
     return 0

@@ -64,6 +64,13 @@ class StreamEvalResult:
             "buckets": self.buckets,
         }
 
+    def ppl_first(self, n: int) -> float:
+        """Perplexity over the first ``n`` positions of every document (one pass gives every length)."""
+        c = self.count_by_pos[:n].sum()
+        if not c:
+            raise DataError(f"no scored tokens in the first {n} positions")
+        return float(math.exp(self.nll_sum_by_pos[:n].sum() / c))
+
     def ppl_by_position(self, window: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(positions, ppl) with NLL averaged over ``window`` consecutive positions."""
         n = len(self.count_by_pos) // window * window
