@@ -14,17 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from msrnn.bench.timing import median_time
 from msrnn.supra.ops import chunked, log_decay, naive_recurrent
-
-
-def _time(fn, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -37,10 +28,10 @@ def bench_ops(lengths: list[int], heads: int = 8, dim: int = 64, chunk: int = 64
         q, k, v = (torch.randn(1, heads, T, dim, generator=g) for _ in range(3))
         row: dict[str, Any] = {"T": T}
         x = (q, k, v)
-        row["chunked ms"] = 1e3 * _time(lambda x=x: chunked(*x, lg, chunk_size=chunk), rounds)
-        row["sdpa ms"] = 1e3 * _time(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True), rounds)
+        row["chunked ms"] = 1e3 * median_time(lambda x=x: chunked(*x, lg, chunk_size=chunk), rounds)
+        row["sdpa ms"] = 1e3 * median_time(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True), rounds)
         if T <= naive_max:
-            row["naive ms"] = 1e3 * _time(lambda x=x: naive_recurrent(*x, lg), max(1, rounds - 2))
+            row["naive ms"] = 1e3 * median_time(lambda x=x: naive_recurrent(*x, lg), max(1, rounds - 2))
             row["chunked vs naive"] = row["naive ms"] / row["chunked ms"]
         row["sdpa / chunked"] = row["sdpa ms"] / row["chunked ms"]
         rows.append(row)

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from msrnn.bst.config import BSTConfig
 from msrnn.bst.layers import BSTLayer
+from msrnn.models.auto import register_auto
 
 
 class BSTForCausalLM(PreTrainedModel):
@@ -93,14 +94,4 @@ class BSTForCausalLM(PreTrainedModel):
         return torch.cat(outs, dim=1)
 
 
-def register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        AutoConfig.register("msrnn_bst", BSTConfig)
-        AutoModelForCausalLM.register(BSTConfig, BSTForCausalLM)
-    except ValueError:
-        pass  # already registered
-
-
-register()
+register_auto("msrnn_bst", BSTConfig, BSTForCausalLM, "AutoModelForCausalLM")

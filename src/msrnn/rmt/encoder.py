@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from msrnn.errors import ConfigError
+from msrnn.models.auto import register_auto
 from msrnn.rmt.config import RMTConfig
 from msrnn.rmt.wrapper import max_positions
 
@@ -122,14 +123,4 @@ class MemoryEncoderClassifier(PreTrainedModel):
         return out
 
 
-def register() -> None:
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        AutoConfig.register("msrnn_rmt_encoder", RMTEncoderConfig)
-        AutoModel.register(RMTEncoderConfig, MemoryEncoderClassifier)
-    except ValueError:
-        pass
-
-
-register()
+register_auto("msrnn_rmt_encoder", RMTEncoderConfig, MemoryEncoderClassifier, "AutoModel")

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from msrnn.errors import ConfigError
+from msrnn.models.auto import register_auto
 from msrnn.rmt.config import RMTConfig
 
 
@@ -171,14 +172,4 @@ class MemoryWrapper(PreTrainedModel):
         return out
 
 
-def register() -> None:
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        AutoConfig.register("msrnn_rmt", RMTConfig)
-        AutoModel.register(RMTConfig, MemoryWrapper)
-    except ValueError:
-        pass  # already registered
-
-
-register()
+register_auto("msrnn_rmt", RMTConfig, MemoryWrapper, "AutoModel")

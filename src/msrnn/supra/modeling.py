@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from msrnn.errors import ConfigError
+from msrnn.models.auto import register_auto
 from msrnn.supra.ops import BACKENDS, DECAYS, chunked, fla_chunked, log_decay, recurrent_step, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -234,15 +235,4 @@ class SupraForCausalLM(LlamaForCausalLM):
         self.post_init()
 
 
-def register() -> None:
-    """AutoConfig / AutoModelForCausalLM registration, so from_pretrained works on saved SUPRA models."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        AutoConfig.register("msrnn_supra", SupraConfig)
-        AutoModelForCausalLM.register(SupraConfig, SupraForCausalLM)
-    except ValueError:
-        pass  # already registered
-
-
-register()
+register_auto("msrnn_supra", SupraConfig, SupraForCausalLM, "AutoModelForCausalLM")
