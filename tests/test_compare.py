@@ -1,6 +1,7 @@
 """msrnn compare: every family on the same documents, KV matched to each bounded model's bytes, resumable."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,9 +35,12 @@ def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     argv = ["compare", "--base", str(dirs / "base"), "--models", f"{dirs / 'bst'},{dirs / 'rmt'}",
             "--budgets", "8192", "--policies", "window,tova", "--data", str(tiny_corpus), "--documents", "file",
             "--max-tokens", "80", "--max-docs", "2", "--chunk-size", "16", "--task", "memorize", "--segments", "1,2",
-            "--segment-length", "96", "--samples", "4", "--out", str(tmp_path / "rep"), "--json", "--quiet"]
+            "--segment-length", "96", "--samples", "4", "--profile-tokens", "64", "--out", str(tmp_path / "rep"),
+            "--json", "--quiet"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
+    folder = tmp_path / "rep" / Path(report["folder"]).name
+    assert folder.name.startswith("compare-base-") and folder.is_dir()
     names = {e["name"]: e for e in report["entries"]}
     assert report["schema"] == 1 and "full" in names and "kv:tova@8192" in names
     bst, rmt = names["bst:bst"], names["rmt:rmt"]
@@ -51,12 +55,24 @@ def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     tova = names["kv:tova@8192"]
     assert 8192 // per_slot - 2 <= tova["slots"] <= 8192 // per_slot and tova["state_bytes"] <= 8192
     assert [r["segments"] for r in rmt["task"]] == [1, 2] and "task" not in names["full"]
-    for f in ("report.md", "results.json", "ppl_vs_state.png", "ppl_vs_position.png", "accuracy_vs_length.png"):
-        assert (tmp_path / "rep" / f).exists(), f
+    for f in ("report.md", "results.json", "ppl_vs_state.png", "ppl_vs_position.png", "accuracy_vs_length.png",
+              "speed_memory_vs_length.png"):
+        assert (folder / f).exists(), f
+    assert [p["tokens"] for p in bst["profile"]] == [16, 32, 48, 64]  # 64 tokens in chunks of 16
+    assert len({p["state_bytes"] for p in names["kv:tova@8192"]["profile"][1:]}) == 1  # bounded: flat
+    full = [p["state_bytes"] for p in names["full"]["profile"]]
+    assert full[-1] == 4 * full[0]  # the full cache grows with length
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["schema"] == 1 and saved["config"]["budgets"] == [8192] and len(saved["entries"]) == len(names)
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
-    assert all(e["resumed"] for e in again["entries"])
+    assert again["folder"] == report["folder"] and all(e["resumed"] for e in again["entries"])
     assert [e["ppl"] for e in again["entries"]] == [e["ppl"] for e in report["entries"]]
+    # Another config never writes into this folder.
+    assert main([a if a != "window,tova" else "tova" for a in argv]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["folder"] != report["folder"] and not any(e["resumed"] for e in other["entries"])
+    assert len(list((tmp_path / "rep").iterdir())) == 2
 
 
 def test_compare_rejects_a_model_with_another_tokenizer(dirs, tiny_tokenizer, tmp_path, capsys):

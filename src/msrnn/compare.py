@@ -43,6 +43,7 @@ class CompareConfig:
     task_segments: list[int] = field(default_factory=lambda: [1, 4, 16])
     segment_length: int = 128
     task_samples: int = 50
+    profile_tokens: int = 8192  # tokens/s and state bytes versus length, from one long random stream per entry
 
     def __post_init__(self) -> None:
         if any(b < 1 for b in self.budgets):
@@ -57,6 +58,12 @@ class CompareConfig:
             from msrnn.tasks import TASKS
 
             TASKS.get(self.task)
+
+    def folder_name(self) -> str:
+        """The report folder's name: the base model plus a hash of every setting, so two configs never share
+        (or overwrite) a folder and rerunning one config resumes it."""
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return f"compare-{Path(self.base).name}-{digest}"
 
     def eval_key(self) -> str:
         """What an entry's results depend on besides the entry itself (changing any of it re-runs entries)."""
@@ -166,6 +173,12 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
                            "eval_peak_state_bytes": res.peak_state_bytes, "tokens_per_s": res.tokens_per_s,
                            "nonfinite": res.nonfinite, "ppl_by_position": [[float(x), float(y)]
                                                                          for x, y in zip(xs, ys, strict=True)]}
+    from msrnn.bench.stream import stream_bench
+
+    chunk = min(cfg.chunk_size, cfg.profile_tokens)
+    prof = stream_bench(lm, cfg.profile_tokens, chunk=chunk, samples=8)
+    out["profile"] = [{"tokens": r["tokens"], "state_bytes": r["state_bytes"], "rss_mib": r["rss_mib"],
+                       "tokens_per_s": chunk / max(r["ms_per_chunk"] / 1e3, 1e-9)} for r in prof["rows"]]
     trained_task = getattr(getattr(getattr(lm, "wrapper", None), "config", None), "task", None)
     if cfg.task and trained_task == cfg.task:
         from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
@@ -182,13 +195,14 @@ def _entry_file(out: Path, entry: Entry) -> Path:
     return out / "entries" / (entry.name.replace(":", "_").replace("@", "_at_").replace("/", "_") + ".json")
 
 
-def compare(cfg: CompareConfig, out: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Evaluate every planned entry (skipping ones already done with the same settings) and write the report."""
+def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every planned entry into ``root/<cfg.folder_name()>`` (skipping entries already done there) and
+    write the report; returns it with ``folder`` set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from msrnn.ui import err_console
 
-    out = Path(out)
+    out = Path(root) / cfg.folder_name()
     entries = plan(cfg)
     key = cfg.eval_key()
     results = []
@@ -208,7 +222,7 @@ def compare(cfg: CompareConfig, out: str | Path, resume: bool = True, progress: 
             write_json(path, res)
             results.append({**res, "resumed": False})
             bar.advance(job)
-    report = {"schema": SCHEMA_VERSION, "config": asdict(cfg), "entries": results}
+    report = {"schema": SCHEMA_VERSION, "folder": str(out), "config": asdict(cfg), "entries": results}
     write_json(out / "results.json", report)
     write_report(report, out)
     return report
@@ -246,6 +260,22 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6)
     save_figure(fig, out / "ppl_vs_position.png")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for e in entries:
+        if e["family"] != "kv" or e["policy"] == "tova":
+            pts = e["profile"]
+            axes[0].plot([p["tokens"] for p in pts], [p["tokens_per_s"] for p in pts], marker="o", ms=3,
+                         label=e["name"])
+            axes[1].plot([p["tokens"] for p in pts], [max(p["state_bytes"], 1) for p in pts], marker="o", ms=3,
+                         label=e["name"])
+    for ax, ylabel in zip(axes, ("tokens/s (chunked streaming)", "state bytes"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens streamed")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].set_yscale("log", base=2)
+    axes[1].legend(fontsize=6)
+    save_figure(fig, out / "speed_memory_vs_length.png")
     tasks = {e["name"]: e["task"] for e in entries if e.get("task")}
     if tasks:
         plot_accuracy_vs_segments(tasks, out / "accuracy_vs_length.png", title=report["config"]["task"])
@@ -262,7 +292,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                   "| entry | " + " | ".join(str(s) for s in segs) + " |", "|---|" + "---:|" * len(segs)]
         for name, rows in tasks.items():
             lines.append(f"| {name} | " + " | ".join(f"{r['accuracy']:.2f}" for r in rows) + " |")
-    lines += ["", "Plots: `ppl_vs_state.png`, `ppl_vs_position.png`"
+    lines += ["", "Plots: `ppl_vs_state.png`, `ppl_vs_position.png`, `speed_memory_vs_length.png`"
               + (", `accuracy_vs_length.png`" if tasks else "") + "; raw numbers: `results.json`."]
     with atomic_file(out / "report.md", "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -27,7 +27,10 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segments", default="1,4,16", help="task lengths in segments")
     p.add_argument("--segment-length", type=positive_int, default=128)
     p.add_argument("--samples", type=positive_int, default=50)
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--profile-tokens", type=positive_int, default=8192,
+                   help="stream this many tokens per entry for tokens/s and state versus length")
+    p.add_argument("--out", default="reports", help="root folder; the report goes to a sub-folder named from the "
+                                                    "config (default reports/)")
     p.add_argument("--fresh", action="store_true", help="re-run every entry instead of resuming")
     add_output_flags(p)
     p.set_defaults(func=run_compare)
@@ -44,7 +47,7 @@ def run_compare(args: argparse.Namespace) -> int:
                         documents=args.documents, max_tokens=args.max_tokens, max_docs=args.max_docs,
                         chunk_size=args.chunk_size, task=args.task,
                         task_segments=_int_list(args.segments, "--segments"), segment_length=args.segment_length,
-                        task_samples=args.samples)
+                        task_samples=args.samples, profile_tokens=args.profile_tokens)
     report = compare(cfg, args.out, resume=not args.fresh, progress=not (args.quiet or args.json))
     if args.json:
         print_json(report)
@@ -53,5 +56,5 @@ def run_compare(args: argparse.Namespace) -> int:
             for e in sorted(report["entries"], key=lambda e: (e["state_bytes"], e["ppl"]))]
     out_console.print(table("perplexity at equal state bytes", ["entry", "family", "state bytes", "ppl", "tok/s",
                                                                "resumed"], rows))
-    out_console.print(f"report: {args.out}/report.md")
+    out_console.print(f"report: {report['folder']}/report.md")
     return 0
