@@ -28,3 +28,24 @@ def test_demo_runs_and_reuses_its_cache(tmp_path, capsys):
     second = json.loads(capsys.readouterr().out)
     assert second["trained_now"] is False
     assert second["heldout_ppl"] == pytest.approx(first["heldout_ppl"], rel=1e-6)
+
+
+def test_demo_families_section_trains_caches_and_compares(tmp_path, tiny_corpus, task_tokenizer):
+    from helpers import tiny
+
+    from msrnn.cli.demo_families import families_section
+
+    base = tmp_path / "base"
+    tiny("llama", seed=1).save_pretrained(base)
+    task_tokenizer.save_pretrained(str(base))
+    (base / "msrnn.json").write_text(json.dumps({"family": "hf", "preset": "tiny"}))
+    report = families_section(base, tmp_path / "models", 2, tmp_path / "out", progress=False, max_tokens=64,
+                              data=str(tiny_corpus))
+    families = {e["family"] for e in report["entries"]}
+    assert families == {"full", "kv", "supra", "bst", "rmt"}
+    assert (tmp_path / "out" / "compare" / report["folder"].split("/")[-1] / "report.md").exists()
+    rmt = next(e for e in report["entries"] if e["family"] == "rmt")
+    assert [r["segments"] for r in rmt["task"]] == [1, 4, 16]
+    again = families_section(base, tmp_path / "models", 2, tmp_path / "out", progress=False, max_tokens=64,
+                             data=str(tiny_corpus))
+    assert all(e["resumed"] for e in again["entries"])  # models cached, entries resumed

@@ -34,6 +34,10 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-budget", type=positive_int, default=64, help="KV slots per layer for the eviction part")
     p.add_argument("--kv-docs", type=positive_int, default=8, help="documents for the eviction part")
     p.add_argument("--out", default="msrnn_demo", help="folder for the plot and results (default ./msrnn_demo)")
+    p.add_argument("--families", action="store_true",
+                   help="also train SUPRA, BST and RMT around the model briefly and compare all four families at "
+                        "equal state bytes (adds a few minutes; cached)")
+    p.add_argument("--family-steps", type=positive_int, default=60, help="training steps per family (default 60)")
     add_seed(p)
     add_output_flags(p)
     p.set_defaults(func=run_demo)
@@ -115,6 +119,12 @@ def run_demo(args: argparse.Namespace) -> int:
     kv_png = plot_ppl_vs_position(curves, out / "kv_eviction.png",
                                   title=f"the same {kv_rows[0]['documents']} documents, KV budget {args.kv_budget} "
                                         "slots per layer")
+    fam = None
+    if args.families:
+        from msrnn.cli.demo_families import families_section
+
+        fam = families_section(model_dir, cache_dir() / "models", args.family_steps, out,
+                               progress=not (args.quiet or args.json))
     wall = time.perf_counter() - t0
     summary = {
         "model_dir": str(model_dir), "trained_now": trained_now, "heldout_ppl": res.ppl,
@@ -122,6 +132,9 @@ def run_demo(args: argparse.Namespace) -> int:
         "documents": res.documents, "peak_state_bytes": res.peak_state_bytes, "tokens_per_s": res.tokens_per_s,
         "induction": ind, "plot": str(png), "kv_plot": str(kv_png), "cache_dir": str(cache_dir()), "wall_seconds": wall,
         "buckets": res.buckets, "kv": kv_rows,
+        "families": None if fam is None else {
+            "report": str(Path(fam["folder"]) / "report.md"),
+            "entries": [{k: e[k] for k in ("name", "family", "state_bytes", "ppl")} for e in fam["entries"]]},
     }
     write_json(out / "results.json", summary)
     if args.json:
@@ -140,6 +153,12 @@ def run_demo(args: argparse.Namespace) -> int:
                             f"{kv_rows[0]['tokens_per_doc']} tokens, token-by-token eviction",
                             ["policy", "ppl", "peak state bytes"],
                             [(r["policy"], r["ppl"], r["peak_state_bytes"]) for r in kv_rows]))
+    if fam is not None:
+        out_console.print(table("four families at equal state bytes (brief training; see the report)",
+                                ["entry", "family", "state bytes", "ppl"],
+                                [(e["name"], e["family"], e["state_bytes"], e["ppl"])
+                                 for e in sorted(fam["entries"], key=lambda e: (e["state_bytes"], e["ppl"]))]))
+        out_console.print(f"comparison report: {summary['families']['report']}")
     out_console.print(f"plots: {png}, {kv_png}\nresults: {out / 'results.json'}\nmodel (cached): {model_dir}\n"
                       f"cache folder: {cache_dir()}  (set MSRNN_CACHE to move it)")
     return 0
