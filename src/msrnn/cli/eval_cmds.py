@@ -135,3 +135,30 @@ def run_generate(args: argparse.Namespace) -> int:
         out_console.print(args.prompt, end="", style="bold", markup=False, highlight=False)
         out_console.print(text, markup=False, highlight=False)
     return 0
+
+
+def add_eval_harness(ev: argparse._SubParsersAction) -> None:
+    p = ev.add_parser("harness", help="lm-evaluation-harness tasks for any family (pip install 'msrnn[harness]')")
+    add_model_flags(p)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--limit", type=positive_int, default=None, help="samples per task")
+    p.add_argument("--chunk-size", type=positive_int, default=512)
+    add_output_flags(p)
+    p.set_defaults(func=run_eval_harness)
+
+
+def run_eval_harness(args: argparse.Namespace) -> int:
+    from msrnn.errors import ConfigError
+    from msrnn.ui import print_json
+
+    try:
+        import lm_eval
+
+        from msrnn.evaluate.harness import MsrnnHarnessLM
+    except ImportError:
+        raise ConfigError("lm-evaluation-harness is not installed: pip install 'msrnn[harness]'") from None
+    lm = MsrnnHarnessLM(args.model, policy=args.policy, budget=args.budget, chunk_size=args.chunk_size,
+                        device=resolve_device(args.device))
+    res = lm_eval.simple_evaluate(model=lm, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit)
+    print_json({"model": args.model, "tasks": args.tasks, "results": res["results"]})  # lm-eval's nested metrics
+    return 0

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_cmd", required=True, metavar="KIND")
     eval_cmds.add_eval_ppl(ev)
     rmt_cmds.add_eval_task(ev)
+    eval_cmds.add_eval_harness(ev)
     eval_cmds.add_generate(sub)
     kv_cmds.add_kv(sub)
     supra_cmds.add_convert(sub)

@@ -1,0 +1,84 @@
+"""An lm-evaluation-harness model for every msrnn family (``pip install 'msrnn[harness]'``).
+
+Importing this module registers the model name ``msrnn`` with lm-eval; ``msrnn eval harness`` does that and
+calls ``lm_eval.simple_evaluate``. Scoring streams context + continuation through the StatefulLM protocol from a
+fresh state, so a KV policy, SUPRA, BST or RMT is scored with exactly the state it would hold in use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from msrnn.generate import generate
+
+
+@register_model("msrnn")
+class MsrnnHarnessLM(LM):
+    def __init__(self, pretrained: str, policy: str | None = None, budget: int | None = None,
+                 chunk_size: int = 512, max_gen_toks: int = 64, device: str = "cpu", **_: Any) -> None:
+        super().__init__()
+        from msrnn.models import load_lm
+
+        self.lm = load_lm(pretrained, device=device)
+        if policy:
+            from msrnn.kv import make_policy, wrap
+
+            self.lm = wrap(self.lm, make_policy(policy, int(budget) if budget else None))
+        self.tok = self.lm.tokenizer
+        self.chunk_size, self.max_gen_toks = int(chunk_size), int(max_gen_toks)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def _logprobs(self, ids: list[int]) -> torch.Tensor:
+        """Log-probabilities [T, V] of every next token of ``ids``, streamed from a fresh state."""
+        x = torch.tensor([ids])
+        state, outs = self.lm.init_state(1), []
+        for pos in range(0, len(ids), self.chunk_size):
+            logits, state = self.lm.forward_chunk(x[:, pos : pos + self.chunk_size], state)
+            outs.append(logits[0].float())
+        return F.log_softmax(torch.cat(outs), dim=-1)
+
+    def _prefix(self) -> list[int]:
+        eos = self.tok.eos_token_id
+        return [eos if eos is not None else 0]
+
+    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        out = []
+        for req in requests:
+            context, continuation = req.args
+            ctx = self._encode(context) or self._prefix()
+            cont = self._encode(continuation)
+            lp = self._logprobs(ctx + cont)[len(ctx) - 1 : len(ctx) - 1 + len(cont)]  # rows predicting cont
+            target = torch.tensor(cont)
+            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
+        out = []
+        for req in requests:
+            ids = self._prefix() + self._encode(req.args[0])
+            lp = self._logprobs(ids)[:-1]
+            out.append(float(lp.gather(1, torch.tensor(ids[1:])[:, None]).sum()))
+        return out
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        out = []
+        for req in requests:
+            context, kwargs = req.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            new = generate(self.lm, torch.tensor([self._encode(context) or self._prefix()]),
+                           int(kwargs.get("max_gen_toks", self.max_gen_toks)), eos_token_id=self.tok.eos_token_id,
+                           prefill_chunk=self.chunk_size)
+            text = self.tok.decode(new[0].tolist())
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
