@@ -79,6 +79,8 @@ def load_tokenizer_for(spec: str | Path) -> Any:
     """The tokenizer stored with a model directory (or hub id)."""
     from transformers import AutoTokenizer
 
+    if Path(spec).is_dir():
+        ensure_registered(spec)  # AutoTokenizer reads config.json; an unregistered model_type makes it warn
     try:
         return AutoTokenizer.from_pretrained(str(spec))
     except Exception as exc:  # transformers raises many types for a missing/corrupt tokenizer
