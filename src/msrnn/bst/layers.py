@@ -157,7 +157,7 @@ class BSTLayer(nn.Module):
             return t.view(B, h, nb, W, dh).transpose(1, 2).reshape(B * nb, h, W, dh)
 
         qb, kb, vb = blocks(q), blocks(k), blocks(v)
-        mask = block_mask(W, 0, W, 0, x.device)
+        mask = None  # within one block the mask is plain causal: SDPA's is_causal path, no [W, W] tensor
         if self.prev_blocks:
             kp = torch.roll(kb.view(B, nb, h, W, dh), 1, dims=1).view(B * nb, h, W, dh)
             vp = torch.roll(vb.view(B, nb, h, W, dh), 1, dims=1).view(B * nb, h, W, dh)
@@ -166,7 +166,7 @@ class BSTLayer(nn.Module):
             mask = block_mask(W, 0, W, W, x.device)[None].repeat(B * nb, 1, 1)
             mask[first, :, :W] = False
             mask = mask[:, None]
-        sa = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # [B*nb, h, W, dh]
+        sa = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None)  # [B*nb, h, W, dh]
         sa = merge(sa.view(B, nb, h, W, dh).transpose(1, 2).reshape(B, h, L, dh))
         ca = None
         if self.has_ssm:
@@ -181,8 +181,7 @@ class BSTLayer(nn.Module):
                 ca = F.scaled_dot_product_attention(q2, k2, v2)
             else:
                 k2, v2 = self._context_kv(self._lift_positions(y))  # [B, h, L, dh]
-                ca = F.scaled_dot_product_attention(q2, blocks(k2), blocks(v2),
-                                                    attn_mask=block_mask(W, 0, W, 0, x.device))
+                ca = F.scaled_dot_product_attention(q2, blocks(k2), blocks(v2), is_causal=True)
             ca = merge(ca.view(B, nb, h, W, dh).transpose(1, 2).reshape(B, h, L, dh))
         return self._finish(x, sa, ca)
 
