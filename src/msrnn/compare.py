@@ -237,16 +237,22 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     from msrnn.evaluate.plots import plot_accuracy_vs_segments, save_figure
 
     entries = report["entries"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    markers = {"full": "*", "kv": "o", "supra": "s", "bst": "D", "rmt": "^"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for policy in report["config"]["policies"]:  # one line per KV policy across budgets
+        pts = sorted((e["state_bytes"], e["ppl"]) for e in entries if e["family"] == "kv" and e["policy"] == policy)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=f"kv {policy}")
+    markers = {"full": "*", "supra": "s", "bst": "D", "rmt": "^", "hf": "x"}
     for e in entries:
-        ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=markers.get(e["family"], "x"), s=40)
-        ax.annotate(e["name"], (max(e["state_bytes"], 1), e["ppl"]), fontsize=6, alpha=0.8)
+        if e["family"] != "kv":
+            ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=markers.get(e["family"], "x"), s=60, zorder=3,
+                       label=e["name"])
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("peak state bytes per sequence")
+    ax.set_yscale("log")
+    ax.set_xlabel("state bytes per sequence (largest held at any offset)")
     ax.set_ylabel("perplexity")
-    ax.set_title("perplexity versus state size (all families, same documents)")
+    ax.set_title("perplexity versus state size (same documents)")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
     save_figure(fig, out / "ppl_vs_state.png")
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for e in entries:
@@ -268,7 +274,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                          label=e["name"])
             axes[1].plot([p["tokens"] for p in pts], [max(p["state_bytes"], 1) for p in pts], marker="o", ms=3,
                          label=e["name"])
-    for ax, ylabel in zip(axes, ("tokens/s (chunked streaming)", "state bytes"), strict=True):
+    for ax, ylabel in zip(axes, ("tokens/s (chunked streaming)", "state bytes between chunks"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens streamed")
         ax.set_ylabel(ylabel)
