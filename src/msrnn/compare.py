@@ -203,7 +203,12 @@ def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress:
     from msrnn.ui import err_console
 
     out = Path(root) / cfg.folder_name()
-    entries = plan(cfg)
+    plan_file = out / "plan.json"
+    if resume and plan_file.exists():  # the plan measures every model and fits every slot count: do it once
+        entries = [Entry(**e) for e in json.loads(plan_file.read_text())]
+    else:
+        entries = plan(cfg)
+        write_json(plan_file, [asdict(e) for e in entries])
     key = cfg.eval_key()
     results = []
     with Progress(TextColumn("[bold]compare {task.description}"), BarColumn(), MofNCompleteColumn(),
