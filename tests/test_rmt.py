@@ -186,6 +186,16 @@ def test_encoder_truncated_bptt_and_round_trip(tmp_path):
         assert torch.equal(enc(x)["logits"], enc2(x)["logits"])
 
 
+def test_eval_ppl_on_an_encoder_rmt_is_a_clear_error(tmp_path, task_tokenizer, capsys):
+    from msrnn.cli.main import main
+
+    make_encoder().save_pretrained(tmp_path / "enc")
+    task_tokenizer.save_pretrained(str(tmp_path / "enc"))
+    assert main(["eval", "ppl", "--model", str(tmp_path / "enc")]) == 2
+    err = capsys.readouterr().err
+    assert "classifier without next-token logits" in err and "msrnn eval task" in err
+
+
 def test_stream_bench_plumbing():
     from msrnn.bench.stream import stream_bench
 

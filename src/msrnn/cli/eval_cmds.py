@@ -26,12 +26,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                     help="original positions (TOVA) or positions inside the cache (StreamingLLM; RoPE models)")
 
 
-def load_for_cli(args: argparse.Namespace):
-    """Load --model as a StatefulLM, bounded by the KV policy flags when given."""
+def load_for_cli(args: argparse.Namespace, stream: bool = True):
+    """Load --model as a StatefulLM, bounded by the KV policy flags when given. ``stream=False`` also accepts
+    models without next-token logits (an encoder RMT classifier, for ``eval task``)."""
     from msrnn.errors import ConfigError
     from msrnn.models import load_lm
 
     lm = load_lm(args.model, device=resolve_device(args.device))
+    if stream and not hasattr(lm, "forward_chunk"):
+        raise ConfigError(f"{args.model} is a classifier without next-token logits (an encoder RMT); score it with "
+                          "'msrnn eval task'")
     if args.policy is None:
         if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head, args.keep_newest)):
             raise ConfigError("--budget/--sinks/--recent/--per-head need --policy (window, sink, h2o or tova)")

@@ -154,7 +154,7 @@ def run_eval_task(args: argparse.Namespace) -> int:
     from msrnn.tasks import TASKS, TaskGenerator, babilong_samples, noise_sentences
     from msrnn.ui import out_console, print_json, table
 
-    model = load_for_cli(args)
+    model = load_for_cli(args, stream=False)
     rmt_config = getattr(getattr(model, "wrapper", None), "config", None) or getattr(model, "config", None)
     is_rmt = getattr(rmt_config, "model_type", "").startswith("msrnn_rmt")
     task = args.task or (rmt_config.task if is_rmt else None)
