@@ -10,7 +10,7 @@ from msrnn.cli.main import main
 @pytest.mark.slow
 def test_demo_runs_and_reuses_its_cache(tmp_path, capsys):
     args = ["demo", "--preset", "tiny", "--max-steps", "2", "--eval-tokens", "256", "--kv-budget", "16",
-            "--kv-docs", "2", "--out", str(tmp_path / "out"), "--json", "--quiet"]
+            "--no-families", "--kv-docs", "2", "--out", str(tmp_path / "out"), "--json", "--quiet"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["trained_now"] is True
