@@ -44,6 +44,7 @@ class CompareConfig:
     segment_length: int = 128
     task_samples: int = 50
     profile_tokens: int = 8192  # tokens/s and state bytes versus length, from one long random stream per entry
+    probe_tokens: int = 2048  # stream length for the largest-state probe (>= 7 x the longest block/segment)
 
     def __post_init__(self) -> None:
         if any(b < 1 for b in self.budgets):
@@ -100,7 +101,7 @@ def plan(cfg: CompareConfig) -> list[Entry]:
         if _tokenizer_id(lm.tokenizer) != _tokenizer_id(base.tokenizer):
             raise DataError(f"{path} uses a different tokenizer from {cfg.base}; perplexities would not be "
                             "comparable (train every model with the base model's tokenizer)")
-        nbytes = measure_state_bytes(lm)
+        nbytes = measure_state_bytes(lm, cfg.probe_tokens)
         family = family_of(path)
         entries.append(Entry(f"{family}:{Path(path).name}", family, str(path), budget_bytes=nbytes))
         budgets.setdefault(nbytes, f"{nbytes}")
@@ -169,7 +170,7 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
                           StreamEvalConfig(chunk_size=cfg.chunk_size, max_tokens=cfg.max_tokens), progress=progress)
     xs, ys = log_buckets(res)
     out: dict[str, Any] = {**asdict(entry), "ppl": res.ppl, "tokens": res.tokens, "documents": res.documents,
-                           "state_bytes": max(res.peak_state_bytes, measure_state_bytes(lm)),
+                           "state_bytes": max(res.peak_state_bytes, measure_state_bytes(lm, cfg.probe_tokens)),
                            "eval_peak_state_bytes": res.peak_state_bytes, "tokens_per_s": res.tokens_per_s,
                            "nonfinite": res.nonfinite, "ppl_by_position": [[float(x), float(y)]
                                                                          for x, y in zip(xs, ys, strict=True)]}

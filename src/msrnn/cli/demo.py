@@ -38,8 +38,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="msrnn_demo", help="folder for the plot and results (default ./msrnn_demo)")
     p.add_argument("--families", default=True, action=argparse.BooleanOptionalAction,
                    help="train SUPRA, BST and RMT around the model briefly and compare all four families at equal "
-                        "state bytes (default on, ~3 min, cached; --no-families skips it)")
-    p.add_argument("--family-steps", type=positive_int, default=40, help="training steps per family (default 40)")
+                        "state bytes (default on, ~2 min, cached; --no-families skips it)")
+    p.add_argument("--family-steps", type=positive_int, default=20, help="training steps per family (default 20)")
     add_seed(p)
     add_output_flags(p)
     p.set_defaults(func=run_demo)

@@ -20,7 +20,7 @@ def _supra(base: Path, out: Path, steps: int, progress: bool, data: str) -> None
     from msrnn.train.pretrain import PretrainConfig, train_lm
 
     model = convert(load_hf_causal_lm(base)).train()
-    train_lm(model, load_tokenizer_for(base), PretrainConfig(data=data, seq_len=512, batch_size=8, val_batches=2),
+    train_lm(model, load_tokenizer_for(base), PretrainConfig(data=data, seq_len=512, batch_size=4, val_batches=2),
              TrainConfig(max_steps=steps, lr=1e-3, warmup_steps=max(1, steps // 10), eval_every=0), out,
              {"family": "supra", "uptrained_from": str(base)}, progress=progress)
 
@@ -55,8 +55,8 @@ def _rmt(base: Path, out: Path, steps: int, progress: bool, data: str) -> None:
     from msrnn.train.curriculum import CurriculumConfig
 
     w = MemoryWrapper.wrap(load_hf_causal_lm(base).train(), num_memory_tokens=8, segment_length=128)
-    train_task(w, load_tokenizer_for(base), TaskTrainConfig(task="memorize", batch_size=8, val_samples=32),
-               CurriculumConfig(max_segments=3, threshold=0.9, stage_steps=max(1, steps // 3)),
+    train_task(w, load_tokenizer_for(base), TaskTrainConfig(task="memorize", batch_size=8, val_samples=16),
+               CurriculumConfig(max_segments=2, threshold=0.9, stage_steps=max(1, steps // 2)),
                TrainConfig(max_steps=steps, lr=1e-3, warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6)),
                out, {"source": str(base)}, progress=progress)
 
@@ -74,6 +74,6 @@ def families_section(base: Path, root: Path, steps: int, out: Path, progress: bo
             build(base, d, steps, progress, data)
         dirs.append(str(d))
     cfg = CompareConfig(base=str(base), models=dirs, policies=["window", "tova"], max_tokens=max_tokens,
-                        max_docs=4, task="memorize", task_segments=[1, 4, 16], task_samples=20,
-                        profile_tokens=2048)
+                        max_docs=4, task="memorize", task_segments=[1, 4, 16], task_samples=16,
+                        profile_tokens=1024, probe_tokens=1024)
     return compare(cfg, out / "compare", progress=progress)
