@@ -73,3 +73,14 @@ def task_tokenizer(tiny_corpus: Path):
     words = " ".join(f"{n} went to the {p}. Where is {n}? Answer: {p}" for n in NAMES for p in PLACES)
     texts = [d.text for d in load_documents(str(tiny_corpus))] + [words] * 40
     return train_bpe(iter(texts), vocab_size=384)
+
+
+@pytest.fixture(scope="session")
+def task_model_dir(tmp_path_factory: pytest.TempPathFactory, task_tokenizer) -> Path:
+    """A saved tiny random Llama with the task tokenizer: a model directory any command can load."""
+    from helpers import tiny
+
+    d = tmp_path_factory.mktemp("task-model") / "m"
+    tiny("llama", seed=1).save_pretrained(d)
+    task_tokenizer.save_pretrained(str(d))
+    return d

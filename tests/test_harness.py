@@ -2,17 +2,13 @@
 
 import pytest
 import torch
-from helpers import tiny
 
 lm_eval = pytest.importorskip("lm_eval")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, task_tokenizer):
-    d = tmp_path_factory.mktemp("h") / "m"
-    tiny("llama", seed=1).save_pretrained(d)
-    task_tokenizer.save_pretrained(str(d))
-    return d
+def model_dir(task_model_dir):
+    return task_model_dir
 
 
 def _req(*args):

@@ -101,11 +101,8 @@ def test_bad_curriculum(bad):
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, task_tokenizer):
-    out = tmp_path_factory.mktemp("base") / "m"
-    tiny("llama", seed=1).save_pretrained(out)
-    task_tokenizer.save_pretrained(str(out))
-    return out
+def base_dir(task_model_dir):
+    return task_model_dir
 
 
 def test_cli_train_rmt_then_eval_task_json(base_dir, tmp_path, capsys):
