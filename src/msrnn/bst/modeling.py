@@ -3,7 +3,9 @@
 There is no official code; this follows the paper's appendix pseudocode with its two bugs fixed (the FFT runs
 over time, and torch's irfft normalises). Deviations from BRECT's vertical cell, which BST reuses: standard
 scaled dot-product attention with rotary positions instead of L2-normalised keys with learned scales and T5
-relative biases; SwiGLU FFN and RMSNorm (Llama style) instead of the meliad MLP and LayerNorm.
+relative biases; SwiGLU FFN and RMSNorm (Llama style) instead of the meliad MLP and LayerNorm. The SSM parameters
+train with the shared trainer's learning rate and weight-decay groups (the S4 recipe gives them lr <= 1e-3 and no
+weight decay).
 """
 
 from __future__ import annotations
