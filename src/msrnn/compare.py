@@ -102,6 +102,8 @@ def plan(cfg: CompareConfig) -> list[Entry]:
             raise DataError(f"{path} uses a different tokenizer from {cfg.base}; perplexities would not be "
                             "comparable (train every model with the base model's tokenizer)")
         nbytes = measure_state_bytes(lm, cfg.probe_tokens)
+        from msrnn.models.loading import family_of
+
         family = family_of(path)
         entries.append(Entry(f"{family}:{Path(path).name}", family, str(path), budget_bytes=nbytes))
         budgets.setdefault(nbytes, f"{nbytes}")
@@ -123,12 +125,6 @@ def fit_slots(base: Any, policy: str, budget: int, per_slot: int) -> int:
                                              tokens=4 * slots + 64, chunk=7) > budget:
         slots -= 1
     return int(slots)
-
-
-def family_of(path: str | Path) -> str:
-    from msrnn.models.loading import _MODEL_TYPE_FAMILY, _model_type, read_meta
-
-    return read_meta(Path(path)).get("family") or _MODEL_TYPE_FAMILY.get(_model_type(Path(path)) or "", "hf")
 
 
 def measure_state_bytes(lm: Any, tokens: int = 2048, chunk: int = 7) -> int:

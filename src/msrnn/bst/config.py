@@ -58,6 +58,16 @@ class BSTConfig(PretrainedConfig):
         self.rope_theta, self.rms_norm_eps, self.initializer_range = rope_theta, rms_norm_eps, initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
+    @classmethod
+    def from_preset(cls, preset: str, vocab_size: int, **kwargs: Any) -> BSTConfig:
+        """A BST config at the width, depth, heads and FFN size of a named base-model preset (equal-size
+        comparisons with the Llama models)."""
+        from msrnn.models.presets import PRESETS
+
+        p = PRESETS.get(preset)()
+        return cls(vocab_size=vocab_size, hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
+                   num_attention_heads=p.num_heads, intermediate_size=p.intermediate_size, **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from msrnn.cli.common import emit, positive_int, resolve_device
+from msrnn.cli.common import emit, int_list, positive_int, resolve_device
 from msrnn.cli.training import add_training_flags, check_out, summary, train_config
 
 
@@ -31,22 +31,19 @@ def run_train_bst(args: argparse.Namespace) -> int:
 
     from msrnn.bst import BSTConfig, BSTForCausalLM
     from msrnn.errors import ConfigError
-    from msrnn.models.presets import PRESETS
     from msrnn.train.pretrain import PretrainConfig, ensure_tokenizer, train_lm
 
     out = check_out(args)
-    preset = PRESETS.get(args.preset)()
     try:
         layers = [int(x) for x in args.ssm_layers.split(",")] if args.ssm_layers else None
     except ValueError:
         raise ConfigError("--ssm-layers takes comma-separated layer indices, e.g. 1,3") from None
     W = args.block_size or max(1, args.seq_len // 8)
     tokenizer = ensure_tokenizer(args.data, args.vocab_size, args.tokenizer)
-    cfg = BSTConfig(vocab_size=len(tokenizer), hidden_size=preset.hidden_size, num_hidden_layers=preset.num_layers,
-                    num_attention_heads=preset.num_heads, intermediate_size=preset.intermediate_size, block_size=W,
-                    variant=args.variant, kernel=args.kernel, state_size=args.state_size, mf_states=args.mf_states,
-                    ssm_layers=layers, filter_length=args.seq_len, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id)
+    cfg = BSTConfig.from_preset(args.preset, len(tokenizer), block_size=W, variant=args.variant, kernel=args.kernel,
+                                state_size=args.state_size, mf_states=args.mf_states, ssm_layers=layers,
+                                filter_length=args.seq_len, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = BSTForCausalLM(cfg).to(resolve_device("auto"))
@@ -81,12 +78,11 @@ def run_bench_bst(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from msrnn.bench.bst import bench_layers, bench_memory, bench_ssm
-    from msrnn.cli.rmt_cmds import _int_list
     from msrnn.io import write_json
     from msrnn.ui import err_console, out_console, print_json, table
 
-    ssm_lengths = _int_list(args.ssm_lengths, "--ssm-lengths")
-    layer_lengths = _int_list(args.layer_lengths, "--layer-lengths")
+    ssm_lengths = int_list(args.ssm_lengths, "--ssm-lengths")
+    layer_lengths = int_list(args.layer_lengths, "--layer-lengths")
     with err_console.status("timing the S4D layer: FFT vs recurrent scan"):
         ssm = bench_ssm(ssm_lengths, channels=args.channels, rounds=args.rounds)
     with err_console.status("timing one layer: BST vs full attention vs block-sequential"):

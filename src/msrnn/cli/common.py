@@ -18,6 +18,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """A comma-separated list of positive integers (``--segments 1,2,4``), or one clear error naming ``flag``."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, e.g. 1,2,4,8") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} needs positive integers, e.g. 1,2,4,8")
+    return values
+
+
 def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

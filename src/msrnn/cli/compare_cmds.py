@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from msrnn.cli.common import add_output_flags, positive_int
+from msrnn.cli.common import add_output_flags, int_list, positive_int
 
 
 def add_compare(sub: argparse._SubParsersAction) -> None:
@@ -37,16 +37,15 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from msrnn.cli.rmt_cmds import _int_list
     from msrnn.compare import CompareConfig, compare
     from msrnn.ui import out_console, print_json, table
 
     cfg = CompareConfig(base=args.base, models=[m for m in args.models.split(",") if m],
-                        budgets=_int_list(args.budgets, "--budgets") if args.budgets else [],
+                        budgets=int_list(args.budgets, "--budgets") if args.budgets else [],
                         policies=[p for p in args.policies.split(",") if p], data=args.data,
                         documents=args.documents, max_tokens=args.max_tokens, max_docs=args.max_docs,
                         chunk_size=args.chunk_size, task=args.task,
-                        task_segments=_int_list(args.segments, "--segments"), segment_length=args.segment_length,
+                        task_segments=int_list(args.segments, "--segments"), segment_length=args.segment_length,
                         task_samples=args.samples, profile_tokens=args.profile_tokens)
     report = compare(cfg, args.out, resume=not args.fresh, progress=not (args.quiet or args.json))
     if args.json:

@@ -30,16 +30,12 @@ def _bst(base: Path, out: Path, steps: int, progress: bool, data: str) -> None:
 
     from msrnn.bst import BSTConfig, BSTForCausalLM
     from msrnn.models.loading import load_tokenizer_for, read_meta
-    from msrnn.models.presets import PRESETS
     from msrnn.train import TrainConfig
     from msrnn.train.pretrain import PretrainConfig, train_lm
 
     tok = load_tokenizer_for(base)
     preset_name = read_meta(base).get("preset", "small")
-    p = PRESETS.get(preset_name)()
-    cfg = BSTConfig(vocab_size=len(tok), hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
-                    num_attention_heads=p.num_heads, intermediate_size=p.intermediate_size, block_size=32,
-                    variant="sh", filter_length=256)
+    cfg = BSTConfig.from_preset(preset_name, len(tok), block_size=32, variant="sh", filter_length=256)
     torch.manual_seed(0)
     train_lm(BSTForCausalLM(cfg), tok, PretrainConfig(preset=preset_name, data=data, seq_len=256, batch_size=8,
                                                                     val_batches=2),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from msrnn.cli.common import add_output_flags, add_seed, positive_int, resolve_device
+from msrnn.cli.common import add_output_flags, add_seed, int_list, positive_int, resolve_device
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -84,9 +84,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     out = {"model": str(args.model), "data": args.data, "policy": getattr(getattr(lm, "policy", None), "describe",
                                                                          lambda: "full")(), **res.to_dict()}
     if args.at:
-        from msrnn.cli.rmt_cmds import _int_list
-
-        out["ppl_at"] = {str(n): res.ppl_first(n) for n in _int_list(args.at, "--at")}
+        out["ppl_at"] = {str(n): res.ppl_first(n) for n in int_list(args.at, "--at")}
     if args.plot:
         plot_ppl_vs_position({str(args.model): log_buckets(res)}, args.plot, title=f"{args.model} on {args.data}")
         out["plot"] = args.plot

