@@ -71,3 +71,34 @@ def test_bad_arguments():
         S4DKernel(4, state_size=7)
     with pytest.raises(ConfigError, match="expected u"):
         fft_conv(torch.randn(1, 5, 10), make())
+
+
+def _fir_direct(u, filt):
+    """y_t = sum_{s<=t} K_{t-s} u_s + D u_t with K zero past the filter's taps, written as a loop."""
+    L = u.shape[-1]
+    K = filt.kernel(L)
+    y = torch.zeros_like(u)
+    for t in range(L):
+        for s in range(t + 1):
+            y[..., t] = y[..., t] + K[:, t - s] * u[..., s]
+    return y + u * filt.D[:, None]
+
+
+def test_unstructured_filter_fft_equals_a_direct_loop_with_carried_state_and_gradients():
+    from msrnn.ssm import UnstructFilter, fir_conv
+
+    torch.manual_seed(0)
+    filt = UnstructFilter(channels=5, length=12)
+    u = torch.randn(2, 5, 31, requires_grad=True)
+    ref = _fir_direct(u, filt)
+    y, state = fir_conv(u, filt)
+    assert_close("fir fft", ref, y, atol=1e-5)
+    assert_close("fir state", u[..., -11:], state, atol=0)  # the last length-1 inputs
+    y1, s1 = fir_conv(u[..., :13], filt)
+    y2, _ = fir_conv(u[..., 13:], filt, s1)
+    assert_close("fir split", ref, torch.cat([y1, y2], -1), atol=1e-5)
+    w = torch.linspace(-1, 1, 31)
+    g_ref = torch.autograd.grad((ref * w).sum(), [u, *filt.parameters()])
+    g = torch.autograd.grad((fir_conv(u, filt)[0] * w).sum(), [u, *filt.parameters()])
+    for i, (a, b) in enumerate(zip(g_ref, g, strict=True)):
+        assert_close(f"fir grad {i}", a, b, atol=1e-4, rtol=1e-4)
