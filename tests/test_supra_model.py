@@ -131,3 +131,34 @@ def test_supra_bench_plumbing():
     assert [r["T"] for r in ops["rows"]] == [16, 64] and all(r["chunked vs naive"] > 0 for r in ops["rows"])
     dec = bench_decode(convert(tiny("llama")), [8, 40], steps=2, rounds=1, prefill_chunk=16)
     assert dec["rows"][0]["state bytes"] == dec["rows"][1]["state bytes"] > 0
+
+
+@pytest.mark.parametrize("feature_dim,feature_map", [(6, "dense"), (24, "per_head")])
+def test_feature_dim_sizes_the_state_and_all_forms_agree(feature_dim, feature_map):
+    model = convert(tiny("llama", seed=2), feature_map=feature_map, feature_dim=feature_dim)
+    model.config.linear_chunk_size = 16
+    lm = SupraLM(model)
+    x = torch.randint(0, V, (2, 63))
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        for chunks in (1, [5, 13, 1, 44]):
+            assert_close(f"stream {chunks}", full, stream_logits(lm, x, chunks), atol=1e-5)
+        state = lm.init_state(1)
+        _, state = lm.forward_chunk(x[:1], state)
+        # RoPE at width F is a rotation of relative distance: shifting every position changes nothing
+        shifted = model(x, position_ids=torch.arange(63)[None] + 100, use_cache=False).logits
+    assert_close("position shift", full, shifted, atol=1e-4)
+    H, d, layers = 4, 16, 2
+    assert lm.state_nbytes(state) == layers * H * feature_dim * d * 4
+
+
+def test_feature_rope_equals_the_models_rope_at_head_dim():
+    model = convert(tiny("llama"), feature_dim=16)  # = head_dim: the attention's own table must be the model's
+    attn = model.model.layers[0].self_attn
+    pos = torch.arange(37)[None] + 5
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    mine = attn._rope(pos, 1, 37, torch.device("cpu"), torch.float32)
+    assert_close("cos", cos, mine[0], atol=1e-6)
+    assert_close("sin", sin, mine[1], atol=1e-6)
+    with pytest.raises(ConfigError, match="feature_dim must be an even"):
+        convert(tiny("llama"), feature_dim=7)

@@ -21,6 +21,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--decay", default="lightning", help="lightning (official default) | retnet | none")
     p.add_argument("--feature-map", default="dense", help="dense (official: one Linear across heads) | per_head")
+    p.add_argument("--feature-dim", type=positive_int, default=None,
+                   help="phi's width per head (default: the head dimension); the state is [H, F, head_dim] per layer")
     add_seed(p)
     add_output_flags(p)
     p.set_defaults(func=run_convert_supra)
@@ -43,7 +45,8 @@ def run_convert_supra(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out} already exists; choose another --out")
     model = load_hf_causal_lm(args.source)
     tokenizer = load_tokenizer_for(args.source)
-    supra = convert(model, decay=args.decay, feature_map=args.feature_map, seed=args.seed)
+    supra = convert(model, decay=args.decay, feature_map=args.feature_map, seed=args.seed,
+                    feature_dim=args.feature_dim)
     with atomic_dir(out) as tmp:
         supra.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))

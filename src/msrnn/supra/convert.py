@@ -12,8 +12,12 @@ from msrnn.supra.modeling import SupraConfig, SupraForCausalLM
 SUPPORTED = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True, "o_bias": False}}
 
 
-def convert(model: Any, decay: str = "lightning", feature_map: str = "dense", seed: int = 0) -> SupraForCausalLM:
-    """A SUPRA model with the base model's embeddings, norms, MLPs and q/k/v/o; phi is new (default init)."""
+def convert(model: Any, decay: str = "lightning", feature_map: str = "dense", seed: int = 0,
+            feature_dim: int | None = None) -> SupraForCausalLM:
+    """A SUPRA model with the base model's embeddings, norms, MLPs and q/k/v/o; phi is new (default init).
+
+    ``feature_dim`` (default: the head dimension) is phi's width per head; the state is [H, feature_dim,
+    head_dim] per layer, so it sets the state's size (``msrnn compare`` sizes SUPRA to a byte budget with it)."""
     cfg = model.config
     if cfg.model_type == SupraConfig.model_type:
         raise ModelLoadError("this model is already a SUPRA model; convert the original softmax model instead")
@@ -24,7 +28,7 @@ def convert(model: Any, decay: str = "lightning", feature_map: str = "dense", se
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "sliding_window",
                 "use_sliding_window", "max_window_layers", "layer_types"):
         base.pop(key, None)
-    new_cfg = SupraConfig(decay=decay, feature_map=feature_map, **SUPPORTED[cfg.model_type], **base)
+    new_cfg = SupraConfig(decay=decay, feature_map=feature_map, feature_dim=feature_dim, **SUPPORTED[cfg.model_type], **base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         supra = SupraForCausalLM(new_cfg)

@@ -40,7 +40,8 @@ class SupraConfig(LlamaConfig):
 
     def __init__(self, decay: str = "lightning", feature_map: str = "dense", linear_chunk_size: int = 64,
                  norm_eps: float = 1e-5, qkv_bias: bool | None = None, o_bias: bool | None = None,
-                 state_dtype: str = "float32", linear_backend: str = "auto", **kwargs: Any) -> None:
+                 state_dtype: str = "float32", linear_backend: str = "auto", feature_dim: int | None = None,
+                 **kwargs: Any) -> None:
         # Checked before LlamaConfig's own validation so users get one clear msrnn error.
         hidden, heads = kwargs.get("hidden_size", 4096), kwargs.get("num_attention_heads", 32)
         if hidden % heads:
@@ -57,6 +58,11 @@ class SupraConfig(LlamaConfig):
             raise ConfigError(f"unknown linear-attention backend {linear_backend!r}; use auto, torch or fla")
         if linear_chunk_size < 1:
             raise ConfigError("linear_chunk_size must be >= 1")
+        if feature_dim is not None and (feature_dim < 2 or feature_dim % 2):
+            raise ConfigError(f"feature_dim must be an even number >= 2 (RoPE rotates pairs), got {feature_dim}")
+        if feature_dim is not None and feature_dim != self.head_dim_ and rope_type(self) != "default":
+            raise ConfigError(f"feature_dim {feature_dim} differs from head_dim {self.head_dim_}, which needs the "
+                              f"default RoPE; this model uses {rope_type(self)!r} (keep feature_dim = head_dim)")
         if state_dtype != "float32":
             warnings.warn(f"state_dtype={state_dtype!r} requested; SUPRA keeps its recurrent state in float32 "
                           "(lower precision drifts over long streams)", stacklevel=2)
@@ -68,7 +74,26 @@ class SupraConfig(LlamaConfig):
         self.qkv_bias = self.attention_bias if qkv_bias is None else qkv_bias
         self.o_bias = self.attention_bias if o_bias is None else o_bias
         self.state_dtype = state_dtype
+        self.feature_dim = feature_dim
         self.linear_backend = linear_backend
+
+    @property
+    def head_dim_(self) -> int:
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    @property
+    def phi_dim(self) -> int:
+        """Width of phi(q), phi(k) per head: the state is [H, phi_dim, head_dim], so this sizes the state."""
+        return self.feature_dim or self.head_dim_
+
+
+def rope_type(config: Any) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 class SupraStateLayer(CacheLayerMixin):
@@ -125,28 +150,29 @@ class SupraCache(Cache):
 
 
 class FeatureMap(nn.Module):
-    """phi(x) = ReLU(W x + b) over the concatenated heads (dense) or per head."""
+    """phi(x) = ReLU(W x + b) over the concatenated heads (dense) or per head, head_dim -> out_dim per head."""
 
-    def __init__(self, heads: int, head_dim: int, kind: str) -> None:
+    def __init__(self, heads: int, head_dim: int, kind: str, out_dim: int | None = None) -> None:
         super().__init__()
-        self.heads, self.head_dim, self.kind = heads, head_dim, kind
+        out_dim = out_dim or head_dim
+        self.heads, self.head_dim, self.out_dim, self.kind = heads, head_dim, out_dim, kind
         if kind == "dense":
-            self.proj = nn.Linear(heads * head_dim, heads * head_dim, bias=True)
+            self.proj = nn.Linear(heads * head_dim, heads * out_dim, bias=True)
         else:
-            ref = nn.Linear(head_dim, head_dim)  # per-head weights with nn.Linear's default init, as the official code
+            ref = nn.Linear(head_dim, out_dim)  # per-head weights with nn.Linear's default init, as the official code
             self.weight = nn.Parameter(torch.stack([ref.weight.detach().clone() for _ in range(heads)]))
             self.bias = nn.Parameter(torch.stack([ref.bias.detach().clone() for _ in range(heads)]))
             for h in range(heads):
                 nn.init.kaiming_uniform_(self.weight.data[h], a=5**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, heads * head_dim] -> [B, heads, T, head_dim]."""
+        """x [B, T, heads * head_dim] -> [B, heads, T, out_dim]."""
         B, T, _ = x.shape
         if self.kind == "dense":
-            y = self.proj(x).view(B, T, self.heads, self.head_dim)
+            y = self.proj(x).view(B, T, self.heads, self.out_dim)
         else:
             y = torch.einsum("bthd,hed->bthe", x.view(B, T, self.heads, self.head_dim), self.weight) + self.bias
-        return F.relu(y).transpose(1, 2)  # [B, heads, T, head_dim]
+        return F.relu(y).transpose(1, 2)  # [B, heads, T, out_dim]
 
 
 class SupraAttention(nn.Module):
@@ -160,9 +186,10 @@ class SupraAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, Hkv * d, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, Hkv * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * d, config.hidden_size, bias=config.o_bias)
-        self.phi_q = FeatureMap(H, d, config.feature_map)
+        self.phi_dim = config.phi_dim
+        self.phi_q = FeatureMap(H, d, config.feature_map, self.phi_dim)
         # Under GQA keys have fewer heads and their own phi; with MHA the official code shares phi.
-        self.phi_k = FeatureMap(Hkv, d, config.feature_map) if Hkv != H else None
+        self.phi_k = FeatureMap(Hkv, d, config.feature_map, self.phi_dim) if Hkv != H else None
         # Fixed by the config, so not a buffer: transformers 5 builds models on the meta device and would leave a
         # non-persistent buffer unmaterialised after from_pretrained.
         self._log_gamma: torch.Tensor | None = None
@@ -176,10 +203,12 @@ class SupraAttention(nn.Module):
                 attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:
         B, T, _ = hidden_states.shape
-        q = self.phi_q(self.q_proj(hidden_states))  # [B, H, T, d]
-        k = (self.phi_k or self.phi_q)(self.k_proj(hidden_states))  # [B, Hkv, T, d]
+        q = self.phi_q(self.q_proj(hidden_states))  # [B, H, T, F]
+        k = (self.phi_k or self.phi_q)(self.k_proj(hidden_states))  # [B, Hkv, T, F]
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
+        if self.phi_dim != self.head_dim:  # RoPE at the feature width (same theta, F/2 frequencies)
+            cos, sin = self._rope(kwargs.get("position_ids"), B, T, hidden_states.device, hidden_states.dtype)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
@@ -198,6 +227,18 @@ class SupraAttention(nn.Module):
         o = o.transpose(1, 2)  # [B, T, H, d]
         o = F.layer_norm(o.float(), (self.head_dim,), eps=self.config.norm_eps).to(hidden_states.dtype)
         return self.o_proj(o.reshape(B, T, -1)), None
+
+
+    def _rope(self, position_ids: torch.Tensor | None, B: int, T: int, device: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, F] of the default RoPE at width F = phi_dim (the model's own tables have head_dim)."""
+        if position_ids is None:
+            raise ConfigError("SUPRA with feature_dim != head_dim needs position_ids from the model")
+        F_ = self.phi_dim
+        inv = 1.0 / rope_theta(self.config) ** (torch.arange(0, F_, 2, device=device, dtype=torch.float32) / F_)
+        ang = position_ids.to(device).float()[..., None] * inv  # [B or 1, T, F/2]
+        emb = torch.cat([ang, ang], dim=-1).expand(B, T, F_)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 class SupraModel(LlamaModel):
