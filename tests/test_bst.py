@@ -159,3 +159,56 @@ def test_streaming_and_parallel_gradients_agree(variant, kernel):
         assert_close(f"{variant}:{kernel} grad {i}", a, b, atol=1e-4, rtol=1e-4)
         compared += 1
     assert compared == len(params)  # every parameter, the SSM's included, gets a gradient on both paths
+
+
+def make_gqa(variant, W=8, seed=0):
+    torch.manual_seed(seed)
+    cfg = BSTConfig(vocab_size=V, hidden_size=60, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                    intermediate_size=64, block_size=W, variant=variant, state_size=6, ssm_layers=[1])
+    return BSTForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("variant", ["sh", "mh", "slide", "full"])
+def test_grouped_query_attention_streams_like_parallel_and_shrinks_the_state(variant):
+    m = make_gqa(variant)
+    x = torch.randint(0, V, (2, 63))
+    with torch.no_grad():
+        for chunk in (1, 5, 63):
+            assert_close(f"gqa {variant} chunk {chunk}", m(x).logits, stream_logits(BSTLM(m), x, chunk), atol=1e-5)
+    lm = BSTLM(m)
+    state = lm.init_state(1)
+    with torch.no_grad():
+        _, state = lm.forward_chunk(x[:1, :7], state)  # 7 block keys held in every layer
+    assert state["layers"][0]["k"].shape[1] == 2  # keys/values held per kv head, not per query head
+
+
+@pytest.mark.parametrize("variant", ["sh", "mf", "slide", "full"])
+def test_from_llama_starts_as_the_base_model(variant):
+    from helpers import tiny
+
+    from msrnn.bst import from_llama
+
+    base = tiny("llama", seed=4)
+    T = 40
+    x = torch.randint(0, 384, (2, T))
+    with torch.no_grad():
+        ref = base(x).logits
+        wide = from_llama(base, variant=variant, block_size=64, state_size=4)  # one block covers the input
+        assert_close(f"{variant} W > T", ref, wide(x).logits, atol=1e-4)
+        cut = from_llama(base, variant=variant, block_size=16, state_size=4)
+        out = cut(x).logits
+        # the first block sees what the base sees; later blocks lose keys beyond the block (or the previous one)
+        assert_close(f"{variant} first block", ref[:, :16], out[:, :16], atol=1e-4)
+        assert torch.allclose(ref[:, 33:], out[:, 33:], atol=1e-4) == (variant == "full")
+
+
+def test_from_llama_rejects_models_it_cannot_hold():
+    from helpers import tiny
+
+    from msrnn.bst import from_llama
+    from msrnn.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="qwen2"):
+        from_llama(tiny("qwen2"))
+    with pytest.raises(ConfigError, match="multiple of num_key_value_heads"):
+        BSTConfig(num_attention_heads=4, num_key_value_heads=3)

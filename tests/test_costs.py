@@ -44,10 +44,13 @@ def test_state_bytes_match_the_implementations():
         sup = SupraLM(convert(model))
         _, st = sup.forward_chunk(x, sup.init_state(1))
         assert sup.state_nbytes(st) == costs(arch, "supra", 50)["state_bytes"]
+        sup = SupraLM(convert(model, feature_dim=6))
+        _, st = sup.forward_chunk(x, sup.init_state(1))
+        assert sup.state_nbytes(st) == costs(arch, "supra", 50, feature_dim=6)["state_bytes"]
         from msrnn.bst import BSTLM, BSTConfig, BSTForCausalLM
 
         cfg = BSTConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=96, block_size=16, state_size=8, ssm_layers=[1])
+                        num_key_value_heads=2, intermediate_size=96, block_size=16, state_size=8, ssm_layers=[1])
         bst = BSTLM(BSTForCausalLM(cfg).eval())
         _, st = bst.forward_chunk(x[:, :47], bst.init_state(1))  # 2 blocks + 15 tokens: the peak
         assert bst.state_nbytes(st) == costs(Arch.from_config(cfg), "bst", 47, block=16, ssm_state=8)["state_bytes"]

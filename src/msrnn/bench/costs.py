@@ -5,7 +5,8 @@ of state it carries at the end. Families:
 
 * ``full``  -- softmax attention with the whole KV cache: attention FLOPs grow as L^2, state as L;
 * ``kv``    -- KV eviction at ``budget`` slots per layer (TOVA adds one probability row per token);
-* ``supra`` -- linear attention: phi maps plus a [H, d, d] fp32 state per layer (constant);
+* ``supra`` -- linear attention: phi maps plus a [H, F, d] fp32 state per layer (constant; F = feature_dim,
+               default d);
 * ``bst``   -- Block-State Transformer: FFT SSM over the stream + attention inside blocks of ``block`` tokens
                and to ``block`` context states; state = SSM states + the current block's keys/values;
 * ``rmt``   -- Recurrent Memory Transformer: full attention inside segments of ``segment`` tokens plus
@@ -55,7 +56,8 @@ class Arch:
 
 
 def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 64, ssm_state: int = 16,
-          segment: int = 512, memory: int = 16, score_row: bool = True, ssm_layers: int = 1) -> dict[str, float]:
+          segment: int = 512, memory: int = 16, score_row: bool = True, ssm_layers: int = 1,
+          feature_dim: int | None = None) -> dict[str, float]:
     """{"flops": forward FLOPs for the whole stream, "state_bytes": state held after it}."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
@@ -78,17 +80,18 @@ def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 
         phi = 2 * (a.heads * a.head_dim) ** 2 + 2 * (a.kv_heads * a.head_dim) ** 2
         rec = 4 * a.heads * a.head_dim * a.head_dim  # state update k^T v and readout q S
         return {"flops": dense + a.layers * (phi + rec) * L,
-                "state_bytes": a.layers * a.heads * a.head_dim * a.head_dim * 4}
+                "state_bytes": a.layers * a.heads * (feature_dim or a.head_dim) * a.head_dim * 4}
     if family == "bst":
-        # BST:SH as msrnn.bst builds it: the SSM and the cross-attention only in `ssm_layers` layers, multi-head
-        # (not grouped) attention, within-block attention everywhere. State at its peak, one token short of a
+        # BST:SH as msrnn.bst builds it: the SSM and the cross-attention only in `ssm_layers` layers (multi-head
+        # context keys), grouped-query attention within blocks everywhere. State at its peak, one token short of a
         # full block: every layer's block keys/values, plus the SSM layers' complex64 state and context K/V.
         n_fft = 2 * L
         ssm = ssm_layers * (a.d * 5 * n_fft * math.log2(max(n_fft, 2)) + 2 * a.d * ssm_state * L)
         within = L * (block + 1) / 2  # causal attention inside blocks (average)
         cross = L * (block + 1) / 2  # SH: causal cross-attention to the block's own context states
-        kv_block = 2 * a.heads * a.head_dim * (block - 1) * a.bytes_per_value
-        state = a.layers * kv_block + ssm_layers * (a.d * (ssm_state // 2) * 8 + kv_block)
+        kv_block = 2 * a.kv_heads * a.head_dim * (block - 1) * a.bytes_per_value  # grouped-query self-attention
+        ctx_block = 2 * a.heads * a.head_dim * (block - 1) * a.bytes_per_value  # context keys: one per head
+        state = a.layers * kv_block + ssm_layers * (a.d * (ssm_state // 2) * 8 + ctx_block)
         return {"flops": dense + ssm + a.layers * attn_unit * within + ssm_layers * attn_unit * cross,
                 "state_bytes": state}
     seg = segment + 2 * memory

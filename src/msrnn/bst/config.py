@@ -16,8 +16,10 @@ class BSTConfig(PretrainedConfig):
     """``variant``: sh / mh / mf (BST context states: single-head, multi-head, multi-filter), ``slide``
     (sliding-window block attention over the current and previous block, no SSM) or ``full`` (causal attention
     over everything: the unbounded baseline). ``kernel``: ``s4`` (S4D, regenerable at any length) or
-    ``unstruct`` (explicit taps up to ``filter_length``). ``ssm_layers``: indices of the layers that carry the
-    SSM and cross-attention (default: the middle layer); the others do causal attention within the block."""
+    ``unstruct`` (explicit taps up to ``filter_length``). ``num_key_value_heads``: grouped-query self-attention
+    (the block keys/values, the bulk of the state, shrink by heads / kv_heads). ``ssm_layers``: indices of the
+    layers that carry the SSM and cross-attention (default: the middle layer); the others do causal attention
+    within the block."""
 
     model_type = "msrnn_bst"
 
@@ -26,7 +28,7 @@ class BSTConfig(PretrainedConfig):
                  variant: str = "sh", kernel: str = "s4", state_size: int = 16, mf_states: int = 8,
                  ssm_layers: list[int] | None = None, filter_length: int = 512, ssm_dtype: str = "float32",
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
-                 tie_word_embeddings: bool = True, **kwargs: Any) -> None:
+                 tie_word_embeddings: bool = True, num_key_value_heads: int | None = None, **kwargs: Any) -> None:
         if variant not in VARIANTS:
             raise ConfigError(f"unknown BST variant {variant!r}; use one of {', '.join(VARIANTS)}")
         if kernel not in KERNELS:
@@ -36,6 +38,10 @@ class BSTConfig(PretrainedConfig):
                               f"{num_attention_heads}; pick sizes whose head dimension is whole")
         if (hidden_size // num_attention_heads) % 2:
             raise ConfigError("the head dimension must be even for rotary embeddings")
+        kv_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        if kv_heads < 1 or num_attention_heads % kv_heads:
+            raise ConfigError(f"num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads "
+                              f"{kv_heads}; pick a divisor")
         if block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {block_size}")
         if state_size < 2 or state_size % 2:
@@ -51,6 +57,7 @@ class BSTConfig(PretrainedConfig):
             raise ConfigError(f"ssm_layers {layers} must be in [0, {num_hidden_layers})")
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.num_key_value_heads = kv_heads
         self.intermediate_size, self.block_size = intermediate_size, block_size
         self.variant, self.kernel, self.state_size, self.mf_states = variant, kernel, state_size, mf_states
         self.ssm_layers = layers if variant in ("sh", "mh", "mf") else []
@@ -66,7 +73,8 @@ class BSTConfig(PretrainedConfig):
 
         p = PRESETS.get(preset)()
         return cls(vocab_size=vocab_size, hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
-                   num_attention_heads=p.num_heads, intermediate_size=p.intermediate_size, **kwargs)
+                   num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads,
+                   intermediate_size=p.intermediate_size, **kwargs)
 
     @property
     def head_dim(self) -> int:

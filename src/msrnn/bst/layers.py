@@ -106,9 +106,10 @@ class BSTLayer(nn.Module):
         super().__init__()
         self.cfg, self.has_ssm = cfg, has_ssm
         d, h = cfg.hidden_size, cfg.num_attention_heads
-        self.h = h
+        self.h, self.hkv = h, cfg.num_key_value_heads
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=cfg.rms_norm_eps), nn.RMSNorm(d, eps=cfg.rms_norm_eps)
-        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.q = nn.Linear(d, d, bias=False)
+        self.k, self.v = (nn.Linear(d, self.hkv * cfg.head_dim, bias=False) for _ in range(2))
         self.prev_blocks = 1 if cfg.variant == "slide" else 0
         if has_ssm:
             self.ssm = ContextSSM(cfg)
@@ -146,27 +147,29 @@ class BSTLayer(nn.Module):
     def forward(self, x: torch.Tensor, W: int) -> torch.Tensor:
         """x [B, L, d] with L a multiple of W (the model pads): all blocks at once."""
         B, L, d = x.shape
-        nb, h, dh = L // W, self.h, self.cfg.head_dim
+        nb, h, hkv, dh = L // W, self.h, self.hkv, self.cfg.head_dim
         hn = self.norm1(x)
         pos = torch.arange(L, device=x.device)
         q = rope(heads(self.q(hn), h), pos, self.cfg.rope_theta)
-        k = rope(heads(self.k(hn), h), pos, self.cfg.rope_theta)
-        v = heads(self.v(hn), h)
+        k = rope(heads(self.k(hn), hkv), pos, self.cfg.rope_theta)
+        v = heads(self.v(hn), hkv)
 
-        def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, h, L, dh] -> [B*nb, h, W, dh]
-            return t.view(B, h, nb, W, dh).transpose(1, 2).reshape(B * nb, h, W, dh)
+        def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, n, L, dh] -> [B*nb, n, W, dh]
+            n = t.shape[1]
+            return t.view(B, n, nb, W, dh).transpose(1, 2).reshape(B * nb, n, W, dh)
 
         qb, kb, vb = blocks(q), blocks(k), blocks(v)
         mask = None  # within one block the mask is plain causal: SDPA's is_causal path, no [W, W] tensor
         if self.prev_blocks:
-            kp = torch.roll(kb.view(B, nb, h, W, dh), 1, dims=1).view(B * nb, h, W, dh)
-            vp = torch.roll(vb.view(B, nb, h, W, dh), 1, dims=1).view(B * nb, h, W, dh)
+            kp = torch.roll(kb.view(B, nb, hkv, W, dh), 1, dims=1).view(B * nb, hkv, W, dh)
+            vp = torch.roll(vb.view(B, nb, hkv, W, dh), 1, dims=1).view(B * nb, hkv, W, dh)
             kb, vb = torch.cat([kp, kb], dim=2), torch.cat([vp, vb], dim=2)
             first = torch.arange(nb, device=x.device).repeat(B) == 0  # block 0 has no previous block
             mask = block_mask(W, 0, W, W, x.device)[None].repeat(B * nb, 1, 1)
             mask[first, :, :W] = False
             mask = mask[:, None]
-        sa = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None)  # [B*nb, h, W, dh]
+        sa = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None,
+                                            enable_gqa=hkv != h)  # [B*nb, h, W, dh]
         sa = merge(sa.view(B, nb, h, W, dh).transpose(1, 2).reshape(B, h, L, dh))
         ca = None
         if self.has_ssm:
@@ -187,11 +190,12 @@ class BSTLayer(nn.Module):
 
     # ------------------------------------------------------------------ streaming form
     def init_state(self, batch: int, device: Any) -> dict[str, Any]:
-        empty = torch.zeros(batch, self.h, 0, self.cfg.head_dim, device=device)
+        empty = torch.zeros(batch, self.hkv, 0, self.cfg.head_dim, device=device)
         state: dict[str, Any] = {"k": empty, "v": empty, "kp": None, "vp": None}
         if self.has_ssm:
             state["ssm"] = self.ssm.zero_state(batch, device)
-            state["k2"], state["v2"] = empty, empty
+            empty2 = torch.zeros(batch, self.h, 0, self.cfg.head_dim, device=device)
+            state["k2"], state["v2"] = empty2, empty2
             if self.cfg.variant == "mf":
                 state["ctx"] = self.ssm.init_context.float()[None].expand(batch, -1, -1)  # [B, S, d]
         return state
@@ -203,13 +207,13 @@ class BSTLayer(nn.Module):
         hn = self.norm1(x)
         pos = torch.arange(start, start + t, device=x.device)
         q = rope(heads(self.q(hn), h), pos, self.cfg.rope_theta)
-        state["k"] = torch.cat([state["k"], rope(heads(self.k(hn), h), pos, self.cfg.rope_theta)], dim=2)
-        state["v"] = torch.cat([state["v"], heads(self.v(hn), h)], dim=2)
+        state["k"] = torch.cat([state["k"], rope(heads(self.k(hn), self.hkv), pos, self.cfg.rope_theta)], dim=2)
+        state["v"] = torch.cat([state["v"], heads(self.v(hn), self.hkv)], dim=2)
         k, v, prev = state["k"], state["v"], 0
         if self.prev_blocks and state["kp"] is not None:
             k, v, prev = torch.cat([state["kp"], k], 2), torch.cat([state["vp"], v], 2), state["kp"].shape[2]
         mask = block_mask(t, offset, state["k"].shape[2], prev, x.device)
-        sa = merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        sa = merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.hkv != h))
         ca = None
         if self.has_ssm:
             y, state["ssm"] = self.ssm.conv(hn, state["ssm"])  # [B, rep, t, d]
@@ -227,8 +231,7 @@ class BSTLayer(nn.Module):
         if W is not None and offset + t == W:  # the block is complete: its keys become the previous block's
             if self.prev_blocks:
                 state["kp"], state["vp"] = state["k"], state["v"]
-            empty = state["k"][:, :, :0]
-            state["k"], state["v"] = empty, empty
+            state["k"], state["v"] = state["k"][:, :, :0], state["v"][:, :, :0]
             if self.has_ssm and self.cfg.variant != "mf":
-                state["k2"], state["v2"] = empty, empty
+                state["k2"], state["v2"] = state["k2"][:, :, :0], state["v2"][:, :, :0]
         return self._finish(x, sa, ca)

@@ -28,7 +28,8 @@ def convert(model: Any, decay: str = "lightning", feature_map: str = "dense", se
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "sliding_window",
                 "use_sliding_window", "max_window_layers", "layer_types"):
         base.pop(key, None)
-    new_cfg = SupraConfig(decay=decay, feature_map=feature_map, feature_dim=feature_dim, **SUPPORTED[cfg.model_type], **base)
+    new_cfg = SupraConfig(decay=decay, feature_map=feature_map, feature_dim=feature_dim,
+                          **SUPPORTED[cfg.model_type], **base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         supra = SupraForCausalLM(new_cfg)
