@@ -42,7 +42,7 @@ def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     folder = tmp_path / "rep" / Path(report["folder"]).name
     assert folder.name.startswith("compare-base-") and folder.is_dir()
     names = {e["name"]: e for e in report["entries"]}
-    assert report["schema"] == 1 and "full" in names and "kv:tova@8192" in names
+    assert report["schema"] == 2 and "full" in names and "kv:tova@8192" in names
     bst, rmt = names["bst:bst"], names["rmt:rmt"]
     for e in report["entries"]:
         assert {"name", "family", "state_bytes", "ppl", "tokens_per_s", "ppl_by_position"} <= set(e)
@@ -54,7 +54,9 @@ def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     per_slot = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_dim 16 x fp32
     tova = names["kv:tova@8192"]
     assert 8192 // per_slot - 2 <= tova["slots"] <= 8192 // per_slot and tova["state_bytes"] <= 8192
-    assert [r["segments"] for r in rmt["task"]] == [1, 2] and "task" not in names["full"]
+    assert [r["segments"] for r in rmt["task"]] == [1, 2] and [r["segments"] for r in names["full"]["task"]] == [1, 2]
+    assert rmt["task_trained"] and not names["full"]["task_trained"]  # zero-shot entries are marked
+    assert names["full"]["task_chance"] == pytest.approx(1 / 6)
     for f in ("report.md", "results.json", "ppl_vs_state.png", "ppl_vs_position.png", "accuracy_vs_length.png",
               "speed_memory_vs_length.png"):
         assert (folder / f).exists(), f
@@ -63,7 +65,7 @@ def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     full = [p["state_bytes"] for p in names["full"]["profile"]]
     assert full[-1] == 4 * full[0]  # the full cache grows with length
     saved = json.loads((folder / "results.json").read_text())
-    assert saved["schema"] == 1 and saved["config"]["budgets"] == [8192] and len(saved["entries"]) == len(names)
+    assert saved["schema"] == 2 and saved["config"]["budgets"] == [8192] and len(saved["entries"]) == len(names)
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["folder"] == report["folder"] and all(e["resumed"] for e in again["entries"])

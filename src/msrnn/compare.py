@@ -3,15 +3,16 @@
 Entries:
 * ``full``: the base model with its whole KV cache (the unbounded reference);
 * ``kv:<policy>@<bytes>``: KV eviction on the base model with as many slots as fit in each budget;
-* each trained bounded model (SUPRA, BST, RMT directories): evaluated at the state its architecture holds,
-  and every KV policy is also run at *that* many bytes, so each family meets eviction at its own size.
-  Resizing a trained SUPRA/BST/RMT model to an arbitrary budget would need retraining, which this command
-  does not do; train models of other sizes with ``msrnn train ...`` and pass them too.
+* ``<family>@<bytes>`` (with ``build``): SUPRA, BST and RMT built from the base model *at each budget*
+  (``msrnn.build`` sizes each so its measured peak state fits, and trains each on the same number of tokens);
+* each trained model passed in ``models``: evaluated at the state its architecture holds, and every KV policy
+  is also run at *that* many bytes, so each family meets eviction at its own size.
 
-Every entry reads the same held-out documents with the streaming evaluator (and, optionally, the same memory-task
-samples). Results are written one JSON file per entry as soon as it finishes, keyed by a hash of the settings,
-so an interrupted run resumes where it stopped; the report (markdown, PNGs, ``results.json``) is rebuilt from
-those files at the end.
+Every entry reads the same held-out documents with the streaming evaluator and, with ``task``, answers the same
+memory-task samples (models not trained on the task answer zero-shot; the report marks them and gives chance).
+Results are written one JSON file per entry as soon as it finishes, keyed by a hash of the settings, so an
+interrupted run resumes where it stopped; the report (markdown, PNGs, ``results.json``) is rebuilt from those
+files at the end.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from msrnn.errors import ConfigError, DataError
-from msrnn.io import atomic_file, write_json
+from msrnn.io import write_json
+from msrnn.protocol import measure_state_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: built entries (sizing), notes, zero-shot task marks
 
 
 @dataclass
@@ -44,7 +46,11 @@ class CompareConfig:
     segment_length: int = 128
     task_samples: int = 50
     profile_tokens: int = 8192  # tokens/s and state bytes versus length, from one long random stream per entry
-    probe_tokens: int = 2048  # stream length for the largest-state probe (>= 7 x the longest block/segment)
+    probe_tokens: int = 2048  # stream length for the largest-state probe (>= 2 x the longest block/segment)
+    build: list[str] = field(default_factory=list)  # families to build at every budget (msrnn.build)
+    build_tokens: int = 262_144  # training tokens per built model, equal for every family and budget
+    build_data: str = "stdlib"  # what built models train on (its train split)
+    build_seq_len: int = 512
 
     def __post_init__(self) -> None:
         if any(b < 1 for b in self.budgets):
@@ -59,6 +65,16 @@ class CompareConfig:
             from msrnn.tasks import TASKS
 
             TASKS.get(self.task)
+        if self.build:
+            self.build_config()  # validates the families and the token budget now, not after an hour
+            if not self.budgets:
+                raise ConfigError("--build sizes models to --budgets; give at least one, e.g. --budgets 262144")
+
+    def build_config(self) -> Any:
+        from msrnn.build import BuildConfig
+
+        return BuildConfig(families=tuple(self.build), train_tokens=self.build_tokens, data=self.build_data,
+                           seq_len=self.build_seq_len)
 
     def folder_name(self) -> str:
         """The report folder's name: the base model plus a hash of every setting, so two configs never share
@@ -80,67 +96,75 @@ class Entry:
     policy: str | None = None
     slots: int | None = None
     budget_bytes: int | None = None
+    state_bytes: int | None = None  # the peak measured when the entry was planned
+    sizing: dict[str, int] | None = None  # a built model's size knobs
 
 
 def _tokenizer_id(tok: Any) -> str:
     return hashlib.sha1(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def plan(cfg: CompareConfig) -> list[Entry]:
-    """The entries to evaluate: the full cache, KV policies at each budget and at each bounded model's bytes,
-    and the bounded models themselves."""
+def plan(cfg: CompareConfig, progress: bool = True) -> tuple[list[Entry], list[str]]:
+    """The entries to evaluate (the full cache, KV policies at each budget and at each given model's bytes, the
+    given models, and the models built at each budget) and notes on what could not be planned."""
     from msrnn.bench.costs import Arch
     from msrnn.models import load_lm
+    from msrnn.models.loading import family_of
 
     base = load_lm(cfg.base)
     per_slot = Arch.from_config(base.model.config).kv_bytes_per_slot()
-    entries = [Entry("full", "full", cfg.base)]
+    entries, notes = [Entry("full", "full", cfg.base)], []
     budgets = {b: f"{b}" for b in cfg.budgets}
-    for path in cfg.models:
+
+    def add_model(path: str, name: str, budget: int | None = None, sizing: dict[str, int] | None = None) -> int:
         lm = load_lm(path)
         if _tokenizer_id(lm.tokenizer) != _tokenizer_id(base.tokenizer):
             raise DataError(f"{path} uses a different tokenizer from {cfg.base}; perplexities would not be "
                             "comparable (train every model with the base model's tokenizer)")
         nbytes = measure_state_bytes(lm, cfg.probe_tokens)
-        from msrnn.models.loading import family_of
-
         family = family_of(path)
-        entries.append(Entry(f"{family}:{Path(path).name}", family, str(path), budget_bytes=nbytes))
-        budgets.setdefault(nbytes, f"{nbytes}")
+        entries.append(Entry(name or f"{family}:{Path(path).name}", family, str(path),
+                             budget_bytes=budget or nbytes, state_bytes=nbytes, sizing=sizing))
+        return nbytes
+
+    for path in cfg.models:
+        budgets.setdefault(add_model(path, ""), "")
+    if cfg.build:
+        from msrnn.build import build
+
+        bcfg = cfg.build_config()
+        for b in sorted(cfg.budgets):
+            for family in bcfg.families:
+                path, sizing = build(family, cfg.base, b, bcfg, progress=progress)
+                if path is None:
+                    notes.append(f"{family} cannot fit {b:,} bytes with {Path(cfg.base).name}'s width "
+                                 "(its smallest sensible size is larger)")
+                    continue
+                add_model(str(path), f"{family}@{b}", budget=b, sizing=sizing)
     for b in sorted(budgets):
         for p in cfg.policies:
-            slots = fit_slots(base, p, b, per_slot)
+            slots, nbytes = fit_slots(base, p, b, per_slot)
             if slots < 8:
+                notes.append(f"kv:{p} skipped at {b:,} bytes: fewer than 8 slots per layer fit")
                 continue  # fewer than 8 slots per layer is not a meaningful cache
-            entries.append(Entry(f"kv:{p}@{b}", "kv", cfg.base, policy=p, slots=slots, budget_bytes=b))
-    return entries
+            entries.append(Entry(f"kv:{p}@{b}", "kv", cfg.base, policy=p, slots=slots, budget_bytes=b,
+                                 state_bytes=nbytes))
+    return entries, notes
 
 
-def fit_slots(base: Any, policy: str, budget: int, per_slot: int) -> int:
-    """The most KV slots whose measured state (keys, values and the policy's bookkeeping) fits ``budget``."""
+def fit_slots(base: Any, policy: str, budget: int, per_slot: int) -> tuple[int, int]:
+    """(slots, measured bytes): the most KV slots whose measured state (keys, values and the policy's
+    bookkeeping) fits ``budget``. Chunks of 7 tokens: the oneshot prefill holds a chunk's keys before evicting."""
     from msrnn.kv import make_policy, wrap
 
     slots = budget // per_slot
-    while slots >= 8 and measure_state_bytes(wrap(base, make_policy(policy, slots), prefill="oneshot"),
-                                             tokens=4 * slots + 64, chunk=7) > budget:
+    while slots >= 8:
+        nbytes = measure_state_bytes(wrap(base, make_policy(policy, slots), prefill="oneshot"),
+                                     tokens=4 * slots + 64, chunk=7)
+        if nbytes <= budget:
+            return int(slots), nbytes
         slots -= 1
-    return int(slots)
-
-
-def measure_state_bytes(lm: Any, tokens: int = 2048, chunk: int = 7) -> int:
-    """Peak state bytes of one sequence over a random stream: the bound a family really needs.
-
-    The chunk is odd so chunk ends fall at every offset inside a block or segment (a model that drops its
-    block keys at each block end looks smaller if it is only measured at block ends)."""
-    import torch
-
-    state, peak = lm.init_state(1), 0
-    g = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for _ in range(0, tokens, chunk):
-            _, state = lm.forward_chunk(torch.randint(0, lm.vocab_size, (1, chunk), generator=g), state)
-            peak = max(peak, lm.state_nbytes(state))
-    return peak
+    return int(slots), 0
 
 
 def _load(entry: Entry) -> Any:
@@ -166,7 +190,9 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
                           StreamEvalConfig(chunk_size=cfg.chunk_size, max_tokens=cfg.max_tokens), progress=progress)
     xs, ys = log_buckets(res)
     out: dict[str, Any] = {**asdict(entry), "ppl": res.ppl, "tokens": res.tokens, "documents": res.documents,
-                           "state_bytes": max(res.peak_state_bytes, measure_state_bytes(lm, cfg.probe_tokens)),
+                           "state_bytes": max(res.peak_state_bytes, entry.state_bytes
+                                              if entry.state_bytes is not None
+                                              else measure_state_bytes(lm, cfg.probe_tokens)),
                            "eval_peak_state_bytes": res.peak_state_bytes, "tokens_per_s": res.tokens_per_s,
                            "nonfinite": res.nonfinite, "ppl_by_position": [[float(x), float(y)]
                                                                          for x, y in zip(xs, ys, strict=True)]}
@@ -177,7 +203,7 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
     out["profile"] = [{"tokens": r["tokens"], "state_bytes": r["state_bytes"], "rss_mib": r["rss_mib"],
                        "tokens_per_s": chunk / max(r["ms_per_chunk"] / 1e3, 1e-9)} for r in prof["rows"]]
     trained_task = getattr(getattr(getattr(lm, "wrapper", None), "config", None), "task", None)
-    if cfg.task and trained_task == cfg.task:
+    if cfg.task:
         from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
         from msrnn.tasks import TaskGenerator, noise_sentences
 
@@ -185,6 +211,8 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
         rows = evaluate_task(lm, gen, [n * cfg.segment_length for n in cfg.task_segments],
                              TaskEvalConfig(samples=cfg.task_samples, chunk_size=cfg.segment_length))
         out["task"] = [{"segments": n, **r} for n, r in zip(cfg.task_segments, rows, strict=True)]
+        out["task_trained"] = trained_task == cfg.task
+        out["task_chance"] = 1.0 / len(gen.labels)
     return out
 
 
@@ -201,11 +229,12 @@ def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress:
 
     out = Path(root) / cfg.folder_name()
     plan_file = out / "plan.json"
-    if resume and plan_file.exists():  # the plan measures every model and fits every slot count: do it once
-        entries = [Entry(**e) for e in json.loads(plan_file.read_text())]
+    if resume and plan_file.exists():  # the plan builds and measures every model and fits every slot count: once
+        saved = json.loads(plan_file.read_text())
+        entries, notes = [Entry(**e) for e in saved["entries"]], saved["notes"]
     else:
-        entries = plan(cfg)
-        write_json(plan_file, [asdict(e) for e in entries])
+        entries, notes = plan(cfg, progress=progress)
+        write_json(plan_file, {"entries": [asdict(e) for e in entries], "notes": notes})
     key = cfg.eval_key()
     results = []
     with Progress(TextColumn("[bold]compare {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -224,83 +253,10 @@ def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress:
             write_json(path, res)
             results.append({**res, "resumed": False})
             bar.advance(job)
-    report = {"schema": SCHEMA_VERSION, "folder": str(out), "config": asdict(cfg), "entries": results}
+    report = {"schema": SCHEMA_VERSION, "folder": str(out), "config": asdict(cfg), "entries": results,
+              "notes": notes}
     write_json(out / "results.json", report)
+    from msrnn.compare_report import write_report
+
     write_report(report, out)
     return report
-
-
-def write_report(report: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from msrnn.evaluate.plots import plot_accuracy_vs_segments, save_figure
-
-    entries = report["entries"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    for policy in report["config"]["policies"]:  # one line per KV policy across budgets
-        pts = sorted((e["state_bytes"], e["ppl"]) for e in entries if e["family"] == "kv" and e["policy"] == policy)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=f"kv {policy}")
-    markers = {"full": "*", "supra": "s", "bst": "D", "rmt": "^", "hf": "x"}
-    for e in entries:
-        if e["family"] != "kv":
-            ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=markers.get(e["family"], "x"), s=60, zorder=3,
-                       label=e["name"])
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("state bytes per sequence (largest held at any offset)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("perplexity versus state size (same documents)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    save_figure(fig, out / "ppl_vs_state.png")
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for e in entries:
-        if e["family"] != "kv" or e["policy"] == "tova":
-            pts = e["ppl_by_position"]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=e["name"])
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("token position")
-    ax.set_ylabel("perplexity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
-    save_figure(fig, out / "ppl_vs_position.png")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    for e in entries:
-        if e["family"] != "kv" or e["policy"] == "tova":
-            pts = e["profile"]
-            axes[0].plot([p["tokens"] for p in pts], [p["tokens_per_s"] for p in pts], marker="o", ms=3,
-                         label=e["name"])
-            axes[1].plot([p["tokens"] for p in pts], [max(p["state_bytes"], 1) for p in pts], marker="o", ms=3,
-                         label=e["name"])
-    for ax, ylabel in zip(axes, ("tokens/s (chunked streaming)", "state bytes between chunks"), strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens streamed")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[1].set_yscale("log", base=2)
-    axes[1].legend(fontsize=6)
-    save_figure(fig, out / "speed_memory_vs_length.png")
-    tasks = {e["name"]: e["task"] for e in entries if e.get("task")}
-    if tasks:
-        plot_accuracy_vs_segments(tasks, out / "accuracy_vs_length.png", title=report["config"]["task"])
-    lines = ["# msrnn compare", "", f"Documents: `{report['config']['data']}` ({report['config']['documents']}), "
-             f"first {report['config']['max_tokens']} tokens of up to {report['config']['max_docs']} documents, "
-             f"chunk {report['config']['chunk_size']}.", "",
-             "| entry | family | state bytes | ppl | tokens/s |", "|---|---|---:|---:|---:|"]
-    for e in sorted(entries, key=lambda e: (e["state_bytes"], e["ppl"])):
-        lines.append(f"| {e['name']} | {e['family']} | {e['state_bytes']:,} | {e['ppl']:.2f} | "
-                     f"{e['tokens_per_s']:,.0f} |")
-    if tasks:
-        segs = report["config"]["task_segments"]
-        lines += ["", f"## {report['config']['task']} accuracy by length (segments)", "",
-                  "| entry | " + " | ".join(str(s) for s in segs) + " |", "|---|" + "---:|" * len(segs)]
-        for name, rows in tasks.items():
-            lines.append(f"| {name} | " + " | ".join(f"{r['accuracy']:.2f}" for r in rows) + " |")
-    lines += ["", "Plots: `ppl_vs_state.png`, `ppl_vs_position.png`, `speed_memory_vs_length.png`"
-              + (", `accuracy_vs_length.png`" if tasks else "") + "; raw numbers: `results.json`."]
-    with atomic_file(out / "report.md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")

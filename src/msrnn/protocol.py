@@ -95,3 +95,19 @@ def stream_logits(lm: StatefulLM, input_ids: torch.Tensor, chunk_sizes: Iterable
         pos += size
         i += 1
     return torch.cat(out, dim=1)
+
+
+def measure_state_bytes(lm: StatefulLM, tokens: int = 2048, chunk: int = 1) -> int:
+    """Peak state bytes of one sequence over a random stream: the bound a family really needs.
+
+    The default, one token per call, sees the state at every offset inside a block or segment (a model that
+    drops its block keys at each block end looks smaller if it is only measured at block ends; any chunk that
+    divides the block size misses the peak). Larger chunks are for policies whose state does not depend on
+    offsets, or to see what a prefill of that size holds."""
+    state, peak = lm.init_state(1), 0
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for _ in range(0, tokens, chunk):
+            _, state = lm.forward_chunk(torch.randint(0, lm.vocab_size, (1, chunk), generator=g), state)
+            peak = max(peak, lm.state_nbytes(state))
+    return peak

@@ -10,13 +10,20 @@ from msrnn.cli.common import add_output_flags, int_list, positive_int
 def add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare KV eviction, SUPRA, BST and RMT at equal state bytes",
                        description="Evaluate the base model's full cache, KV policies at each --budgets byte count "
-                                   "and at each --models directory's own state size, and those bounded models, on "
+                                   "and at each --models directory's own state size, those bounded models, and "
+                                   "(--build) SUPRA/BST/RMT built from the base at each budget, on "
                                    "the same held-out documents; write report.md, PNGs and results.json to --out. "
                                    "Finished entries are kept, so rerunning resumes.")
     p.add_argument("--base", required=True, help="base decoder model directory (the KV family's model)")
     p.add_argument("--models", default="", help="comma-separated trained SUPRA / BST / RMT directories")
     p.add_argument("--budgets", default="", help="comma-separated state budgets in bytes per sequence for KV")
     p.add_argument("--policies", default="window,sink,h2o,tova")
+    p.add_argument("--build", default="", help="comma-separated families to build from --base at every budget: "
+                                               "supra,bst,rmt (sized so their measured state fits; cached)")
+    p.add_argument("--build-tokens", type=positive_int, default=262_144,
+                   help="training tokens per built model, the same for every family and budget")
+    p.add_argument("--build-data", default="stdlib", help="training data for built models (its train split)")
+    p.add_argument("--build-seq-len", type=positive_int, default=512)
     p.add_argument("--data", default="stdlib:test")
     p.add_argument("--documents", default="folder", choices=["file", "folder"])
     p.add_argument("--max-tokens", type=positive_int, default=2048, help="tokens per document (documents shorter "
@@ -29,6 +36,9 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=50)
     p.add_argument("--profile-tokens", type=positive_int, default=8192,
                    help="stream this many tokens per entry for tokens/s and state versus length")
+    p.add_argument("--probe-tokens", type=positive_int, default=2048,
+                   help="stream this many tokens one at a time to find each model's largest state (>= 2 x its "
+                        "longest block or segment)")
     p.add_argument("--out", default="reports", help="root folder; the report goes to a sub-folder named from the "
                                                     "config (default reports/)")
     p.add_argument("--fresh", action="store_true", help="re-run every entry instead of resuming")
@@ -46,7 +56,10 @@ def run_compare(args: argparse.Namespace) -> int:
                         documents=args.documents, max_tokens=args.max_tokens, max_docs=args.max_docs,
                         chunk_size=args.chunk_size, task=args.task,
                         task_segments=int_list(args.segments, "--segments"), segment_length=args.segment_length,
-                        task_samples=args.samples, profile_tokens=args.profile_tokens)
+                        task_samples=args.samples, profile_tokens=args.profile_tokens,
+                        probe_tokens=args.probe_tokens,
+                        build=[f for f in args.build.split(",") if f], build_tokens=args.build_tokens,
+                        build_data=args.build_data, build_seq_len=args.build_seq_len)
     report = compare(cfg, args.out, resume=not args.fresh, progress=not (args.quiet or args.json))
     if args.json:
         print_json(report)

@@ -72,7 +72,7 @@ def make_val_fn(batches: LMBatches | None, n: int):
 
     def val_fn(model: torch.nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
-        losses = [float(model(**{k: v.to(device) for k, v in b.items()}).loss) for b in fixed]
+        losses = [float(model(**{k: v.to(device) for k, v in b.items()})["loss"]) for b in fixed]
         return {"val_loss": sum(losses) / len(losses)}
 
     return val_fn

@@ -41,7 +41,7 @@ STATE_FILE = "trainer_state.pt"
 
 def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Causal LM loss of a HF model (it shifts labels itself)."""
-    return model(**batch).loss
+    return model(**batch)["loss"]  # ModelOutput or a plain dict (MemoryWrapper)
 
 
 @dataclass

@@ -1,0 +1,153 @@
+"""The ``msrnn compare`` report: markdown tables and PNG plots from ``results.json``'s entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from msrnn.io import atomic_file
+
+MARKERS = {"full": "*", "supra": "s", "bst": "D", "rmt": "^", "hf": "x"}
+
+
+def _series(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Entries that form a line across budgets: each KV policy, and each built family."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        if e["family"] == "kv":
+            out.setdefault(f"kv {e['policy']}", []).append(e)
+        elif e.get("sizing"):
+            out.setdefault(f"{e['family']} (built)", []).append(e)
+    return out
+
+
+def _plot_ppl_vs_state(entries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from msrnn.evaluate.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for label, series in _series(entries).items():
+        pts = sorted((e["state_bytes"], e["ppl"]) for e in series)
+        style = {"lw": 1, "ms": 3, "marker": "o"} if label.startswith("kv") else \
+            {"lw": 2, "ms": 7, "marker": MARKERS.get(series[0]["family"], "x")}
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+    for e in entries:
+        if e["family"] != "kv" and not e.get("sizing"):
+            ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=MARKERS.get(e["family"], "x"), s=60, zorder=3,
+                       label=e["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("state bytes per sequence (largest held at any offset)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity versus state size (same documents)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    save_figure(fig, path)
+
+
+def _shown(e: dict[str, Any]) -> bool:
+    """Entries drawn in the per-position and speed plots (all KV policies would crowd them: TOVA stands in)."""
+    return e["family"] != "kv" or e["policy"] == "tova"
+
+
+def _plot_position(entries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from msrnn.evaluate.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for e in filter(_shown, entries):
+        pts = e["ppl_by_position"]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=e["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def _plot_speed_memory(entries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from msrnn.evaluate.plots import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for e in filter(_shown, entries):
+        pts = e["profile"]
+        axes[0].plot([p["tokens"] for p in pts], [p["tokens_per_s"] for p in pts], marker="o", ms=3, label=e["name"])
+        axes[1].plot([p["tokens"] for p in pts], [max(p["state_bytes"], 1) for p in pts], marker="o", ms=3,
+                     label=e["name"])
+    for ax, ylabel in zip(axes, ("tokens/s (chunked streaming)", "state bytes between chunks"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens streamed")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].set_yscale("log", base=2)
+    axes[1].legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def equal_bytes_table(entries: list[dict[str, Any]]) -> list[str]:
+    """Markdown: one row per budget, one column per KV policy and built family (perplexity, lower is better)."""
+    series = _series(entries)
+    budgets = sorted({e["budget_bytes"] for s in series.values() for e in s})
+    if not budgets:
+        return []
+    cols = list(series)
+    lines = ["| budget (bytes) | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+    for b in budgets:
+        cells = []
+        for c in cols:
+            hit = [e for e in series[c] if e["budget_bytes"] == b]
+            cells.append(f"{hit[0]['ppl']:.2f}" if hit else "n/a")
+        lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from msrnn.evaluate.plots import plot_accuracy_vs_segments
+
+    cfg, entries = report["config"], report["entries"]
+    _plot_ppl_vs_state(entries, out / "ppl_vs_state.png")
+    _plot_position(entries, out / "ppl_vs_position.png")
+    _plot_speed_memory(entries, out / "speed_memory_vs_length.png")
+    tasks = {e["name"]: e["task"] for e in entries if e.get("task")}
+    if tasks:
+        plot_accuracy_vs_segments(tasks, out / "accuracy_vs_length.png", title=cfg["task"])
+    lines = ["# msrnn compare", "", f"Documents: `{cfg['data']}` ({cfg['documents']}), first {cfg['max_tokens']} "
+             f"tokens of up to {cfg['max_docs']} documents, chunk {cfg['chunk_size']}."]
+    if cfg.get("build"):
+        lines += ["", f"Built from `{Path(cfg['base']).name}` at each budget: {', '.join(cfg['build'])}, "
+                  f"{cfg['build_tokens']:,} training tokens each (same data, same start)."]
+    table = equal_bytes_table(entries)
+    if table:
+        lines += ["", "## Perplexity at equal state bytes", ""] + table
+    lines += ["", "## Every entry", "", "| entry | family | size | state bytes | ppl | tokens/s |",
+              "|---|---|---|---:|---:|---:|"]
+    for e in sorted(entries, key=lambda e: (e["state_bytes"], e["ppl"])):
+        size = ", ".join(f"{k}={v}" for k, v in (e.get("sizing") or {}).items()) or \
+            (f"slots={e['slots']}" if e.get("slots") else "")
+        lines.append(f"| {e['name']} | {e['family']} | {size} | {e['state_bytes']:,} | {e['ppl']:.2f} | "
+                     f"{e['tokens_per_s']:,.0f} |")
+    if tasks:
+        segs = cfg["task_segments"]
+        chance = next(e["task_chance"] for e in entries if e.get("task"))
+        lines += ["", f"## {cfg['task']} accuracy by length (segments of {cfg['segment_length']} tokens)", "",
+                  f"Chance is {chance:.2f}. Entries marked * were not trained on the task (zero-shot).", "",
+                  "| entry | " + " | ".join(str(s) for s in segs) + " |", "|---|" + "---:|" * len(segs)]
+        for e in entries:
+            if e.get("task"):
+                mark = "" if e.get("task_trained") else " *"
+                lines.append(f"| {e['name']}{mark} | " + " | ".join(f"{r['accuracy']:.2f}" for r in e["task"]) + " |")
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "Plots: `ppl_vs_state.png`, `ppl_vs_position.png`, `speed_memory_vs_length.png`"
+              + (", `accuracy_vs_length.png`" if tasks else "") + "; raw numbers: `results.json`."]
+    with atomic_file(out / "report.md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")

@@ -1,0 +1,82 @@
+"""msrnn.build: each family sized to a byte budget (measured, and as large as fits), built from the base
+weights with equal training tokens, cached; compare --build puts them next to KV eviction."""
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import tiny
+
+from msrnn.build import BuildConfig, _as_lm, fit, make_model, size_for_budget
+from msrnn.cli.main import main
+from msrnn.errors import ConfigError
+from msrnn.protocol import measure_state_bytes
+
+BUDGETS = [8192, 20000]
+KNOB = {"supra": ("feature_dim", 2), "bst": ("block_size", 8), "rmt": ("segment_length", 1)}
+
+
+@pytest.mark.parametrize("family", ["supra", "bst", "rmt"])
+def test_sizing_is_the_largest_that_fits_measured(family):
+    base = tiny("llama", seed=1)
+    cfg = BuildConfig(seq_len=64)
+    for budget in BUDGETS:
+        sizing, nbytes = fit(family, base, budget, cfg)
+        assert sizing is not None
+        span = sizing.get("block_size", sizing.get("segment_length", 8))
+
+        def measured(sz, span=span):
+            lm = _as_lm(family, make_model(family, base, sz, cfg).eval())
+            return measure_state_bytes(lm, tokens=3 * span + 40)
+
+        assert measured(sizing) == nbytes <= budget  # a longer probe finds no larger peak
+        knob, step = KNOB[family]
+        assert measured({**sizing, knob: sizing[knob] + step}) > budget  # one step larger does not fit
+
+
+def test_sizes_that_cannot_fit_and_bad_configs():
+    base = tiny("llama", seed=1)
+    assert size_for_budget("rmt", base.config, 600) is None  # not even 2 memory tokens and an 8-token segment
+    assert size_for_budget("bst", base.config, 600) is None
+    with pytest.raises(ConfigError, match="cannot build lstm"):
+        BuildConfig(families=("lstm",))
+    with pytest.raises(ConfigError, match="less than one batch"):
+        BuildConfig(train_tokens=10)
+    with pytest.raises(ConfigError, match="bounded variant"):
+        BuildConfig(bst_variant="full")
+
+
+def test_compare_build_equal_tokens_cached_and_reported(tmp_path, tiny_corpus, task_tokenizer, capsys):
+    base = tiny("llama", seed=1)
+    base.save_pretrained(tmp_path / "base")
+    task_tokenizer.save_pretrained(str(tmp_path / "base"))
+    argv = ["compare", "--base", str(tmp_path / "base"), "--budgets", "8192,600", "--policies", "window",
+            "--build", "supra,bst,rmt", "--build-tokens", "512", "--build-seq-len", "64",
+            "--build-data", str(tiny_corpus), "--data", str(tiny_corpus), "--documents", "file", "--max-tokens", "64",
+            "--max-docs", "2", "--chunk-size", "16", "--profile-tokens", "32", "--probe-tokens", "64",
+            "--out", str(tmp_path / "rep"), "--json", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = {e["name"]: e for e in report["entries"]}
+    tokens = set()
+    for fam in ("supra", "bst", "rmt"):
+        e = names[f"{fam}@8192"]
+        assert e["family"] == fam and e["sizing"] and e["state_bytes"] <= 8192 and e["nonfinite"] == 0
+        meta = json.loads((Path(e["model"]) / "msrnn.json").read_text())
+        assert meta["budget_bytes"] == 8192 and meta["sizing"] == e["sizing"]
+        tokens.add(meta["train_tokens"])
+        assert f"{fam}@600" not in names
+    # every family trained on the same number of tokens, up to rounding to whole steps of 4 sequences
+    assert min(tokens) >= 512 and max(tokens) - min(tokens) < 4 * 64
+    assert any("rmt cannot fit 600" in n for n in report["notes"])
+    md = (Path(report["folder"]) / "report.md").read_text()
+    assert "## Perplexity at equal state bytes" in md and "supra (built)" in md
+    stamps = {fam: (Path(names[f"{fam}@8192"]["model"]) / "msrnn.json").stat().st_mtime_ns
+              for fam in ("supra", "bst", "rmt")}
+    assert main(argv[:-4] + ["--out", str(tmp_path / "rep2"), "--json", "--quiet"]) == 0  # a new report folder
+    again = {e["name"]: e for e in json.loads(capsys.readouterr().out)["entries"]}
+    for fam, stamp in stamps.items():  # ... reuses the built models instead of training them again
+        assert again[f"{fam}@8192"]["model"] == names[f"{fam}@8192"]["model"]
+        assert (Path(again[f"{fam}@8192"]["model"]) / "msrnn.json").stat().st_mtime_ns == stamp
+    assert main(argv[:3] + ["--build", "supra", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--budgets" in capsys.readouterr().err
