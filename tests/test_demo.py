@@ -39,13 +39,14 @@ def test_demo_families_section_trains_caches_and_compares(tmp_path, tiny_corpus,
     tiny("llama", seed=1).save_pretrained(base)
     task_tokenizer.save_pretrained(str(base))
     (base / "msrnn.json").write_text(json.dumps({"family": "hf", "preset": "tiny"}))
-    report = families_section(base, tmp_path / "models", 2, tmp_path / "out", progress=False, max_tokens=64,
-                              data=str(tiny_corpus))
+    report = families_section(base, 512, tmp_path / "out", progress=False, budget=8192, max_tokens=64,
+                              data=str(tiny_corpus), seq_len=64)
     families = {e["family"] for e in report["entries"]}
     assert families == {"full", "kv", "supra", "bst", "rmt"}
+    assert all(e["state_bytes"] <= 8192 for e in report["entries"] if e["family"] != "full")
     assert (tmp_path / "out" / "compare" / report["folder"].split("/")[-1] / "report.md").exists()
     rmt = next(e for e in report["entries"] if e["family"] == "rmt")
-    assert [r["segments"] for r in rmt["task"]] == [1, 4, 16]
-    again = families_section(base, tmp_path / "models", 2, tmp_path / "out", progress=False, max_tokens=64,
-                             data=str(tiny_corpus))
+    assert [r["segments"] for r in rmt["task"]] == [1, 4]
+    again = families_section(base, 512, tmp_path / "out", progress=False, budget=8192, max_tokens=64,
+                             data=str(tiny_corpus), seq_len=64)
     assert all(e["resumed"] for e in again["entries"])  # models cached, entries resumed

@@ -6,8 +6,9 @@
 3. checks the model uses its context: PPL on the copy of a repeated held-out window versus its first half;
 4. streams the same documents as bounded multi-state RNNs (Window, Window+4, H2O, TOVA at a small KV budget)
    and reports perplexity against state bytes;
-5. bounds the same model the other three ways -- SUPRA, BST:SH and an RMT, each trained for a few dozen steps --
-   and runs ``msrnn compare`` on all four families at equal state bytes (``--no-families`` skips this);
+5. bounds the same model the other three ways -- SUPRA, BST:SH and an RMT, each sized to one state budget and
+   trained on the same few tokens -- and runs ``msrnn compare`` on all four families at those bytes
+   (``--no-families`` skips this);
 6. writes PNGs and says where everything is.
 """
 
@@ -37,9 +38,12 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-docs", type=positive_int, default=8, help="documents for the eviction part")
     p.add_argument("--out", default="msrnn_demo", help="folder for the plot and results (default ./msrnn_demo)")
     p.add_argument("--families", default=True, action=argparse.BooleanOptionalAction,
-                   help="train SUPRA, BST and RMT around the model briefly and compare all four families at equal "
-                        "state bytes (default on, ~2 min, cached; --no-families skips it)")
-    p.add_argument("--family-steps", type=positive_int, default=20, help="training steps per family (default 20)")
+                   help="build SUPRA, BST and RMT from the model at one state budget, train each briefly and compare "
+                        "all four families at equal state bytes (default on, ~2 min, cached; --no-families skips)")
+    p.add_argument("--family-tokens", type=positive_int, default=40_960,
+                   help="training tokens per built family (default 40960: 20 steps of 4 x 512)")
+    p.add_argument("--family-budget", type=positive_int, default=262_144,
+                   help="state bytes per sequence every family is sized to (default 262144)")
     add_seed(p)
     add_output_flags(p)
     p.set_defaults(func=run_demo)
@@ -125,8 +129,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.families:
         from msrnn.cli.demo_families import families_section
 
-        fam = families_section(model_dir, cache_dir() / "models", args.family_steps, out,
-                               progress=not (args.quiet or args.json))
+        fam = families_section(model_dir, args.family_tokens, out, progress=not (args.quiet or args.json),
+                               budget=args.family_budget)
     wall = time.perf_counter() - t0
     summary = {
         "model_dir": str(model_dir), "trained_now": trained_now, "heldout_ppl": res.ppl,
@@ -156,9 +160,9 @@ def run_demo(args: argparse.Namespace) -> int:
                             ["policy", "ppl", "peak state bytes"],
                             [(r["policy"], r["ppl"], r["peak_state_bytes"]) for r in kv_rows]))
     if fam is not None:
-        out_console.print(table(f"four families at equal state bytes (SUPRA, BST and RMT trained only "
-                                f"{args.family_steps} steps: this shows the pipeline and the state sizes, the "
-                                "README has trained results)",
+        out_console.print(table(f"four families at {args.family_budget:,} state bytes (SUPRA, BST and RMT built "
+                                f"from the model and trained on only {args.family_tokens:,} tokens each: this "
+                                "shows the pipeline and the state sizes, the README has trained results)",
                                 ["entry", "family", "state bytes", "ppl"],
                                 [(e["name"], e["family"], e["state_bytes"], e["ppl"])
                                  for e in sorted(fam["entries"], key=lambda e: (e["state_bytes"], e["ppl"]))]))
