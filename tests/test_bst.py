@@ -141,6 +141,29 @@ def test_train_bst_cli_and_eval_ppl_any_chunk_size(tmp_path, tiny_corpus, capsys
     assert "unknown BST variant" in capsys.readouterr().err
 
 
+def test_train_bst_from_a_pretrained_model(tmp_path, tiny_corpus, task_tokenizer, capsys):
+    import json
+
+    from helpers import tiny
+    from transformers import AutoModelForCausalLM
+
+    from msrnn.cli.main import main
+
+    tiny("llama", seed=2).save_pretrained(tmp_path / "base")
+    task_tokenizer.save_pretrained(str(tmp_path / "base"))
+    out = tmp_path / "bst"
+    assert main(["train", "bst", "--from", str(tmp_path / "base"), "--variant", "mh", "--block-size", "16",
+                 "--data", str(tiny_corpus), "--seq-len", "32", "--batch-size", "2", "--max-steps", "1",
+                 "--eval-every", "0", "--save-every", "0", "--out", str(out), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "BST:MH:S4"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_key_value_heads == 2 and model.config.hidden_size == 64  # the base model's shape
+    assert main(["train", "bst", "--from", str(tmp_path / "base"), "--variant", "sh", "--data", str(tiny_corpus),
+                 "--out", str(tmp_path / "x"), "--seq-len", "32", "--max-steps", "1", "--quiet",
+                 "--state-size", "3"]) == 2
+    assert "state_size must be an even" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant,kernel", [("sh", "s4"), ("mf", "s4"), ("sh", "unstruct"), ("slide", "s4")])
 def test_streaming_and_parallel_gradients_agree(variant, kernel):
     m = make(variant, kernel).train()

@@ -1,4 +1,5 @@
-"""``msrnn train bst``: train a Block-State Transformer (or its SLIDE / full-attention baselines) from scratch."""
+"""``msrnn train bst``: train a Block-State Transformer (or its SLIDE / full-attention baselines), from scratch or
+started from a pretrained Llama-style model (``--from``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ def add_train_bst(ts: argparse._SubParsersAction) -> None:
                       description="Build a BST language model at the size of --preset (hidden size, layers, heads, "
                                   "FFN) and train it on --data with the shared trainer. The SSM sublayer sits at "
                                   "--ssm-layers; the other layers attend within their block of --block-size tokens.")
+    p.add_argument("--from", dest="source", default=None,
+                   help="start from this pretrained Llama/Mistral directory (its size, tokenizer and weights; the "
+                        "SSM is new) instead of a --preset model from scratch")
     p.add_argument("--variant", default="sh", help="sh | mh | mf | slide | full (default sh)")
     p.add_argument("--kernel", default="s4", help="s4 (structured, any length) | unstruct (explicit taps)")
     p.add_argument("--preset", default="small", help="size preset: tiny | small | base (default small)")
@@ -39,18 +43,27 @@ def run_train_bst(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError("--ssm-layers takes comma-separated layer indices, e.g. 1,3") from None
     W = args.block_size or max(1, args.seq_len // 8)
-    tokenizer = ensure_tokenizer(args.data, args.vocab_size, args.tokenizer)
-    cfg = BSTConfig.from_preset(args.preset, len(tokenizer), block_size=W, variant=args.variant, kernel=args.kernel,
-                                state_size=args.state_size, mf_states=args.mf_states, ssm_layers=layers,
-                                filter_length=args.seq_len, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = BSTForCausalLM(cfg).to(resolve_device("auto"))
+    shape = dict(block_size=W, variant=args.variant, kernel=args.kernel, state_size=args.state_size,
+                 mf_states=args.mf_states, ssm_layers=layers, filter_length=args.seq_len)
+    if args.source:
+        from msrnn.bst import from_llama
+        from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for
+
+        tokenizer = load_tokenizer_for(args.source)
+        model = from_llama(load_hf_causal_lm(args.source), seed=args.seed, **shape).train()
+        cfg = model.config
+        model = model.to(resolve_device("auto"))
+    else:
+        tokenizer = ensure_tokenizer(args.data, args.vocab_size, args.tokenizer)
+        cfg = BSTConfig.from_preset(args.preset, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, **shape)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = BSTForCausalLM(cfg).to(resolve_device("auto"))
     data = PretrainConfig(preset=args.preset, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                           repeat_fraction=args.repeat_fraction)
     meta = {"family": "bst", "name": cfg.name, "variant": args.variant, "kernel": args.kernel,
-            "block_size": W, "train_length": args.seq_len}
+            "block_size": W, "train_length": args.seq_len, "started_from": args.source}
     trainer, result = train_lm(model, tokenizer, data, train_config(args), out, meta, resume=args.resume,
                                progress=not args.quiet)
     res = summary(out, trainer, result)
