@@ -68,5 +68,7 @@ def run_compare(args: argparse.Namespace) -> int:
             for e in sorted(report["entries"], key=lambda e: (e["state_bytes"], e["ppl"]))]
     out_console.print(table("perplexity at equal state bytes", ["entry", "family", "state bytes", "ppl", "tok/s",
                                                                "resumed"], rows))
+    for note in report["notes"]:
+        out_console.print(f"note: {note}")
     out_console.print(f"report: {report['folder']}/report.md")
     return 0
