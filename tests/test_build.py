@@ -80,3 +80,13 @@ def test_compare_build_equal_tokens_cached_and_reported(tmp_path, tiny_corpus, t
         assert (Path(again[f"{fam}@8192"]["model"]) / "msrnn.json").stat().st_mtime_ns == stamp
     assert main(argv[:3] + ["--build", "supra", "--out", str(tmp_path), "--quiet"]) == 2
     assert "--budgets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["mh", "mf", "slide"])
+def test_bst_variants_are_sized_as_large_as_fits(variant):
+    base = tiny("llama", seed=1)
+    cfg = BuildConfig(seq_len=64, bst_variant=variant)
+    sizing, nbytes = fit("bst", base, 20000, cfg)
+    W = sizing["block_size"]
+    bigger = make_model("bst", base, {**sizing, "block_size": W + 8}, cfg).eval()
+    assert nbytes <= 20000 < measure_state_bytes(_as_lm("bst", bigger), tokens=3 * W + 64)
