@@ -90,3 +90,45 @@ def test_bst_variants_are_sized_as_large_as_fits(variant):
     W = sizing["block_size"]
     bigger = make_model("bst", base, {**sizing, "block_size": W + 8}, cfg).eval()
     assert nbytes <= 20000 < measure_state_bytes(_as_lm("bst", bigger), tokens=3 * W + 64)
+
+
+def test_task_tune_schedule_is_by_steps_and_equal_for_everyone():
+    from msrnn.tasks.finetune import TaskTuneConfig
+
+    cfg = TaskTuneConfig(max_segments=4, steps=10, batch_size=3, segment_length=50)
+    stages = [cfg.segments_at(s) for s in range(10)]
+    assert stages == [1, 1, 1, 2, 2, 3, 3, 3, 4, 4]  # an equal share of the run per length, in order
+    assert cfg.tokens == sum(stages) * 50 * 3
+    with pytest.raises(ConfigError, match="unknown task"):
+        TaskTuneConfig(task="sorting")
+
+
+def test_compare_task_steps_tunes_every_family_on_the_same_samples(tmp_path, tiny_corpus, task_tokenizer, capsys):
+    base = tiny("llama", seed=1)
+    base.save_pretrained(tmp_path / "base")
+    task_tokenizer.save_pretrained(str(tmp_path / "base"))
+    argv = ["compare", "--base", str(tmp_path / "base"), "--budgets", "8192", "--policies", "window,tova",
+            "--build", "supra,bst,rmt", "--build-tokens", "256", "--build-seq-len", "64", "--build-data",
+            str(tiny_corpus), "--data", str(tiny_corpus), "--documents", "file", "--max-tokens", "64", "--max-docs",
+            "1", "--chunk-size", "16", "--profile-tokens", "32", "--probe-tokens", "64", "--task", "memorize",
+            "--segments", "1,2", "--segment-length", "96", "--samples", "4", "--task-steps", "2",
+            "--out", str(tmp_path / "rep"), "--json", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = {e["name"]: e for e in report["entries"]}
+    tuned = {n: e for n, e in names.items() if n.endswith("+memorize")}
+    assert set(tuned) == {"kv:window@8192+memorize", "kv:tova@8192+memorize", "supra@8192+memorize",
+                          "bst@8192+memorize", "rmt@8192+memorize"}
+    assert all(e["task_trained"] for e in tuned.values())
+    assert not any(names[n.split("+")[0]]["task_trained"] for n in tuned)
+    assert tuned["kv:window@8192+memorize"]["model"] == tuned["kv:tova@8192+memorize"]["model"]  # one tuned base
+    metas = [json.loads((Path(e["model"]) / "msrnn.json").read_text()) for e in tuned.values()]
+    assert len({m["task_tune"]["tokens"] for m in metas}) == 1 and all(m["task"] == "memorize" for m in metas)
+    for fam in ("supra", "bst", "rmt"):  # a tuned copy has the state of the model it was tuned from
+        assert tuned[f"{fam}@8192+memorize"]["state_bytes"] == names[f"{fam}@8192"]["state_bytes"]
+        assert tuned[f"{fam}@8192+memorize"]["family"] == fam
+    md = (Path(report["folder"]) / "report.md").read_text()
+    assert "accuracy at equal state bytes, after 2 fine-tuning steps" in md
+    i = argv.index("--task")
+    assert main(argv[:i] + argv[i + 2 : -4] + ["--out", str(tmp_path), "--quiet"]) == 2  # --task-steps without --task
+    assert "give --task" in capsys.readouterr().err

@@ -193,3 +193,46 @@ def build(family: str, base: str | Path, budget: int, cfg: BuildConfig, root: st
              out, {"family": family, "built_from": str(base), "budget_bytes": budget, "sizing": sizing,
                    "build": asdict(cfg)}, resume=True, progress=progress)
     return out, sizing
+
+
+def _load_trainable(family: str, path: Path) -> Any:
+    """The model in ``path`` as a trainable module (an RMT is an AutoModel, the others causal LMs)."""
+    from msrnn.models.loading import load_hf_causal_lm
+
+    if family != "rmt":
+        return load_hf_causal_lm(path)
+    from transformers import AutoModel
+
+    from msrnn.models.loading import ensure_registered
+
+    ensure_registered(path)
+    return AutoModel.from_pretrained(str(path))
+
+
+def build_task(family: str, source: str | Path, tune: Any, root: str | Path | None = None,
+               progress: bool = True) -> Path:
+    """``source`` (a base model for the KV family, or a built model) fine-tuned on ``tune.task`` with
+    ``msrnn.tasks.finetune`` (the same samples and steps for every family); cached next to built models."""
+    from msrnn.io import cache_dir
+    from msrnn.models.loading import load_tokenizer_for, read_meta
+    from msrnn.tasks.finetune import task_tune
+
+    source = Path(source)
+    root = Path(root) if root else cache_dir() / "models" / "built"
+    blob = json.dumps({"source": str(source.resolve()), "meta": read_meta(source), "tune": asdict(tune)},
+                      sort_keys=True, default=str)
+    out = root / f"{source.name}-{tune.task}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+    if (out / "msrnn.json").exists():
+        return out
+    model = _load_trainable(family, source).train()
+    if family == "rmt":  # the wrapper's config names its task, as ``msrnn train rmt`` leaves it
+        from msrnn.tasks import TaskGenerator
+        from msrnn.tasks.noise import noise_sentences
+
+        tok = load_tokenizer_for(source)
+        model.config.task = tune.task
+        model.config.label_names = TaskGenerator(tune.task, tok, noise_sentences(tune.noise, "val")).labels
+    meta = {k: v for k, v in read_meta(source).items() if k not in ("step", "task", "task_tune", "task_val_acc")}
+    task_tune(model, load_tokenizer_for(source), tune, out,
+              {**meta, "family": "hf" if family == "kv" else family, "tuned_from": str(source)}, progress=progress)
+    return out

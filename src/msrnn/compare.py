@@ -51,6 +51,7 @@ class CompareConfig:
     build_tokens: int = 262_144  # training tokens per built model, equal for every family and budget
     build_data: str = "stdlib"  # what built models train on (its train split)
     build_seq_len: int = 512
+    task_steps: int = 0  # > 0: also fine-tune the base (for KV) and every built model on `task`, equal steps
 
     def __post_init__(self) -> None:
         if any(b < 1 for b in self.budgets):
@@ -65,6 +66,10 @@ class CompareConfig:
             from msrnn.tasks import TASKS
 
             TASKS.get(self.task)
+        if self.task_steps < 0:
+            raise ConfigError(f"--task-steps must be >= 0, got {self.task_steps}")
+        if self.task_steps and (self.task is None or not self.build):
+            raise ConfigError("--task-steps fine-tunes built models on --task: give --task and --build too")
         if self.build:
             self.build_config()  # validates the families and the token budget now, not after an hour
             if not self.budgets:
@@ -75,6 +80,11 @@ class CompareConfig:
 
         return BuildConfig(families=tuple(self.build), train_tokens=self.build_tokens, data=self.build_data,
                            seq_len=self.build_seq_len)
+
+    def task_tune_config(self) -> Any:
+        from msrnn.tasks.finetune import TaskTuneConfig
+
+        return TaskTuneConfig(task=self.task, segment_length=self.segment_length, steps=self.task_steps)
 
     def folder_name(self) -> str:
         """The report folder's name: the base model plus a hash of every setting, so two configs never share
@@ -149,7 +159,26 @@ def plan(cfg: CompareConfig, progress: bool = True) -> tuple[list[Entry], list[s
                 continue  # fewer than 8 slots per layer is not a meaningful cache
             entries.append(Entry(f"kv:{p}@{b}", "kv", cfg.base, policy=p, slots=slots, budget_bytes=b,
                                  state_bytes=nbytes))
+    if cfg.task_steps:
+        entries += _task_tuned(cfg, entries, progress)
     return entries, notes
+
+
+def _task_tuned(cfg: CompareConfig, entries: list[Entry], progress: bool) -> list[Entry]:
+    """Copies of the KV and built entries whose model was fine-tuned on the task with the same steps (the base
+    model once, for every KV entry; each built model at its own size)."""
+    from msrnn.build import build_task
+
+    tune = cfg.task_tune_config()
+    tuned_base = str(build_task("kv", cfg.base, tune, progress=progress))
+    out = []
+    for e in entries:
+        if e.family == "kv" and e.model == cfg.base:
+            out.append(Entry(**{**asdict(e), "name": f"{e.name}+{cfg.task}", "model": tuned_base}))
+        elif e.sizing:
+            model = str(build_task(e.family, e.model, tune, progress=progress))
+            out.append(Entry(**{**asdict(e), "name": f"{e.name}+{cfg.task}", "model": model}))
+    return out
 
 
 def fit_slots(base: Any, policy: str, budget: int, per_slot: int) -> tuple[int, int]:
@@ -202,7 +231,9 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
     prof = stream_bench(lm, cfg.profile_tokens, chunk=chunk, samples=8)
     out["profile"] = [{"tokens": r["tokens"], "state_bytes": r["state_bytes"], "rss_mib": r["rss_mib"],
                        "tokens_per_s": chunk / max(r["ms_per_chunk"] / 1e3, 1e-9)} for r in prof["rows"]]
-    trained_task = getattr(getattr(getattr(lm, "wrapper", None), "config", None), "task", None)
+    from msrnn.models.loading import read_meta
+
+    trained_task = read_meta(Path(entry.model)).get("task") if Path(entry.model).is_dir() else None
     if cfg.task:
         from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
         from msrnn.tasks import TaskGenerator, noise_sentences

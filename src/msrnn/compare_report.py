@@ -10,10 +10,18 @@ from msrnn.io import atomic_file
 MARKERS = {"full": "*", "supra": "s", "bst": "D", "rmt": "^", "hf": "x"}
 
 
-def _series(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Entries that form a line across budgets: each KV policy, and each built family."""
+def _tuned(e: dict[str, Any]) -> bool:
+    """Fine-tuned on the task by ``compare --task-steps`` (named ``<entry>+<task>``)."""
+    return "+" in e["name"]
+
+
+def _series(entries: list[dict[str, Any]], tuned: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Entries that form a line across budgets: each KV policy, and each built family (task-tuned copies
+    apart)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
+        if _tuned(e) != tuned:
+            continue
         if e["family"] == "kv":
             out.setdefault(f"kv {e['policy']}", []).append(e)
         elif e.get("sizing"):
@@ -33,7 +41,7 @@ def _plot_ppl_vs_state(entries: list[dict[str, Any]], path: Path) -> None:
             {"lw": 2, "ms": 7, "marker": MARKERS.get(series[0]["family"], "x")}
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
     for e in entries:
-        if e["family"] != "kv" and not e.get("sizing"):
+        if e["family"] != "kv" and not e.get("sizing") and not _tuned(e):
             ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=MARKERS.get(e["family"], "x"), s=60, zorder=3,
                        label=e["name"])
     ax.set_xscale("log", base=2)
@@ -90,9 +98,17 @@ def _plot_speed_memory(entries: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def equal_bytes_table(entries: list[dict[str, Any]]) -> list[str]:
-    """Markdown: one row per budget, one column per KV policy and built family (perplexity, lower is better)."""
-    series = _series(entries)
+def _ppl(e: dict[str, Any]) -> str:
+    return f"{e['ppl']:.2f}"
+
+
+def _accuracy(e: dict[str, Any]) -> str:
+    return " / ".join(f"{r['accuracy']:.2f}" for r in e.get("task") or []) or "n/a"
+
+
+def equal_bytes_table(entries: list[dict[str, Any]], tuned: bool = False, cell=_ppl) -> list[str]:
+    """Markdown: one row per budget, one column per KV policy and built family."""
+    series = _series(entries, tuned)
     budgets = sorted({e["budget_bytes"] for s in series.values() for e in s})
     if not budgets:
         return []
@@ -102,7 +118,7 @@ def equal_bytes_table(entries: list[dict[str, Any]]) -> list[str]:
         cells = []
         for c in cols:
             hit = [e for e in series[c] if e["budget_bytes"] == b]
-            cells.append(f"{hit[0]['ppl']:.2f}" if hit else "n/a")
+            cells.append(cell(hit[0]) if hit else "n/a")
         lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
     return lines
 
@@ -145,6 +161,12 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             if e.get("task"):
                 mark = "" if e.get("task_trained") else " *"
                 lines.append(f"| {e['name']}{mark} | " + " | ".join(f"{r['accuracy']:.2f}" for r in e["task"]) + " |")
+    tuned = equal_bytes_table(entries, tuned=True, cell=_accuracy)
+    if tuned:
+        segs = " / ".join(str(n) for n in cfg["task_segments"])
+        lines += ["", f"## {cfg['task']} accuracy at equal state bytes, after {cfg['task_steps']} fine-tuning steps",
+                  "", f"Every model (the base model for KV) fine-tuned on the same samples; accuracy at {segs} "
+                  "segments."] + [""] + tuned
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "Plots: `ppl_vs_state.png`, `ppl_vs_position.png`, `speed_memory_vs_length.png`"

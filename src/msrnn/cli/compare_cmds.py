@@ -24,6 +24,9 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
                    help="training tokens per built model, the same for every family and budget")
     p.add_argument("--build-data", default="stdlib", help="training data for built models (its train split)")
     p.add_argument("--build-seq-len", type=positive_int, default=512)
+    p.add_argument("--task-steps", type=int, default=0,
+                   help="also fine-tune the base model (for KV) and every built model on --task for this many steps "
+                        "(the same samples for all), and score those copies too")
     p.add_argument("--data", default="stdlib:test")
     p.add_argument("--documents", default="folder", choices=["file", "folder"])
     p.add_argument("--max-tokens", type=positive_int, default=2048, help="tokens per document (documents shorter "
@@ -59,7 +62,7 @@ def run_compare(args: argparse.Namespace) -> int:
                         task_samples=args.samples, profile_tokens=args.profile_tokens,
                         probe_tokens=args.probe_tokens,
                         build=[f for f in args.build.split(",") if f], build_tokens=args.build_tokens,
-                        build_data=args.build_data, build_seq_len=args.build_seq_len)
+                        build_data=args.build_data, build_seq_len=args.build_seq_len, task_steps=args.task_steps)
     report = compare(cfg, args.out, resume=not args.fresh, progress=not (args.quiet or args.json))
     if args.json:
         print_json(report)
