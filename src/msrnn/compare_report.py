@@ -43,7 +43,7 @@ def _plot_ppl_vs_state(entries: list[dict[str, Any]], path: Path) -> None:
     for e in entries:
         if e["family"] != "kv" and not e.get("sizing") and not _tuned(e):
             ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=MARKERS.get(e["family"], "x"), s=60, zorder=3,
-                       label=e["name"])
+                       label=e["name"], color="black" if e["family"] == "full" else None)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("state bytes per sequence (largest held at any offset)")
