@@ -233,7 +233,10 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
                        "tokens_per_s": chunk / max(r["ms_per_chunk"] / 1e3, 1e-9)} for r in prof["rows"]]
     from msrnn.models.loading import read_meta
 
-    trained_task = read_meta(Path(entry.model)).get("task") if Path(entry.model).is_dir() else None
+    # msrnn.json names the task for models msrnn trained; an RMT's own config names it too (saved by hand or
+    # elsewhere)
+    trained_task = (read_meta(Path(entry.model)).get("task") if Path(entry.model).is_dir() else None) or \
+        getattr(getattr(getattr(lm, "wrapper", None), "config", None), "task", None)
     if cfg.task:
         from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
         from msrnn.tasks import TaskGenerator, noise_sentences
