@@ -135,7 +135,11 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     _plot_speed_memory(entries, out / "speed_memory_vs_length.png")
     tasks = {e["name"]: e["task"] for e in entries if e.get("task")}
     if tasks:
-        plot_accuracy_vs_segments(tasks, out / "accuracy_vs_length.png", title=cfg["task"])
+        # Zero-shot entries sit at chance; when some entries were trained on the task, the plot shows those.
+        trained = {e["name"]: e["task"] for e in entries if e.get("task") and e.get("task_trained")}
+        chance = next(e["task_chance"] for e in entries if e.get("task"))
+        plot_accuracy_vs_segments(trained or tasks, out / "accuracy_vs_length.png", chance=chance,
+                                  title=f"{cfg['task']}" + (" (models trained on it)" if trained else " (zero-shot)"))
     lines = ["# msrnn compare", "", f"Documents: `{cfg['data']}` ({cfg['documents']}), first {cfg['max_tokens']} "
              f"tokens of up to {cfg['max_docs']} documents, chunk {cfg['chunk_size']}."]
     if cfg.get("build"):
