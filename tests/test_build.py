@@ -46,15 +46,19 @@ def test_sizes_that_cannot_fit_and_bad_configs():
         BuildConfig(bst_variant="full")
 
 
-def test_compare_build_equal_tokens_cached_and_reported(tmp_path, tiny_corpus, task_tokenizer, capsys):
-    base = tiny("llama", seed=1)
-    base.save_pretrained(tmp_path / "base")
-    task_tokenizer.save_pretrained(str(tmp_path / "base"))
-    argv = ["compare", "--base", str(tmp_path / "base"), "--budgets", "8192,600", "--policies", "window",
-            "--build", "supra,bst,rmt", "--build-tokens", "512", "--build-seq-len", "64",
-            "--build-data", str(tiny_corpus), "--data", str(tiny_corpus), "--documents", "file", "--max-tokens", "64",
-            "--max-docs", "2", "--chunk-size", "16", "--profile-tokens", "32", "--probe-tokens", "64",
+def _compare_argv(tmp_path, corpus, tokenizer, *settings: str) -> list[str]:
+    """``msrnn compare`` on a saved tiny base with tiny documents and builds, plus ``settings``; JSON to stdout."""
+    tiny("llama", seed=1).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(str(tmp_path / "base"))
+    return ["compare", "--base", str(tmp_path / "base"), "--build", "supra,bst,rmt", "--build-seq-len", "64",
+            "--build-data", str(corpus), "--data", str(corpus), "--documents", "file", "--max-tokens", "64",
+            "--chunk-size", "16", "--profile-tokens", "32", "--probe-tokens", "64", *settings,
             "--out", str(tmp_path / "rep"), "--json", "--quiet"]
+
+
+def test_compare_build_equal_tokens_cached_and_reported(tmp_path, tiny_corpus, task_tokenizer, capsys):
+    argv = _compare_argv(tmp_path, tiny_corpus, task_tokenizer, "--budgets", "8192,600", "--policies", "window",
+                         "--build-tokens", "512", "--max-docs", "2")
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     names = {e["name"]: e for e in report["entries"]}
@@ -104,15 +108,9 @@ def test_task_tune_schedule_is_by_steps_and_equal_for_everyone():
 
 
 def test_compare_task_steps_tunes_every_family_on_the_same_samples(tmp_path, tiny_corpus, task_tokenizer, capsys):
-    base = tiny("llama", seed=1)
-    base.save_pretrained(tmp_path / "base")
-    task_tokenizer.save_pretrained(str(tmp_path / "base"))
-    argv = ["compare", "--base", str(tmp_path / "base"), "--budgets", "8192", "--policies", "window,tova",
-            "--build", "supra,bst,rmt", "--build-tokens", "256", "--build-seq-len", "64", "--build-data",
-            str(tiny_corpus), "--data", str(tiny_corpus), "--documents", "file", "--max-tokens", "64", "--max-docs",
-            "1", "--chunk-size", "16", "--profile-tokens", "32", "--probe-tokens", "64", "--task", "memorize",
-            "--segments", "1,2", "--segment-length", "96", "--samples", "4", "--task-steps", "2",
-            "--out", str(tmp_path / "rep"), "--json", "--quiet"]
+    argv = _compare_argv(tmp_path, tiny_corpus, task_tokenizer, "--budgets", "8192", "--policies", "window,tova",
+                         "--build-tokens", "256", "--max-docs", "1", "--task", "memorize", "--segments", "1,2",
+                         "--segment-length", "96", "--samples", "4", "--task-steps", "2")
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     names = {e["name"]: e for e in report["entries"]}

@@ -197,16 +197,13 @@ def build(family: str, base: str | Path, budget: int, cfg: BuildConfig, root: st
 
 def _load_trainable(family: str, path: Path) -> Any:
     """The model in ``path`` as a trainable module (an RMT is an AutoModel, the others causal LMs)."""
+    if family == "rmt":
+        from msrnn.rmt.lm import load_rmt
+
+        return load_rmt(str(path)).wrapper
     from msrnn.models.loading import load_hf_causal_lm
 
-    if family != "rmt":
-        return load_hf_causal_lm(path)
-    from transformers import AutoModel
-
-    from msrnn.models.loading import ensure_registered
-
-    ensure_registered(path)
-    return AutoModel.from_pretrained(str(path))
+    return load_hf_causal_lm(path)
 
 
 def build_task(family: str, source: str | Path, tune: Any, root: str | Path | None = None,
@@ -225,13 +222,6 @@ def build_task(family: str, source: str | Path, tune: Any, root: str | Path | No
     if (out / "msrnn.json").exists():
         return out
     model = _load_trainable(family, source).train()
-    if family == "rmt":  # the wrapper's config names its task, as ``msrnn train rmt`` leaves it
-        from msrnn.tasks import TaskGenerator
-        from msrnn.tasks.noise import noise_sentences
-
-        tok = load_tokenizer_for(source)
-        model.config.task = tune.task
-        model.config.label_names = TaskGenerator(tune.task, tok, noise_sentences(tune.noise, "val")).labels
     meta = {k: v for k, v in read_meta(source).items() if k not in ("step", "task", "task_tune", "task_val_acc")}
     task_tune(model, load_tokenizer_for(source), tune, out,
               {**meta, "family": "hf" if family == "kv" else family, "tuned_from": str(source)}, progress=progress)

@@ -16,6 +16,7 @@ import torch
 from msrnn.bst.config import BSTConfig
 from msrnn.bst.modeling import BSTForCausalLM
 from msrnn.errors import ModelLoadError
+from msrnn.models.hf import rope_theta, rope_type
 
 SUPPORTED = ("llama", "mistral")
 
@@ -32,13 +33,12 @@ def from_llama(model: Any, seed: int = 0, **bst_kwargs: Any) -> BSTForCausalLM:
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         raise ModelLoadError(f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size "
                              f"{cfg.hidden_size}; BST needs heads that split the hidden size")
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ModelLoadError(f"the base model uses {rope.get('rope_type')!r} RoPE; BST implements the default")
+    if rope_type(cfg) != "default":
+        raise ModelLoadError(f"the base model uses {rope_type(cfg)!r} RoPE; BST implements the default")
     bst_cfg = BSTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                         num_key_value_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size,
-                        rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
+                        rope_theta=rope_theta(cfg),
                         rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=bool(cfg.tie_word_embeddings),
                         **bst_kwargs)
     with torch.random.fork_rng(devices=[]):

@@ -64,6 +64,17 @@ class HFCausalLM:
         return cache_kv_nbytes(state.cache)
 
 
+def rope_type(config: Any) -> str:
+    """The RoPE variant a transformers config names ("default" when it names none)."""
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def rope_theta(config: Any) -> float:
+    """RoPE's base frequency, from ``rope_parameters`` (transformers 5) or the older ``rope_theta`` field."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
 def cache_kv_nbytes(cache: Cache | None) -> int:
     """Bytes of the keys and values a transformers cache holds (0 for None)."""
     return sum(tensor_nbytes([getattr(layer, "keys", None), getattr(layer, "values", None)])

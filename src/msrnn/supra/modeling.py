@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
+from msrnn.models.hf import rope_theta, rope_type
 from msrnn.supra.ops import BACKENDS, DECAYS, chunked, fla_chunked, log_decay, recurrent_step, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,6 @@ class SupraConfig(LlamaConfig):
     def phi_dim(self) -> int:
         """Width of phi(q), phi(k) per head: the state is [H, phi_dim, head_dim], so this sizes the state."""
         return self.feature_dim or self.head_dim_
-
-
-def rope_type(config: Any) -> str:
-    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-
-
-def rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 class SupraStateLayer(CacheLayerMixin):
@@ -180,7 +172,7 @@ class SupraAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         H, Hkv = config.num_attention_heads, config.num_key_value_heads
-        d = getattr(config, "head_dim", None) or config.hidden_size // H
+        d = config.head_dim_
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
         self.q_proj = nn.Linear(config.hidden_size, H * d, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, Hkv * d, bias=config.qkv_bias)

@@ -70,6 +70,8 @@ def task_tune(model: Any, tokenizer: Any, cfg: TaskTuneConfig, out: Path, meta: 
         raise ConfigError(f"a {cfg.segment_length}-token segment cannot hold the {cfg.task!r} facts and question "
                           f"({gen.min_length()} tokens); use a longer segment length")
     label_ids = torch.tensor(gen.label_token_ids())
+    if hasattr(model.config, "label_names"):  # an RMT's config names its task, as ``msrnn train rmt`` leaves it
+        model.config.task, model.config.label_names = cfg.task, gen.labels
 
     def batch_fn(step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         rng = random.Random(hash((cfg.seed, step, micro, rank)))
