@@ -235,3 +235,17 @@ def test_from_llama_rejects_models_it_cannot_hold():
         from_llama(tiny("qwen2"))
     with pytest.raises(ConfigError, match="multiple of num_key_value_heads"):
         BSTConfig(num_attention_heads=4, num_key_value_heads=3)
+
+
+@pytest.mark.parametrize("variant", ["sh", "slide"])
+def test_grouped_query_streaming_and_parallel_gradients_agree(variant):
+    m = make_gqa(variant).train()
+    x = torch.randint(0, V, (1, 29))
+    w = torch.randn(29, V)
+    params = list(m.parameters())
+    g_par = torch.autograd.grad((m(x).logits[0] * w).sum(), params)
+    state = m.init_state(1)
+    out = torch.cat([m.step(x[:, :11], state), m.step(x[:, 11:], state)], dim=1)  # cut mid-block
+    g_str = torch.autograd.grad((out[0] * w).sum(), params)
+    for i, (a, b) in enumerate(zip(g_par, g_str, strict=True)):
+        assert_close(f"gqa {variant} grad {i}", a, b, atol=1e-4, rtol=1e-4)

@@ -116,3 +116,21 @@ def test_several_blocks_equal_naive_outputs_state_and_gradients():
     assert_close("state", s_ref, s, atol=1e-4, rtol=1e-5)
     for name, a, b in zip(("dq", "dk", "dv", "ds0"), g_ref, g, strict=True):
         assert_close(name, a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_feature_width_differs_from_value_width():
+    """SUPRA's feature_dim makes Dk != Dv: chunked equals the naive recurrence in outputs, state and gradients."""
+    q, k, v, s0 = inputs(T=63, Dk=24, Dv=60, requires_grad=True)
+    lg = log_decay(3)
+    results = []
+    for fn in (lambda: naive_recurrent(q, k, v, lg, initial_state=s0),
+               lambda: chunked(q, k, v, lg, initial_state=s0, chunk_size=16)):
+        o, s = fn()
+        loss = (o * torch.linspace(-1, 1, o.shape[-1])).sum() + (s * 0.3).sum()
+        results.append((o.detach(), s.detach(), torch.autograd.grad(loss, (q, k, v, s0))))
+    (o_ref, s_ref, g_ref), (o, s, g) = results
+    assert s.shape == (2, 3, 24, 60)
+    assert_close("o", o_ref, o, atol=1e-5, rtol=1e-5)
+    assert_close("state", s_ref, s, atol=1e-4, rtol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "ds0"), g_ref, g, strict=True):
+        assert_close(name, a, b, atol=1e-4, rtol=1e-4)
