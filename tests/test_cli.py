@@ -111,6 +111,20 @@ def test_eval_ppl_json_schema(trained_dir, tiny_corpus, capsys, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_ppl_uses_a_named_file_whole(trained_dir, tiny_corpus, capsys):
+    """A single file has no test split to hash into: naming it evaluates all of it; naming a split still splits."""
+    notes = tiny_corpus / "textwrap.py"
+    rc = main(["eval", "ppl", "--model", str(trained_dir), "--data", str(notes), "--max-tokens", "64", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == 63
+    from msrnn.data.corpus import split_of
+
+    other = "test" if split_of("textwrap.py") != "test" else "val"
+    rc = main(["eval", "ppl", "--model", str(trained_dir), "--data", f"{notes}:{other}", "--max-tokens", "64"])
+    assert rc == 2 and "no documents" in capsys.readouterr().err
+
+
 def test_generate_json(trained_dir, capsys):
     rc = main(["generate", "--model", str(trained_dir), "--prompt", "def f(x):", "--max-new-tokens", "5", "--json"])
     assert rc == 0

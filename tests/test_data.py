@@ -27,6 +27,14 @@ def test_parse_data_spec():
     p = parse_data_spec("some/dir:val")
     assert (p.source, p.name, p.split) == ("path", "some/dir", "val")
     assert parse_data_spec("notes:v2.txt").name == "notes:v2.txt"  # a colon that is not a split stays in the path
+    # A named file or folder is used whole whatever the command's default split; stdlib keeps the default.
+    assert parse_data_spec("notes.txt", default_split="test").split == "all"
+    assert parse_data_spec("notes.txt:test", default_split="val").split == "test"
+    from msrnn.data.corpus import training_specs
+
+    assert [s and s.split for s in training_specs("notes.txt")] == ["all", None]
+    assert [s.split for s in training_specs("notes.txt:train")] == ["train", "val"]
+    assert [s.split for s in training_specs("stdlib")] == ["train", "val"]
     with pytest.raises(DataError, match="unknown split"):
         parse_data_spec("stdlib:bogus")
     with pytest.raises(DataError, match="empty data spec"):

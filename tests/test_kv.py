@@ -6,6 +6,7 @@ import torch
 from helpers import V, assert_close, tiny
 from kv_reference import dense_stream
 
+from msrnn.compat import cache_kwargs
 from msrnn.errors import ConfigError, ModelLoadError, MsrnnError
 from msrnn.kv import KVEvictionLM, make_cache, make_policy, prepare_model
 from msrnn.kv.rope import find_inv_freq, rotate
@@ -124,11 +125,11 @@ def test_generate_left_padded_batch_equals_each_sequence_alone(arch, policy):
     ids[0], mask[0] = a, 1
     ids[1, 5:], mask[1, 5:] = b, 1
     gen_kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=pad)
-    out = model.generate(ids, attention_mask=mask, past_key_values=make_cache(model, make_policy(name, 6, **opts)),
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(make_cache(model, make_policy(name, 6, **opts))),
                          **gen_kw)
     for row, seq in ((0, a), (1, b)):
         alone = model.generate(seq[None], attention_mask=torch.ones(1, len(seq), dtype=torch.long),
-                               past_key_values=make_cache(model, make_policy(name, 6, **opts)), **gen_kw)
+                               **cache_kwargs(make_cache(model, make_policy(name, 6, **opts))), **gen_kw)
         assert out[row, 12:].tolist() == alone[0, len(seq):].tolist()
 
 
@@ -138,11 +139,11 @@ def test_generate_sampled_batch_and_big_budget_equals_dynamic_cache():
     ref = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0)
     prepare_model(model)
     got = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                         past_key_values=make_cache(model, make_policy("tova", 64)))
+                         **cache_kwargs(make_cache(model, make_policy("tova", 64))))
     assert torch.equal(ref, got)
     torch.manual_seed(0)
     s = model.generate(x, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0,
-                       past_key_values=make_cache(model, make_policy("h2o", 5)))
+                       **cache_kwargs(make_cache(model, make_policy("h2o", 5))))
     assert s.shape == (2, 17) and int(s.max()) < V
 
 
@@ -218,6 +219,6 @@ def test_cache_without_msrnn_attention_is_caught():
 
     cache = KVEvictionCache(2, make_policy("tova", 4))
     with torch.no_grad():
-        model(torch.randint(0, V, (1, 5)), past_key_values=cache)
+        model(torch.randint(0, V, (1, 5)), **cache_kwargs(cache))
         with pytest.raises(MsrnnError, match="prepare_model"):
-            model(torch.randint(0, V, (1, 1)), past_key_values=cache)
+            model(torch.randint(0, V, (1, 1)), **cache_kwargs(cache))

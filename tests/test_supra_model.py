@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import V, assert_close, tiny
 
+from msrnn.compat import cache_kwargs
 from msrnn.errors import ConfigError, ModelLoadError
 from msrnn.protocol import stream_logits
 from msrnn.supra import SupraCache, SupraConfig, SupraForCausalLM, SupraLM, convert
@@ -91,7 +92,7 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="padding"):
         model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
     with pytest.raises(ConfigError, match="SupraCache"):
-        model(torch.ones(1, 4, dtype=torch.long), past_key_values=SupraCache(2).__class__.__mro__[1](layers=[]))
+        model(torch.ones(1, 4, dtype=torch.long), **cache_kwargs(SupraCache(2).__class__.__mro__[1](layers=[])))
 
 
 def test_cli_convert_train_eval(tmp_path, tiny_corpus, capsys):

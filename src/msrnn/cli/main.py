@@ -37,8 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from msrnn.cli.common import setup_logging
+    from msrnn.compat import check_transformers_version
     from msrnn.errors import MsrnnError
 
+    try:
+        check_transformers_version()  # before any command imports a family: a clean error, no traceback
+    except MsrnnError as exc:
+        print(f"msrnn: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:

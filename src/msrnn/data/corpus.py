@@ -5,13 +5,14 @@ Data is named by a spec string (the CLI's ``--data``):
 * ``stdlib[:split]`` -- the running interpreter's standard-library ``.py`` files (present on every machine).
   Test suites (``test/``, ``tests/``, ``idle_test/``) and ``site-packages`` are left out: the former are
   repetitive and larger than the rest of the stdlib, the latter are not the standard library.
-* ``PATH[:split]`` -- a text file, a folder (all files below it, recursively) or a glob.
+* ``PATH[:split]`` -- a text file, a folder (all files below it, recursively) or a glob. A path is used whole
+  unless a split is named (``notes.txt`` is all of notes.txt, for evaluation and training alike).
 * ``hf:NAME[:split]`` -- a Hugging Face dataset with a ``text`` column (needs the ``hf`` extra).
 
-Splits (``train``, ``val``, ``test``, ``all``) are assigned per file by a hash of its relative path, so they are
-stable across machines and runs and never overlap. Documents are files, or (``unit="folder"``) all files of
-one folder that fall in the split, concatenated in sorted order, like the BST paper's GitHub set: that gives
-held-out code documents of 10k-100k+ tokens.
+Splits (``train``, ``val``, ``test``, ``all``) of ``stdlib`` and of a path given with a split are assigned per
+file by a hash of its relative path, so they are stable across machines and runs and never overlap.
+Documents are files, or (``unit="folder"``) all files of one folder that fall in the split, concatenated in
+sorted order, like the BST paper's GitHub set: that gives held-out code documents of 10k-100k+ tokens.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class DataSpec:
 
 
 def parse_data_spec(spec: str, default_split: str = "all") -> DataSpec:
-    """Parse ``stdlib:test``, ``hf:pg19:test``, ``some/dir``, ``notes.txt:val`` ..."""
+    """Parse ``stdlib:test``, ``hf:pg19:test``, ``some/dir``, ``notes.txt:val`` ...
+
+    ``default_split`` applies to ``stdlib`` and ``hf:`` specs only: a file or folder the user names is used
+    whole (split ``all``) unless the spec names a split, since hashing one file into 5% splits leaves nothing."""
     if not spec or not spec.strip():
         raise DataError("empty data spec; use e.g. --data stdlib:test or --data path/to/texts")
     spec = spec.strip()
@@ -75,7 +79,19 @@ def parse_data_spec(spec: str, default_split: str = "all") -> DataSpec:
     head, sep, tail = spec.rpartition(":")
     if sep and tail in SPLITS and head:
         return DataSpec("path", head, tail)
-    return DataSpec("path", spec, default_split)
+    return DataSpec("path", spec, "all")
+
+
+def training_specs(spec: str | DataSpec) -> tuple[DataSpec, DataSpec | None]:
+    """The (train, validation) specs a training command reads from ``spec``.
+
+    ``stdlib``, ``hf:`` and a path with a split train on the ``train`` split and validate on ``val``; a path
+    named without a split (or with ``:all``) trains on all of it, with no validation split."""
+    if isinstance(spec, str):
+        spec = parse_data_spec(spec)
+    if spec.source == "path" and spec.split == "all":
+        return spec, None
+    return DataSpec(spec.source, spec.name, "train"), DataSpec(spec.source, spec.name, "val")
 
 
 def split_of(relpath: str) -> str:

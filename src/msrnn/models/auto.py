@@ -9,6 +9,9 @@ def register_auto(model_type: str, config_cls: type, model_cls: type, auto: str 
     """``AutoConfig`` + ``auto`` registration, idempotent (a module may be imported more than once)."""
     import transformers
 
+    from msrnn.compat import check_transformers_version
+
+    check_transformers_version()  # every family registers at import: an untested release is refused here
     try:
         transformers.AutoConfig.register(model_type, config_cls)
     except ValueError:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from msrnn.compat import cache_kwargs, check_advanced, check_transformers_version, output_cache
 from msrnn.protocol import check_chunk, tensor_nbytes
 
 
@@ -33,6 +34,7 @@ class HFCausalLM:
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, cache_factory: Any = None) -> None:
+        check_transformers_version()
         self.model = model
         self.tokenizer = tokenizer
         self.vocab_size = int(model.config.vocab_size)
@@ -50,13 +52,11 @@ class HFCausalLM:
         T = input_ids.shape[1]
         input_ids = input_ids.to(self.device)
         position_ids = torch.arange(state.seen, state.seen + T, device=self.device).unsqueeze(0)  # [1, T]
-        out = self.model(
-            input_ids=input_ids,
-            past_key_values=state.cache,
-            position_ids=position_ids.expand(input_ids.shape[0], -1),
-            use_cache=True,
-        )
-        state.cache = out.past_key_values
+        before = state.cache.get_seq_length()
+        out = self.model(input_ids=input_ids, position_ids=position_ids.expand(input_ids.shape[0], -1),
+                         use_cache=True, **cache_kwargs(state.cache, self.model))
+        state.cache = output_cache(out)
+        check_advanced(state.cache, before, T, type(self.model).__name__)
         state.seen += T
         return out.logits.float(), state
 

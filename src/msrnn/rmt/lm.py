@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import msrnn.rmt.encoder  # noqa: F401  (registers the encoder config with AutoConfig)
+from msrnn.compat import cache_kwargs, check_advanced
 from msrnn.models.hf import cache_kv_nbytes
 from msrnn.protocol import check_chunk, tensor_nbytes
 from msrnn.rmt.wrapper import MemoryWrapper
@@ -40,15 +41,16 @@ class RMTLM:
         model, m = self.wrapper.model, self.wrapper.m
         cache = DynamicCache(config=model.config)
         pos = torch.arange(m)[None].expand(state.batch_size, -1)
-        model(inputs_embeds=state.memory, position_ids=pos, past_key_values=cache, use_cache=True)
+        model(inputs_embeds=state.memory, position_ids=pos, use_cache=True, **cache_kwargs(cache, model))
+        check_advanced(cache, 0, m, type(model).__name__)
         state.cache = cache
 
     def _finish_segment(self, state: RMTState) -> None:
         model, m = self.wrapper.model, self.wrapper.m
         start = m + state.in_segment
         pos = torch.arange(start, start + m)[None].expand(state.batch_size, -1)
-        out = model(inputs_embeds=state.memory, position_ids=pos, past_key_values=state.cache, use_cache=True,
-                    output_hidden_states=True)
+        out = model(inputs_embeds=state.memory, position_ids=pos, use_cache=True, output_hidden_states=True,
+                    **cache_kwargs(state.cache, model))
         state.memory, state.cache, state.in_segment = out.hidden_states[-1], None, 0
 
     def forward_chunk(self, input_ids: torch.Tensor, state: RMTState) -> tuple[torch.Tensor, RMTState]:
@@ -61,7 +63,9 @@ class RMTLM:
             take = min(S - state.in_segment, input_ids.shape[1] - pos)
             ids = input_ids[:, pos : pos + take]
             p = torch.arange(m + state.in_segment, m + state.in_segment + take)[None].expand(state.batch_size, -1)
-            out = model(input_ids=ids, position_ids=p, past_key_values=state.cache, use_cache=True)
+            before = state.cache.get_seq_length()
+            out = model(input_ids=ids, position_ids=p, use_cache=True, **cache_kwargs(state.cache, model))
+            check_advanced(state.cache, before, take, type(model).__name__)
             outs.append(out.logits.float())
             state.in_segment += take
             pos += take

@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from msrnn.compat import model_output, output_cache, take_cache
 from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
 from msrnn.models.hf import rope_theta, rope_type
+from msrnn.rope import apply_rope
 from msrnn.supra.ops import BACKENDS, DECAYS, chunked, fla_chunked, log_decay, recurrent_step, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,9 @@ class SupraStateLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the name transformers < 5.5 declares abstract (unbounded: -1)
+        return -1
+
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized = None, 0, False
 
@@ -192,34 +197,34 @@ class SupraAttention(nn.Module):
         return self._log_gamma
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+                position_ids: torch.Tensor, state: SupraStateLayer | None = None) -> torch.Tensor:
+        """hidden_states [B, T, hidden] -> [B, T, hidden]; ``state`` (this layer's, or None for a stateless
+        forward) is read and advanced in place. Called by :class:`SupraModel`'s own decoder loop, so the state
+        never travels through a transformers keyword."""
         B, T, _ = hidden_states.shape
         q = self.phi_q(self.q_proj(hidden_states))  # [B, H, T, F]
         k = (self.phi_k or self.phi_q)(self.k_proj(hidden_states))  # [B, Hkv, T, F]
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         if self.phi_dim != self.head_dim:  # RoPE at the feature width (same theta, F/2 frequencies)
-            cos, sin = self._rope(kwargs.get("position_ids"), B, T, hidden_states.device, hidden_states.dtype)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            cos, sin = self._rope(position_ids, B, T, hidden_states.device, hidden_states.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
-        layer = past_key_values.layers[self.layer_idx] if isinstance(past_key_values, SupraCache) else None
-        state = layer.state if layer is not None else None
+        prev = state.state if state is not None else None
         lg = self.log_gamma(q.device)
         with torch.autocast(device_type=q.device.type, enabled=False):  # the recurrence runs in fp32
-            if T == 1 and state is not None:
-                o, new_state = recurrent_step(q, k, v, lg, state=state)
+            if T == 1 and prev is not None:
+                o, new_state = recurrent_step(q, k, v, lg, state=prev)
             elif resolve_backend(self.config.linear_backend, q.device) == "fla":
-                o, new_state = fla_chunked(q, k, v, lg, initial_state=state)
+                o, new_state = fla_chunked(q, k, v, lg, initial_state=prev)
             else:
-                o, new_state = chunked(q, k, v, lg, initial_state=state, chunk_size=self.config.linear_chunk_size)
-        if layer is not None:
-            layer.state, layer.seen, layer.is_initialized = new_state, layer.seen + T, True
+                o, new_state = chunked(q, k, v, lg, initial_state=prev, chunk_size=self.config.linear_chunk_size)
+        if state is not None:
+            state.state, state.seen, state.is_initialized = new_state, state.seen + T, True
         o = o.transpose(1, 2)  # [B, T, H, d]
         o = F.layer_norm(o.float(), (self.head_dim,), eps=self.config.norm_eps).to(hidden_states.dtype)
-        return self.o_proj(o.reshape(B, T, -1)), None
-
+        return self.o_proj(o.reshape(B, T, -1))
 
     def _rope(self, position_ids: torch.Tensor | None, B: int, T: int, device: torch.device,
               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +239,12 @@ class SupraAttention(nn.Module):
 
 
 class SupraModel(LlamaModel):
+    """Llama's modules (so checkpoints keep Llama's tensor names) driven by msrnn's own decoder loop.
+
+    Owning the loop (embeddings, pre-norm layers, final norm) means the recurrent state reaches each
+    :class:`SupraAttention` as an argument, not through a keyword of transformers' forward functions, which
+    has been renamed between minor releases (``past_key_values`` -> ``cache`` in 5.24)."""
+
     config_class = SupraConfig
 
     def __init__(self, config: SupraConfig) -> None:
@@ -242,30 +253,71 @@ class SupraModel(LlamaModel):
             layer.self_attn = SupraAttention(config, i)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
+        cache = take_cache(kwargs)
         if attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask == 0).any()):
             raise ConfigError("SUPRA models do not support padding (pad tokens would enter the recurrent state); "
                               "run sequences of different lengths one at a time")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ConfigError("pass exactly one of input_ids and inputs_embeds")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
-            past_key_values = None  # generate() makes an empty DynamicCache; SUPRA needs its own state cache
-        if use_cache and past_key_values is None:
-            past_key_values = SupraCache(self.config.num_hidden_layers)
-        if past_key_values is not None and not isinstance(past_key_values, SupraCache):
+        if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
+            cache = None  # generate() makes an empty DynamicCache; SUPRA needs its own state cache
+        if use_cache and cache is None:
+            cache = SupraCache(self.config.num_hidden_layers)
+        if cache is not None and not isinstance(cache, SupraCache):
             raise ConfigError("SUPRA models need a SupraCache, not a key/value cache")
-        return super().forward(input_ids=input_ids, attention_mask=None, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               **kwargs)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, hidden]
+        B, T = h.shape[:2]
+        before = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(before, before + T, device=h.device)[None].expand(B, -1)  # [B, T]
+        rope = self.rotary_emb(h, position_ids)
+        hidden = [h] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            state = cache.layers[i] if cache is not None else None
+            h = h + layer.self_attn(layer.input_layernorm(h), rope, position_ids, state)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if hidden is not None:
+                hidden.append(h)
+        h = self.norm(h)
+        if hidden is not None:
+            hidden[-1] = h
+        return model_output(BaseModelOutputWithPast, last_hidden_state=h, cache=cache if use_cache else None,
+                            hidden_states=tuple(hidden) if hidden is not None else None)
 
 
 class SupraForCausalLM(LlamaForCausalLM):
+    """A causal LM head over :class:`SupraModel`; ``generate()`` runs with the constant-size SupraCache."""
+
     config_class = SupraConfig
 
     def __init__(self, config: SupraConfig) -> None:
         super().__init__(config)
         self.model = SupraModel(config)
         self.post_init()
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        cache = take_cache(kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         cache=cache)
+        h = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, keep])
+        loss = None
+        if labels is not None:  # next-token loss, labels shifted here (-100 ignored), as transformers' heads do
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return model_output(CausalLMOutputWithPast, loss=loss, logits=logits, cache=output_cache(out),
+                            hidden_states=out.hidden_states)
 
 
 register_auto("msrnn_supra", SupraConfig, SupraForCausalLM, "AutoModelForCausalLM")

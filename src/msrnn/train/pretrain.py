@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from msrnn.data import LMBatches, cached_token_stream, load_documents, load_tokenizer, save_tokenizer, train_bpe
-from msrnn.data.corpus import fingerprint, parse_data_spec
-from msrnn.errors import ConfigError
+from msrnn.data.corpus import fingerprint, training_specs
+from msrnn.errors import ConfigError, MsrnnError
 from msrnn.io import cache_dir
 from msrnn.models.presets import PRESETS, build_model
 from msrnn.train.config import TrainConfig
@@ -51,12 +51,12 @@ def ensure_tokenizer(data: str, vocab_size: int = 4096, path: str | None = None)
     """Load ``path``, or train a BPE on the train split of ``data`` and cache it by content."""
     if path:
         return load_tokenizer(path)
-    spec = parse_data_spec(data)
-    docs = load_documents(spec.__class__(spec.source, spec.name, "train"))
+    train_spec, _ = training_specs(data)
+    docs = load_documents(train_spec)
     target = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{fingerprint(docs)}"
     if (target / "tokenizer.json").exists():
         return load_tokenizer(target)
-    log.info("training a %d-token BPE on %s", vocab_size, spec.label)
+    log.info("training a %d-token BPE on %s", vocab_size, train_spec.label)
     tok = train_bpe((d.text for d in docs), vocab_size=vocab_size)
     try:
         save_tokenizer(tok, target)
@@ -86,18 +86,22 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
     Used for pretraining a preset and for uptraining (e.g. a converted SUPRA model: all parameters train).
     """
     out_dir = Path(out_dir)
-    spec = parse_data_spec(cfg.data)
-    train_docs = load_documents(spec.__class__(spec.source, spec.name, "train"))
+    train_spec, val_spec = training_specs(cfg.data)
+    train_docs = load_documents(train_spec)
     stream = cached_token_stream(train_docs, tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     batches = LMBatches(stream, cfg.seq_len, cfg.batch_size, eos, cfg.repeat_fraction, seed=train_cfg.seed)
-    try:
-        val_docs = load_documents(spec.__class__(spec.source, spec.name, "val"))
-        val_batches = LMBatches(cached_token_stream(val_docs, tokenizer), cfg.seq_len, cfg.batch_size, eos,
-                                0.0, seed=12345)
-    except Exception as exc:  # a tiny user corpus may have no val split; training still makes sense
-        log.warning("no validation data (%s); training without it", exc)
-        val_batches = None
+    val_batches = None
+    if val_spec is None:
+        log.info("training on all of %s with no validation split (name one with %s:train)", train_spec.name,
+                 train_spec.name)
+    else:
+        try:
+            val_docs = load_documents(val_spec)
+            val_batches = LMBatches(cached_token_stream(val_docs, tokenizer), cfg.seq_len, cfg.batch_size, eos,
+                                    0.0, seed=12345)
+        except MsrnnError as exc:  # a tiny corpus may have no val split; training still makes sense
+            log.warning("no validation data (%s); training without it", exc)
     trainer = Trainer(
         model, train_cfg, batches.batch, out_dir, val_fn=make_val_fn(val_batches, cfg.val_batches),
         tokens_per_step=batches.tokens_per_batch, save_extra=lambda d: tokenizer.save_pretrained(str(d)),
