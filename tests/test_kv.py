@@ -222,3 +222,49 @@ def test_cache_without_msrnn_attention_is_caught():
         model(torch.randint(0, V, (1, 5)), **cache_kwargs(cache))
         with pytest.raises(MsrnnError, match="prepare_model"):
             model(torch.randint(0, V, (1, 1)), **cache_kwargs(cache))
+
+
+def _tiny_cfg_model(cfg_cls_name: str, model_cls_name: str, **extra):
+    import transformers
+
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    cfg = getattr(transformers, cfg_cls_name)(**common, **extra)
+    return getattr(transformers, model_cls_name)(cfg)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: _tiny_cfg_model("MistralConfig", "MistralForCausalLM", sliding_window=32), "sliding window of 32"),
+    (lambda: _tiny_cfg_model("Qwen2Config", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=16,
+                             max_window_layers=0),
+     "sliding window of 16"),
+    (lambda: _tiny_cfg_model("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=32), "sliding window"),
+    (lambda: _tiny_cfg_model("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=None,
+                             layer_types=["full_attention"] * 2), "softcap"),
+], ids=["mistral-sliding", "qwen2-sliding", "gemma2-sliding", "gemma2-softcap"])
+def test_prepare_model_refuses_attention_rules_it_cannot_honour(make, match):
+    """Eviction builds its own mask: a sliding window or a logit softcap would be dropped silently."""
+    model = make()
+    with pytest.raises(ModelLoadError, match=match):
+        prepare_model(model)
+    with pytest.raises(ModelLoadError, match=match):
+        KVEvictionLM(model, make_policy("tova", 8))
+
+
+def test_prepare_model_refuses_falcon_up_front():
+    import transformers
+
+    cfg = transformers.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(ModelLoadError, match="attention-function registry"):
+        prepare_model(transformers.FalconForCausalLM(cfg))
+
+
+def test_sliding_window_set_to_none_on_purpose_is_accepted():
+    model = _tiny_cfg_model("MistralConfig", "MistralForCausalLM", sliding_window=32)
+    model.config.sliding_window = None
+    prepare_model(model)
+    x = torch.randint(0, V, (1, 20))
+    with torch.no_grad():
+        ref = model(x).logits
+        got = stream_logits(KVEvictionLM(model, make_policy("tova", 64)), x, 7)
+    assert_close("budget >= length", ref, got, atol=1e-4)

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from msrnn.errors import MsrnnError
 from msrnn.kv.cache import ACTIVE_LAYER, EvictionLayer
 from msrnn.kv.policies import Candidates
 from msrnn.kv.rope import rotate
@@ -96,6 +97,10 @@ def evicting_attention(base_name: str):
             return _base(base_name)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     **kwargs)
         ACTIVE_LAYER.set(None)
+        for rule in ("sliding_window", "softcap"):  # a per-layer rule the config check could not see
+            if kwargs.get(rule) is not None:
+                raise MsrnnError(f"{type(module).__name__} asks for attention with {rule}={kwargs[rule]}, which "
+                                 "KV eviction does not apply; use a model without it")
         scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         return _attend_and_evict(layer, base_name, module, query, key, value, attention_mask, scaling, dropout,
                                  kwargs)

@@ -32,6 +32,31 @@ def check_supported(model: Any) -> None:
                              "such as Llama, Mistral, Qwen2 or GPT-2")
     if not hasattr(cfg, "num_hidden_layers") or not any(hasattr(m, "layer_idx") for m in model.modules()):
         raise ModelLoadError(f"{type(model).__name__} has no cached self-attention layers to bound")
+    reasons = unhonoured_attention_rules(model)
+    if reasons:
+        raise ModelLoadError(f"{type(model).__name__}: KV eviction cannot honour {'; '.join(reasons)}")
+
+
+def unhonoured_attention_rules(model: Any) -> list[str]:
+    """Rules of the model's own attention that msrnn's eviction path would drop (each with its fix).
+
+    Eviction builds its own mask and scores from q and k, so a sliding window, a logit softcap, or an attention
+    computed outside transformers' attention-function registry would be silently lost: refuse them up front."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    reasons = []
+    if not getattr(type(model), "_supports_attention_backend", False):
+        reasons.append("its attention, which does not go through transformers' attention-function registry "
+                       "(use a model that does, such as Llama, Mistral, Qwen2/3, GPT-2, Phi-3, OLMo or GPT-NeoX)")
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if window and getattr(cfg, "use_sliding_window", True) and (not layer_types or "sliding_attention" in
+                                                                layer_types):
+        reasons.append(f"its sliding window of {window} tokens (kept tokens older than the window would be "
+                       "attended; set model.config.sliding_window = None to attend the whole cache on purpose)")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        reasons.append(f"its attention logit softcap of {cfg.attn_logit_softcapping} (set "
+                       "model.config.attn_logit_softcapping = None to drop it on purpose)")
+    return reasons
 
 
 def prepare_model(model: Any) -> Any:
