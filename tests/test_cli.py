@@ -125,6 +125,13 @@ def test_eval_ppl_uses_a_named_file_whole(trained_dir, tiny_corpus, capsys):
     assert rc == 2 and "no documents" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--sinks", "2"], ["--prefill", "oneshot"], ["--no-per-head"]])
+def test_eval_harness_refuses_kv_flags_it_cannot_pass_on(flags, capsys):
+    rc = main(["eval", "harness", "--model", "x", "--tasks", "t", "--policy", "tova", "--budget", "8", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and flags[0].replace("--no-", "--") in err and "--policy and --budget only" in err
+
+
 def test_generate_json(trained_dir, capsys):
     rc = main(["generate", "--model", str(trained_dir), "--prompt", "def f(x):", "--max-new-tokens", "5", "--json"])
     assert rc == 0

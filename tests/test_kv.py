@@ -268,3 +268,12 @@ def test_sliding_window_set_to_none_on_purpose_is_accepted():
         ref = model(x).logits
         got = stream_logits(KVEvictionLM(model, make_policy("tova", 64)), x, 7)
     assert_close("budget >= length", ref, got, atol=1e-4)
+
+
+def test_wrap_refuses_a_model_without_a_kv_cache():
+    """SUPRA's adapter is an HFCausalLM subclass; a KV policy on it would be accepted and ignored."""
+    from msrnn.kv import wrap
+    from msrnn.supra import SupraLM, convert
+
+    with pytest.raises(ConfigError, match="not to SupraLM"):
+        wrap(SupraLM(convert(tiny("llama"))), make_policy("tova", 8))

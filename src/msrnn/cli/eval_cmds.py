@@ -153,6 +153,15 @@ def run_eval_harness(args: argparse.Namespace) -> int:
     from msrnn.errors import ConfigError
     from msrnn.ui import print_json
 
+    # The harness model takes a policy and a budget only; refuse the other KV flags rather than drop them.
+    ignored = [flag for flag, value, default in (("--sinks", args.sinks, None), ("--recent", args.recent, None),
+                                                 ("--per-head", args.per_head, None),
+                                                 ("--keep-newest", args.keep_newest, None),
+                                                 ("--prefill", args.prefill, "exact"),
+                                                 ("--positions", args.positions, "original")) if value != default]
+    if ignored:
+        raise ConfigError(f"eval harness supports --policy and --budget only, not {', '.join(ignored)}; drop "
+                          "them (or score with 'msrnn eval ppl', which takes every KV flag)")
     try:
         import lm_eval
 

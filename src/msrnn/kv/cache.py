@@ -165,7 +165,8 @@ class EvictionLayer(DynamicLayer):
 
 
 class KVEvictionCache(Cache):
-    """A bounded KV cache: ``Cache(layers=[EvictionLayer, ...])``, usable as ``past_key_values`` anywhere.
+    """A bounded KV cache: ``Cache(layers=[EvictionLayer, ...])``, usable wherever transformers takes a cache
+    (``cache=`` from 5.24, ``past_key_values=`` before; :func:`msrnn.compat.cache_kwargs` picks the name).
 
     The model must use msrnn's attention function (:func:`msrnn.kv.prepare_model`) so layers receive scores.
     """

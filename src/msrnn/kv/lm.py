@@ -103,7 +103,7 @@ class KVEvictionLM(HFCausalLM):
 
 def wrap(lm: Any, policy: Policy, prefill: str = "exact", positions: str = "original") -> KVEvictionLM:
     """Bound an already-loaded :class:`HFCausalLM`."""
-    if not isinstance(lm, HFCausalLM):
+    if type(lm) is not HFCausalLM:  # a SUPRA model is an HFCausalLM too, but has no KV cache to bound
         raise ConfigError("KV eviction applies to plain HF causal LMs (family 'hf'), not to "
                           f"{type(lm).__name__}")
     return KVEvictionLM(lm.model, policy, prefill, positions, tokenizer=lm.tokenizer)
