@@ -43,10 +43,6 @@ class CompatError(MsrnnError):
     """transformers no longer honours a contract msrnn relies on (usually: an untested release)."""
 
 
-def transformers_version() -> Version:
-    return Version(transformers.__version__)
-
-
 def check_transformers_version(version: str | None = None) -> None:
     """Refuse a transformers release outside the tested range (``MSRNN_ALLOW_UNTESTED_TRANSFORMERS=1``
     downgrades the refusal to a warning; the run-time state checks still apply)."""
@@ -114,12 +110,10 @@ def output_cache(out: Any) -> Any:
 def take_cache(kwargs: dict[str, Any]) -> Any:
     """Pop the cache from a forward's ``**kwargs`` under either name (callers, ``generate`` and transformers'
     own heads use whichever their release knows); both at once is an error."""
-    given = {name: kwargs.pop(name) for name in _CACHE_NAMES if kwargs.get(name) is not None}
-    for name in _CACHE_NAMES:
-        kwargs.pop(name, None)
+    given = [value for value in (kwargs.pop(name, None) for name in _CACHE_NAMES) if value is not None]
     if len(given) > 1:
         raise MsrnnError("pass the cache once, as `cache` or as `past_key_values`, not both")
-    return next(iter(given.values()), None)
+    return given[0] if given else None
 
 
 def model_output(cls: type, **fields: Any) -> Any:

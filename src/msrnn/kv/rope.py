@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from msrnn.rope import rotate_half
+
 
 def find_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
     """The rotary inverse frequencies of a HF model, or None if it has no RoPE."""
@@ -26,7 +28,5 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     cos = torch.cat([angle.cos(), angle.cos()], dim=-1)  # [B, h, N, rot]
     sin = torch.cat([angle.sin(), angle.sin()], dim=-1)
     xr, rest = x[..., :rot].float(), x[..., rot:]
-    half = rot // 2
-    rotated_half = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    out = xr * cos + rotated_half * sin
+    out = xr * cos + rotate_half(xr) * sin
     return torch.cat([out.to(x.dtype), rest], dim=-1)
