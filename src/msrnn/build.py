@@ -148,11 +148,18 @@ def _as_lm(family: str, model: Any) -> Any:
 _SHRINK = {"supra": ("feature_dim", 2, 2), "bst": ("block_size", 8, 8), "rmt": ("segment_length", 1, 8)}
 
 
+def check_budget(budget: int) -> None:
+    """A state budget is a positive number of bytes; anything else is an error, not "does not fit"."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ConfigError(f"a state budget is a positive number of bytes, got {budget!r}; e.g. 262144 (256 KiB)")
+
+
 def fit(family: str, base_model: Any, budget: int, cfg: BuildConfig) -> tuple[dict[str, int] | None, int]:
     """(sizing, measured peak state bytes): the cost model's sizing, shrunk until the untrained model's
     *measured* state (one token at a time, so every in-block offset is seen) fits ``budget``."""
     from msrnn.protocol import measure_state_bytes
 
+    check_budget(budget)
     sizing = size_for_budget(family, base_model.config, budget, cfg.bst_variant)
     knob, step, floor = _SHRINK[family]
     while sizing is not None and sizing[knob] >= floor:
@@ -174,6 +181,7 @@ def build(family: str, base: str | Path, budget: int, cfg: BuildConfig, root: st
     from msrnn.train import TrainConfig
     from msrnn.train.pretrain import PretrainConfig, train_lm
 
+    check_budget(budget)
     base_model = load_hf_causal_lm(base)
     sizing, _ = fit(family, base_model, budget, cfg)
     if sizing is None:

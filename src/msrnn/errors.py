@@ -22,3 +22,17 @@ class DataError(MsrnnError):
 
 class ModelLoadError(MsrnnError):
     """A model or checkpoint directory cannot be loaded."""
+
+
+class NumericsError(MsrnnError, ArithmeticError):
+    """A loss, logit or metric is NaN or infinite, so there is no honest number to report."""
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """A library's exception as one line for a message: whitespace folded, and if it must be shortened, cut at a
+    sentence end so the reader never gets half a sentence."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[: cut + 1] if cut > 0 else text[:limit].rsplit(" ", 1)[0] + " ..."

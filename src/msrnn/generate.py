@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from msrnn.errors import ConfigError
+from msrnn.errors import ConfigError, NumericsError
 from msrnn.protocol import StatefulLM
 
 
@@ -19,10 +21,15 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
     """
     if max_new_tokens < 0:
         raise ConfigError("max_new_tokens must be >= 0")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    if not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ConfigError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, "
+                          f"{top_k})")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ConfigError("the prompt must be a non-empty [batch, tokens] tensor; give a non-empty --prompt")
+    limit = getattr(lm, "max_positions", None) if getattr(lm, "learned_positions", False) else None
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:  # refuse before generating, not midway
+        raise ConfigError(f"prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) is past this "
+                          f"model's {limit} learned positions; shorten the prompt or lower --max-new-tokens")
     gen = torch.Generator().manual_seed(seed)
     B = input_ids.shape[0]
     state = lm.init_state(B)
@@ -31,7 +38,10 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
         logits, state = lm.forward_chunk(input_ids[:, pos : pos + prefill_chunk], state)
     out = []
     done = torch.zeros(B, dtype=torch.bool)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        if not bool(torch.isfinite(logits[:, -1]).all()):
+            raise NumericsError(f"the model's logits are NaN or infinite (new token {step}); its weights are broken, "
+                                "most often by a diverged training run: retrain with a lower --lr")
         nxt = _pick(logits[:, -1].float().cpu(), temperature, top_k, top_p, gen)  # [B]
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)

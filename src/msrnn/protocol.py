@@ -64,10 +64,28 @@ def tensor_nbytes(obj: Any) -> int:
     return visit(obj)
 
 
-def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None) -> None:
-    """Validate a chunk's shape before a family touches it."""
+def check_batch_size(batch_size: int) -> int:
+    """Validate ``init_state``'s argument: a positive int (``True`` and floats are refused, not coerced)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}; call init_state(1) for one sequence")
+    return batch_size
+
+
+def check_state(state: Any, kind: type | tuple[type, ...]) -> None:
+    """Refuse a missing or foreign state (``None``, another family's) before a family reads it."""
+    if not isinstance(state, kind):
+        raise ConfigError(f"state must be what this model's init_state returned, got {type(state).__name__}; "
+                          "start with state = lm.init_state(batch_size)")
+
+
+def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None, vocab_size: int | None = None) -> None:
+    """Validate a chunk before a family touches it: shape, integer dtype, batch size and token ids in range.
+
+    Out-of-range ids would be an IndexError on CPU and a device-side assert (a dead CUDA context) on a GPU."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ConfigError("input_ids must be a 2-D LongTensor [batch, tokens]; reshape it with input_ids.view(B, -1)")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ConfigError(f"input_ids must hold integer token ids, got {input_ids.dtype}; convert with .long()")
     if input_ids.shape[1] < 1:
         raise ConfigError("a chunk needs at least one token; skip empty chunks before calling forward_chunk")
     if batch_size is not None and input_ids.shape[0] != batch_size:
@@ -75,6 +93,12 @@ def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None) -> None:
             f"chunk has batch size {input_ids.shape[0]} but the state was made for {batch_size}; "
             "start a new state with init_state(batch_size)"
         )
+    if vocab_size is not None:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ConfigError(f"token id {bad} is outside this model's vocabulary [0, {vocab_size}); "
+                              "tokenize with the model's own tokenizer")
 
 
 def stream_logits(lm: StatefulLM, input_ids: torch.Tensor, chunk_sizes: Iterable[int] | int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from msrnn.bst.modeling import BSTForCausalLM
-from msrnn.protocol import check_chunk, tensor_nbytes
+from msrnn.protocol import check_batch_size, check_chunk, check_state, tensor_nbytes
 
 
 class BSTLM:
@@ -17,10 +17,11 @@ class BSTLM:
         self.vocab_size = model.config.vocab_size
 
     def init_state(self, batch_size: int) -> dict[str, Any]:
-        return self.model.init_state(batch_size)
+        return self.model.init_state(check_batch_size(batch_size))
 
     def forward_chunk(self, input_ids: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        check_chunk(input_ids, len(state["layers"][0]["k"]))
+        check_state(state, dict)
+        check_chunk(input_ids, len(state["layers"][0]["k"]), self.vocab_size)
         return self.model.step(input_ids.to(self.model.embed_tokens.weight.device), state).float(), state
 
     def state_nbytes(self, state: dict[str, Any]) -> int:

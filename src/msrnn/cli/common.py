@@ -43,9 +43,36 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
     return name
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse an unusable ``--plot`` (a file) or ``--out`` (a folder) before a command runs, not after an hour of
+    work: a folder where a file goes, a file where a folder goes, or a parent that is a file or not writable."""
+    import os
+    from pathlib import Path
+
+    for flag, want_dir in (("plot", False), ("out", True)):
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and path.is_dir() != want_dir:
+            kind = "a folder" if path.is_dir() else "a file"
+            raise ConfigError(f"--{flag} {value} is {kind}; name {'a folder' if want_dir else 'a file'} there")
+        parent = path if path.exists() else path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"--{flag} {value} is under {parent}, which is a file; choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--{flag} {value}: {parent} is not writable; choose another path")
 
 
 def setup_logging(verbose: bool) -> None:

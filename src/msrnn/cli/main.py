@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msrnn.cli.common import setup_logging
+    from msrnn.cli.common import check_output_paths, setup_logging
     from msrnn.compat import check_transformers_version
     from msrnn.errors import MsrnnError
 
@@ -48,12 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
+        check_output_paths(args)
         return int(args.func(args) or 0)
     except MsrnnError as exc:
         print(f"msrnn: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"msrnn: error: {exc.filename or exc} does not exist; check the path", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable folder, a file where a folder was expected, a full disk, ...
+        target = exc.filename2 if isinstance(exc, IsADirectoryError) and exc.filename2 else exc.filename
+        what = f"cannot use {target}" if target else "a file operation failed"
+        print(f"msrnn: error: {what}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msrnn: interrupted (checkpoints already written are intact; rerun with --resume)", file=sys.stderr)

@@ -91,8 +91,6 @@ def run_train_rmt(args: argparse.Namespace) -> int:
     task_cfg = TaskTrainConfig(task=args.task, batch_size=args.batch_size, noise=args.noise)
     cur_cfg = CurriculumConfig(max_segments=args.max_segments, threshold=args.threshold,
                                stage_steps=args.stage_steps)
-    if args.resume and not (out / "checkpoints").exists():
-        raise ConfigError(f"nothing to resume in {out}; drop --resume")
     model, tokenizer = build_rmt(args)
     trainer, result = train_task(model, tokenizer, task_cfg, cur_cfg, train_config(args), out,
                                  {"source": args.source}, resume=args.resume, progress=not args.quiet)

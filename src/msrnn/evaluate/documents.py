@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from msrnn.data.corpus import load_documents, parse_data_spec
-from msrnn.errors import DataError
+from msrnn.errors import ConfigError, DataError
 
 
 @dataclass
@@ -26,6 +26,11 @@ def eval_documents(data: str, tokenizer: Any, unit: str = "file", max_documents:
     """
     if tokenizer is None:
         raise DataError("this model has no tokenizer; save one in the model directory")
+    # 0 or a negative count would slice silently (ids[:0] is "no truncation" here, ids[:-5] drops five tokens).
+    for name, value, least in (("max_tokens", max_tokens, 1), ("max_documents", max_documents, 1),
+                               ("min_tokens", min_tokens, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(f"{name} must be an integer >= {least} or None, got {value!r}")
     spec = parse_data_spec(data, default_split="test")
     out = []
     for doc in load_documents(spec, unit=unit):
@@ -34,7 +39,7 @@ def eval_documents(data: str, tokenizer: Any, unit: str = "file", max_documents:
             ids = [tokenizer.bos_token_id, *ids]
         if len(ids) < min_tokens:
             continue
-        out.append(TokenDoc(doc.name, np.asarray(ids[:max_tokens] if max_tokens else ids, dtype=np.int64)))
+        out.append(TokenDoc(doc.name, np.asarray(ids[:max_tokens] if max_tokens is not None else ids, dtype=np.int64)))
         if max_documents and len(out) >= max_documents:
             break
     if not out:

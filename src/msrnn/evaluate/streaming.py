@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msrnn.errors import ConfigError, DataError
+from msrnn.errors import ConfigError, DataError, NumericsError
 from msrnn.protocol import StatefulLM
 from msrnn.ui import err_console
 
@@ -145,6 +145,10 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
                     count[first : first + len(nll)] += ~bad
                 prev_last = logits[-1]
                 bar.update(task, advance=chunk.shape[1])
+    if nonfinite:
+        raise NumericsError(f"{nonfinite} of {nonfinite + int(count.sum())} scored tokens have a NaN or infinite "
+                            "loss (the model's logits are not finite), so there is no honest perplexity; the weights "
+                            "are broken, most often by a diverged training run")
     scored = int(count.sum())
     mean = float(nll_sum.sum() / max(scored, 1))
     edges = list(cfg.bucket_edges) if cfg.bucket_edges else default_edges(max_len)

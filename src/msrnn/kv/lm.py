@@ -91,7 +91,11 @@ class KVEvictionLM(HFCausalLM):
         prepare_model(model)
         make_cache(model, policy, prefill, positions)  # validate the options now, not at the first chunk
         super().__init__(model, tokenizer, cache_factory=lambda: make_cache(model, policy, prefill, positions))
+        self.positions = positions
         self.policy = policy
+
+    def rotates_past_limit(self) -> bool:
+        return self.positions == "original"  # "rolling" re-indexes positions within the kept slots
 
     def state_nbytes(self, state) -> int:
         total = 0

@@ -17,7 +17,7 @@ in the candidate axis". Padding slots always score ``-inf`` and go first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -49,14 +49,25 @@ class Policy:
     per_head: bool = False
 
     def __post_init__(self) -> None:
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+        if self.budget is not None and (not _is_int(self.budget) or self.budget < 1):
             raise ConfigError(f"budget must be an integer >= 1 slots, got {self.budget!r}; e.g. --budget 128")
+        # Options are typed by their defaults: True is not a sink count and 1 is not a per-head switch.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"{self.name} option {f.name} is true or false, got {value!r}")
+            if _is_int(f.default) and not _is_int(value):
+                raise ConfigError(f"{self.name} option {f.name} is an integer, got {value!r}")
 
     def score(self, c: Candidates) -> torch.Tensor:
         raise NotImplementedError
 
     def describe(self) -> str:
         return f"{self.name}@{self.budget}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _recency(c: Candidates) -> torch.Tensor:
@@ -111,6 +122,8 @@ class H2O(Policy):
         super().__post_init__()
         if self.recent is None:
             self.recent = (self.budget or 2) // 2
+        if not _is_int(self.recent):
+            raise ConfigError(f"h2o option recent is an integer, got {self.recent!r}")
         if self.recent < 0:
             raise ConfigError(f"recent must be >= 0, got {self.recent}")
         if self.budget is not None and self.recent >= self.budget:

@@ -36,7 +36,10 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if not eq:
             raise ConfigError(f"bad policy option {item!r} in {spec!r}; write key=value, e.g. h2o:per_head=false")
         low = value.lower()
-        opts[key] = True if low == "true" else False if low == "false" else int(value)
+        try:
+            opts[key] = True if low == "true" else False if low == "false" else int(value)
+        except ValueError:
+            raise ConfigError(f"bad value {value!r} for {key} in {spec!r}; use true, false or an integer") from None
     return name, opts
 
 

@@ -6,6 +6,7 @@ This is the reference every bounded family is compared against: its state grows 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,10 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from msrnn.compat import cache_kwargs, check_advanced, check_transformers_version, output_cache
-from msrnn.protocol import check_chunk, tensor_nbytes
+from msrnn.errors import ConfigError
+from msrnn.protocol import check_batch_size, check_chunk, check_state, tensor_nbytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,17 +43,21 @@ class HFCausalLM:
         self.tokenizer = tokenizer
         self.vocab_size = int(model.config.vocab_size)
         self._cache_factory = cache_factory or (lambda: DynamicCache(config=model.config))
+        self.max_positions, self.learned_positions = position_limit(model)
+        self._warned_extrapolation = False
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def init_state(self, batch_size: int) -> HFState:
-        return HFState(cache=self._cache_factory(), batch_size=batch_size)
+        return HFState(cache=self._cache_factory(), batch_size=check_batch_size(batch_size))
 
     def forward_chunk(self, input_ids: torch.Tensor, state: HFState) -> tuple[torch.Tensor, HFState]:
-        check_chunk(input_ids, state.batch_size)
+        check_state(state, HFState)
+        check_chunk(input_ids, state.batch_size, self.vocab_size)
         T = input_ids.shape[1]
+        self._check_positions(state.seen + T)
         input_ids = input_ids.to(self.device)
         position_ids = torch.arange(state.seen, state.seen + T, device=self.device).unsqueeze(0)  # [1, T]
         before = state.cache.get_seq_length()
@@ -62,6 +70,29 @@ class HFCausalLM:
 
     def state_nbytes(self, state: HFState) -> int:
         return cache_kv_nbytes(state.cache)
+
+    def rotates_past_limit(self) -> bool:
+        """Whether queries and keys are rotated by absolute positions (overridden when positions are re-indexed)."""
+        return True
+
+    def _check_positions(self, end: int) -> None:
+        if self.max_positions is None or end <= self.max_positions:
+            return
+        if self.learned_positions:  # a learned table has no row for the position: an IndexError deep inside
+            raise ConfigError(f"this model has learned positions up to {self.max_positions}, and the stream reaches "
+                              f"{end}; keep prompt plus new tokens (or --max-tokens) within {self.max_positions}")
+        if self.rotates_past_limit() and not self._warned_extrapolation:
+            self._warned_extrapolation = True  # RoPE runs past its limit: extrapolation, worth one warning
+            log.warning("position %d is past the model's max_position_embeddings=%d: RoPE extrapolates from here, "
+                        "outside the positions the model was configured for", end, self.max_positions)
+
+
+def position_limit(model: Any) -> tuple[int | None, bool]:
+    """(max positions, learned?) of a transformers model: a learned position table is a hard limit; RoPE is not."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    learned = any(isinstance(m, torch.nn.Embedding) and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+                  for name, m in model.named_modules())
+    return (int(limit) if isinstance(limit, int) else None), learned
 
 
 def rope_type(config: Any) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from msrnn.errors import ModelLoadError
+from msrnn.errors import ConfigError, ModelLoadError, one_line
 from msrnn.protocol import StatefulLM
 from msrnn.registry import Registry
 
@@ -51,9 +51,10 @@ def _lazy(target: str) -> Callable[..., StatefulLM]:
 
 def _model_type(path: Path) -> str | None:
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type")
+        config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def ensure_registered(spec: str | Path) -> None:
@@ -70,9 +71,12 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not meta_path.exists():
         return {}
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{meta_path} is corrupt ({exc}); re-create the model directory") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; re-create it")
+    return meta
 
 
 def load_tokenizer_for(spec: str | Path) -> Any:
@@ -92,6 +96,13 @@ def load_tokenizer_for(spec: str | Path) -> Any:
 def _check_dir(path: Path) -> None:
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json; point --model at a directory made by save_pretrained")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({exc}); re-save the model") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object; "
+                             "re-save the model with save_pretrained")
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
         raise ModelLoadError(f"{path} has no weights (*.safetensors); the checkpoint is incomplete, re-save it")
@@ -113,7 +124,7 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
     try:
         config = AutoConfig.from_pretrained(str(spec))
     except Exception as exc:
-        raise ModelLoadError(f"cannot read the config of {spec} ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise ModelLoadError(f"cannot read the config of {spec} ({type(exc).__name__}: {one_line(exc)})") from None
     if is_encoder_only(config) or type(config) not in AutoModelForCausalLM._model_mapping:
         raise ModelLoadError(
             f"{spec} is a {config.model_type!r} model, not a causal LM; "
@@ -127,11 +138,34 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
     try:
         model = AutoModelForCausalLM.from_pretrained(str(spec), **kwargs)
     except Exception as exc:
+        mismatch = _shape_mismatch(path, config) if is_local else None
+        if mismatch:  # transformers points at a report that the CLI's quiet logging never shows: name it here
+            raise ModelLoadError(f"{spec}'s weights are from another model size than its config.json ({mismatch}); "
+                                 "re-save the model, or fix config.json") from None
         raise ModelLoadError(
-            f"cannot load weights of {spec} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-            "the checkpoint may be corrupt, re-save it"
+            f"cannot load weights of {spec} ({type(exc).__name__}: {one_line(exc)}); "
+            "the checkpoint may be corrupt or from another model size, re-save it"
         ) from None
     return model.to(device).eval()
+
+
+def _shape_mismatch(path: Path, config: Any) -> str | None:
+    """The first tensor whose saved shape differs from what ``config`` builds, as 'name: saved vs expected'."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    saved = tuple(fh.get_slice(name).get_shape())
+                    if name in expected and expected[name] != saved:
+                        return f"{name}: saved {list(saved)} vs {list(expected[name])}"
+    except Exception:  # best effort: the caller still reports the load failure itself
+        return None
+    return None
 
 
 @FAMILY_LOADERS.register("hf", "any Hugging Face causal LM with its full KV cache")
@@ -159,4 +193,6 @@ def family_of(spec: str | Path) -> str:
 def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
             **family_options: Any) -> StatefulLM:
     """Load ``spec`` (directory or hub id) as a StatefulLM of the family its ``msrnn.json`` (or config) names."""
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise ConfigError(f"a model is a directory or hub id (a non-empty str or Path), got {spec!r}")
     return FAMILY_LOADERS.get(family_of(spec))(spec, device=device, dtype=dtype, **family_options)

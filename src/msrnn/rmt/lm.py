@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import msrnn.rmt.encoder  # noqa: F401  (registers the encoder config with AutoConfig)
 from msrnn.compat import cache_kwargs, check_advanced
 from msrnn.models.hf import cache_kv_nbytes
-from msrnn.protocol import check_chunk, tensor_nbytes
+from msrnn.protocol import check_batch_size, check_chunk, check_state, tensor_nbytes
 from msrnn.rmt.wrapper import MemoryWrapper
 
 
@@ -35,6 +35,7 @@ class RMTLM:
         self.vocab_size = int(wrapper.model.config.vocab_size)
 
     def init_state(self, batch_size: int) -> RMTState:
+        check_batch_size(batch_size)
         return RMTState(self.wrapper.initial_memory(batch_size).detach().clone(), None, 0, batch_size)
 
     def _start_segment(self, state: RMTState) -> None:
@@ -54,7 +55,8 @@ class RMTLM:
         state.memory, state.cache, state.in_segment = out.hidden_states[-1], None, 0
 
     def forward_chunk(self, input_ids: torch.Tensor, state: RMTState) -> tuple[torch.Tensor, RMTState]:
-        check_chunk(input_ids, state.batch_size)
+        check_state(state, RMTState)
+        check_chunk(input_ids, state.batch_size, self.vocab_size)
         model, m, S = self.wrapper.model, self.wrapper.m, self.wrapper.config.segment_length
         outs, pos = [], 0
         while pos < input_ids.shape[1]:

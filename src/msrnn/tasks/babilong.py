@@ -19,7 +19,10 @@ def read_babilong(path: str | Path, task: str | None = None) -> list[dict[str, s
     path = Path(path)
     if not path.is_file():
         raise DataError(f"BABILong file {path} does not exist; download e.g. RMT-team/babilong's qa1 split as JSON")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (a binary file?); pass a BABILong JSON file") from None
     try:
         data: Any = json.loads(text)
     except json.JSONDecodeError:
@@ -35,7 +38,7 @@ def read_babilong(path: str | Path, task: str | None = None) -> list[dict[str, s
         if task not in data:
             raise DataError(f"{path} has no task {task!r}; it holds {sorted(data)}")
         data = data[task]
-    rows = [r for r in data if isinstance(r, dict)]
+    rows = [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
     if not rows or any(not {"input", "question", "target"} <= set(r) for r in rows):
         raise DataError(f"{path} is not in BABILong format: every sample needs input, question and target fields")
     return rows

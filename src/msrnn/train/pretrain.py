@@ -86,6 +86,10 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
     Used for pretraining a preset and for uptraining (e.g. a converted SUPRA model: all parameters train).
     """
     out_dir = Path(out_dir)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.seq_len > limit:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is past this model's {limit} positions; train with --seq-len "
+                          f"<= {limit} (or a preset with more positions)")
     train_spec, val_spec = training_specs(cfg.data)
     train_docs = load_documents(train_spec)
     stream = cached_token_stream(train_docs, tokenizer)

@@ -6,13 +6,16 @@ DDP under a launcher). The trainer knows nothing about the model family: it take
 
 Checkpoints hold the model (``save_pretrained``, safetensors), optimizer, scheduler, RNG states and the log;
 they are written to a temp dir and renamed, so an interrupted save never leaves a half checkpoint. Resuming
-restores all of it and, because batches are a function of the step, continues the same loss curve.
+restores all of it and, because batches are a function of the step, continues the same loss curve. The state file
+holds only tensors and plain values and is loaded with ``weights_only=True``: a crafted one is refused, not run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import pickle
 import random
 import shutil
 import time
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msrnn.errors import ModelLoadError
+from msrnn.errors import ConfigError, ModelLoadError, NumericsError
 from msrnn.io import atomic_dir, write_json
 from msrnn.train.config import TrainConfig
 from msrnn.ui import err_console
@@ -67,6 +70,29 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         seen.add(id(p))
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain values, so the checkpoint loads with ``weights_only=True``.
+
+    ``np.random.get_state()`` holds an ndarray, which the safe unpickler refuses: its key is stored as a tensor."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),  # (version, tuple of ints, gauss or None)
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class Trainer:
@@ -141,12 +167,7 @@ class Trainer:
                     "history": self.history,
                     "config": self.config.to_dict(),
                     "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-                    "rng": {
-                        "python": random.getstate(),
-                        "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    },
+                    "rng": _rng_state(),
                 },
                 tmp / STATE_FILE,
             )
@@ -169,11 +190,22 @@ class Trainer:
             weights: dict[str, torch.Tensor] = {}
             for f in files:
                 weights.update(load_file(str(f)))
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+            # weights_only: the restricted unpickler builds tensors and plain containers only, so a crafted
+            # trainer_state.pt cannot run code (the state holds nothing else; see _rng_state).
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ModelLoadError(f"checkpoint {path} holds objects other than tensors and plain values (written by "
+                                 "an older msrnn, or crafted); refusing to unpickle it. Delete it or retrain") from None
         except Exception as exc:
-            raise ModelLoadError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it and resume") from None
+            raise ModelLoadError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it and resume"
+                                 ) from None
+        self._check_same_recipe(path, state.get("config") or {})
         model = self.accelerator.unwrap_model(self.model)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError:  # a tensor of another shape: the checkpoint was trained with another size
+            raise ModelLoadError(f"checkpoint {path} holds weights of another model size; resume with the same "
+                                 "--preset (and vocabulary) it was trained with") from None
         # Tied weights are saved once; anything else missing means the checkpoint does not fit this model.
         tied = getattr(model, "_tied_weights_keys", None) or {}
         missing = [k for k in missing if k not in tied and "lm_head" not in k]
@@ -186,14 +218,21 @@ class Trainer:
         self.history = list(state["history"])
         if self.curriculum is not None and state.get("curriculum"):
             self.curriculum.load_state_dict(state["curriculum"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
+
+    # Changing these mid-run would not take effect (the optimizer's saved lr wins over --lr) or would silently
+    # make the resumed curve a different run; the length of the run (max_steps) and logging cadence may change.
+    RECIPE_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "beta1", "beta2", "adam_eps",
+                     "grad_clip", "grad_accum", "seed", "mixed_precision")
+
+    def _check_same_recipe(self, path: Path, saved: dict[str, Any]) -> None:
+        now = self.config.to_dict()
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in self.RECIPE_FIELDS if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ConfigError(f"checkpoint {path} was trained with other settings ({'; '.join(changed)}); resume with "
+                              "the flags it was trained with, or start a new --out")
 
     # ---------------------------------------------------------------- loop
     def _train_step(self) -> float:
@@ -207,6 +246,14 @@ class Trainer:
                 loss = self.loss_fn(self.model, batch) / cfg.grad_accum
                 acc.backward(loss)
             total += float(loss.detach())
+        if acc.num_processes > 1:
+            # The mean over ranks: what is logged is the step's loss, and every rank sees the same value, so a
+            # non-finite loss on one rank stops all of them together instead of leaving the others in a collective.
+            total = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
+        if not math.isfinite(total):
+            # Stop before the optimizer spreads NaN into the weights: the last checkpoint stays the good model.
+            raise NumericsError(f"the training loss is {total} at step {self.step + 1}; the run diverged, so nothing "
+                                "was exported. Lower --lr (or raise --warmup-steps) and train again")
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()

@@ -1,0 +1,412 @@
+"""Hostile input, CLI and API: every kind of bad input is refused with one line and a non-zero exit (or a typed
+exception), never a traceback, a silently different run or a half-written file; a crafted checkpoint cannot run
+code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import V, tiny
+
+from msrnn.cli.main import main
+from msrnn.errors import ConfigError
+
+TRAIN = ["--preset", "tiny", "--vocab-size", "320", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0",
+         "--quiet"]
+
+
+def one_error(capsys, rc: int, fragment: str) -> str:
+    """The command failed with exit 2 and one stderr error line (after any progress bar) that names the problem."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("msrnn: error: ")]
+    assert rc == 2, err
+    assert "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], err
+    assert fragment in errors[0], err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_corpus) -> Path:
+    out = tmp_path_factory.mktemp("hostile") / "m"
+    assert main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "2", "--save-every", "1",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    return dst
+
+
+# ---------------------------------------------------------------- a crafted checkpoint must not run code
+class _RunsCode:
+    def __init__(self, sentinel: str) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.sentinel),))
+
+
+def test_a_crafted_trainer_state_is_refused_and_never_run(model_dir, tmp_path, tiny_corpus, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    state = next(out.glob("checkpoints/step-*/trainer_state.pt"))
+    sentinel = tmp_path / "PWNED"
+    torch.save({"step": 1, "payload": _RunsCode(str(sentinel))}, state)
+    before = state.read_bytes()
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume"])
+    one_error(capsys, rc, "refusing to unpickle")
+    assert not sentinel.exists()  # the payload did not run
+    assert state.read_bytes() == before  # and nothing was overwritten
+
+
+def test_checkpoint_state_holds_only_safe_types_and_resumes_the_same_rng(model_dir):
+    """The saved state loads under weights_only=True, NumPy's RNG key included (an ndarray would not)."""
+    import numpy as np
+
+    from msrnn.train.trainer import _rng_state, _set_rng_state
+
+    state = torch.load(next(model_dir.glob("checkpoints/step-*/trainer_state.pt")), weights_only=True)
+    assert {"optimizer", "scheduler", "rng", "config", "step"} <= set(state)
+    np.random.seed(3)
+    saved = _rng_state()
+    a = np.random.rand(3)
+    np.random.seed(99)
+    _set_rng_state(saved)
+    assert np.array_equal(a, np.random.rand(3))
+
+
+# ---------------------------------------------------------------- file-system errors are one line
+def test_plot_that_is_a_folder(model_dir, tiny_corpus, tmp_path, capsys):
+    (tmp_path / "plots").mkdir()
+    rc = main(["eval", "ppl", "--model", str(model_dir), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
+               "--max-tokens", "32", "--plot", str(tmp_path / "plots")])
+    one_error(capsys, rc, "is a folder; name a file there")  # refused before the evaluation runs
+    assert [p.name for p in tmp_path.iterdir()] == ["plots"]
+
+
+def test_out_under_a_file(model_dir, tiny_corpus, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep me")
+    rc = main(["eval", "ppl", "--model", str(model_dir), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
+               "--max-tokens", "32", "--plot", str(tmp_path / "afile" / "x.png")])
+    one_error(capsys, rc, "which is a file")
+    assert (tmp_path / "afile").read_text() == "keep me"
+    rc = main(["kv", "sweep", "--model", str(model_dir), "--data", f"{tiny_corpus}:all", "--out",
+               str(tmp_path / "afile")])
+    one_error(capsys, rc, "is a file; name a folder there")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_unwritable_folder(model_dir, tiny_corpus, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc = main(["eval", "ppl", "--model", str(model_dir), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
+                   "--max-tokens", "32", "--plot", str(ro / "x.png")])
+        one_error(capsys, rc, "is not writable")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_os_errors_of_any_kind_are_one_line(monkeypatch, capsys):
+    """The CLI's boundary: any OSError a command meets (disk full, permission, ...) is one error line."""
+    from msrnn.cli import eval_cmds
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", "/data/out.json")
+
+    monkeypatch.setattr(eval_cmds, "run_eval_ppl", full_disk)
+    rc = main(["eval", "ppl", "--model", "x"])
+    one_error(capsys, rc, "/data/out.json: No space left on device")
+
+
+# ---------------------------------------------------------------- malformed model folders and flags
+def test_config_json_that_is_an_array(model_dir, tmp_path, capsys):
+    bad = _copy_model(model_dir, tmp_path / "bad")
+    (bad / "config.json").write_text("[1, 2]")
+    one_error(capsys, main(["generate", "--model", str(bad), "--prompt", "x"]), "holds a JSON list")
+    (bad / "config.json").write_text("{not json")
+    one_error(capsys, main(["generate", "--model", str(bad), "--prompt", "x"]), "not valid JSON")
+
+
+def test_weights_of_another_size_name_the_tensor(model_dir, tmp_path, capsys):
+    bad = _copy_model(model_dir, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["hidden_size"] *= 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    line = one_error(capsys, main(["generate", "--model", str(bad), "--prompt", "x"]), "another model size")
+    assert "embed_tokens.weight: saved" in line and "above report" not in line
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--device", "tpu9"], "not a device"),
+    (["--temperature", "nan"], "finite temperature"),
+    (["--temperature", "inf"], "finite temperature"),
+    (["--top-p", "nan"], "top_p"),
+])
+def test_bad_generation_flags(model_dir, capsys, flags, fragment):
+    one_error(capsys, main(["generate", "--model", str(model_dir), "--prompt", "def f", *flags]), fragment)
+
+
+def test_bad_policy_option_values(model_dir, tiny_corpus, capsys):
+    base = ["kv", "sweep", "--model", str(model_dir), "--data", f"{tiny_corpus}:all"]
+    one_error(capsys, main([*base, "--policies", "tova:per_head=maybe"]), "use true, false or an integer")
+    one_error(capsys, main([*base, "--policies", "tova:per_head=1"]), "per_head is true or false")
+
+
+def test_a_binary_babilong_file(model_dir, tmp_path, capsys):
+    blob = tmp_path / "qa1.txt"
+    blob.write_bytes(bytes(range(256)) * 40)
+    argv = ["eval", "task", "--model", str(model_dir), "--task", "detect", "--segment-length", "16", "--segments",
+            "1", "--babilong", str(blob)]
+    one_error(capsys, main(argv), "not UTF-8 text")
+    blob.write_text("5")
+    one_error(capsys, main(argv), "not in BABILong format")
+
+
+# ---------------------------------------------------------------- training runs that would silently differ
+def test_resume_a_tiny_checkpoint_as_another_preset(model_dir, tmp_path, tiny_corpus, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    argv = ["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume"]
+    argv[argv.index("tiny")] = "small"
+    one_error(capsys, main(argv), "another model size")
+
+
+def test_resume_with_another_learning_rate_is_refused(model_dir, tmp_path, tiny_corpus, capsys):
+    """The optimizer's saved lr would win over --lr while msrnn.json recorded the new one."""
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    meta = (out / "msrnn.json").read_text()
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume",
+               "--lr", "1e-4"])
+    one_error(capsys, rc, "lr 0.002 -> 0.0001")
+    assert (out / "msrnn.json").read_text() == meta
+
+
+def test_resume_with_nothing_to_resume(tmp_path, tiny_corpus, capsys):
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "2", "--out", str(tmp_path / "new"),
+               "--resume"])
+    one_error(capsys, rc, "nothing to resume")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_diverging_run_stops_and_exports_nothing(tmp_path, tiny_corpus, capsys):
+    out = tmp_path / "nan"
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "6", "--warmup-steps", "0",
+               "--lr", "1e8", "--out", str(out)])
+    one_error(capsys, rc, "the run diverged")
+    assert not (out / "msrnn.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_seq_len_past_the_models_positions(tmp_path, tiny_corpus, capsys):
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "1", "--out", str(tmp_path / "m"),
+               "--seq-len", "100000"])
+    one_error(capsys, rc, "past this model's")
+    assert not (tmp_path / "m" / "msrnn.json").exists()
+
+
+# ---------------------------------------------------------------- a broken model never yields a number
+@pytest.fixture(scope="module")
+def nan_model_dir(model_dir, tmp_path_factory) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out = _copy_model(model_dir, tmp_path_factory.mktemp("nan") / "m")
+    weights = load_file(str(out / "model.safetensors"))
+    weights = {k: torch.full_like(v, float("nan")) if "norm" in k else v for k, v in weights.items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_eval_ppl_of_a_nan_model_fails_loudly(nan_model_dir, tiny_corpus, capsys):
+    rc = main(["eval", "ppl", "--model", str(nan_model_dir), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
+               "--max-tokens", "32", "--json"])
+    one_error(capsys, rc, "no honest perplexity")
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_generating_from_a_nan_model_fails_loudly(nan_model_dir, capsys, temperature):
+    rc = main(["generate", "--model", str(nan_model_dir), "--prompt", "def f", "--temperature", temperature])
+    one_error(capsys, rc, "NaN or infinite")
+
+
+# ---------------------------------------------------------------- the Python API
+def _families():
+    from msrnn.bst import BSTLM, BSTConfig, BSTForCausalLM
+    from msrnn.kv import KVEvictionLM, make_policy
+    from msrnn.models import HFCausalLM
+    from msrnn.rmt import MemoryWrapper
+    from msrnn.rmt.lm import RMTLM
+    from msrnn.supra import SupraLM, convert
+
+    bst = BSTConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=96, block_size=8, state_size=8, ssm_layers=[1])
+    return {
+        "full": HFCausalLM(tiny("llama")),
+        "kv": KVEvictionLM(tiny("llama"), make_policy("tova", 8)),
+        "supra": SupraLM(convert(tiny("llama"))),
+        "bst": BSTLM(BSTForCausalLM(bst).eval()),
+        "rmt": RMTLM(MemoryWrapper.wrap(tiny("llama"), num_memory_tokens=2, segment_length=8, bptt_depth=-1)),
+    }
+
+
+@pytest.fixture(scope="module")
+def families():
+    return _families()
+
+
+@pytest.mark.parametrize("family", ["full", "kv", "supra", "bst", "rmt"])
+def test_bad_chunks_and_states_are_config_errors(families, family):
+    lm = families[family]
+    state = lm.init_state(1)
+    for ids, fragment in [
+        (torch.rand(1, 4), "integer token ids"),
+        (torch.tensor([[1, V]]), f"token id {V} is outside"),
+        (torch.tensor([[1, -1]]), "token id -1 is outside"),
+        (torch.ones(1, 2, dtype=torch.bool), "integer token ids"),
+    ]:
+        with pytest.raises(ConfigError, match=fragment):
+            lm.forward_chunk(ids, state)
+    with pytest.raises(ConfigError, match="init_state"):
+        lm.forward_chunk(torch.tensor([[1]]), None)
+    for n in (0, -2, True, 1.0):
+        with pytest.raises(ConfigError, match="batch_size must be a positive int"):
+            lm.init_state(n)
+    with torch.no_grad():
+        logits, _ = lm.forward_chunk(torch.tensor([[1, 2, V - 1]]), state)  # the state still works after refusals
+    assert logits.shape == (1, 3, V) and torch.isfinite(logits).all()
+
+
+def test_learned_positions_are_a_hard_limit_and_rope_warns_once(caplog):
+    from msrnn.models import HFCausalLM
+
+    gpt2 = HFCausalLM(tiny("gpt2"))  # n_positions = 512, a learned table
+    state = gpt2.init_state(1)
+    with torch.no_grad():
+        _, state = gpt2.forward_chunk(torch.randint(0, V, (1, 510)), state)
+        with pytest.raises(ConfigError, match="learned positions up to 512"):
+            gpt2.forward_chunk(torch.randint(0, V, (1, 3)), state)
+        from msrnn.generate import generate
+
+        with pytest.raises(ConfigError, match="past this model's 512 learned positions"):
+            generate(gpt2, torch.randint(0, V, (1, 500)), max_new_tokens=20)
+        llama = HFCausalLM(tiny("llama"))  # RoPE: running past 512 is extrapolation, allowed with one warning
+        st = llama.init_state(1)
+        with caplog.at_level("WARNING"):
+            for _ in range(3):
+                _, st = llama.forward_chunk(torch.randint(0, V, (1, 200)), st)
+    assert [r.message for r in caplog.records].count(next(r.message for r in caplog.records)) == 1
+    assert "RoPE extrapolates" in caplog.records[0].message
+
+
+def test_api_refusals():
+    from msrnn.build import BuildConfig, build, fit
+    from msrnn.kv import make_policy
+    from msrnn.models import load_lm
+
+    with pytest.raises(ConfigError, match="a model is a directory or hub id"):
+        load_lm(None)
+    for budget in (0, -5, True, 2.5):
+        with pytest.raises(ConfigError, match="positive number of bytes"):
+            build("rmt", "unused", budget, BuildConfig())
+        with pytest.raises(ConfigError, match="positive number of bytes"):
+            fit("rmt", tiny("llama"), budget, BuildConfig())
+    with pytest.raises(ConfigError, match="budget must be an integer"):
+        make_policy("tova", True)
+    with pytest.raises(ConfigError, match="sinks is an integer"):
+        make_policy("sink", 8, sinks=True)
+    with pytest.raises(ConfigError, match="keep_newest is true or false"):
+        make_policy("tova", 8, keep_newest=1)
+    with pytest.raises(ConfigError, match="recent is an integer"):
+        make_policy("h2o", 8, recent=2.5)
+
+
+@pytest.mark.parametrize("value", [0, -5, True])
+def test_eval_documents_refuses_counts_that_would_slice_silently(tiny_tokenizer, tiny_corpus, value):
+    from msrnn.evaluate.documents import eval_documents
+
+    with pytest.raises(ConfigError, match="max_tokens must be an integer >= 1"):
+        eval_documents(f"{tiny_corpus}:all", tiny_tokenizer, max_tokens=value)
+    docs = eval_documents(f"{tiny_corpus}:all", tiny_tokenizer, max_tokens=7)
+    assert {len(d.ids) for d in docs} == {7}
+
+
+def test_an_error_message_is_never_cut_mid_sentence():
+    from msrnn.errors import one_line
+
+    exc = OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet "
+                  "connection or see how to run the library in offline mode at 'https://x/offline'. " + "x" * 500)
+    text = one_line(exc)
+    assert "\n" not in text and text.endswith("'https://x/offline'.") and len(text) <= 400
+
+
+# ---------------------------------------------------------------- nothing half-written, normal file modes
+def test_atomic_outputs_keep_the_umask():
+    """0644 files and 0755 folders under umask 022, not mkstemp's/mkdtemp's private 0600/0700."""
+    import tempfile
+
+    from msrnn.io import atomic_dir, write_json
+
+    old = os.umask(0o022)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            write_json(Path(d) / "a.json", {"x": 1})
+            with atomic_dir(Path(d) / "model") as tmp:
+                (tmp / "sub").mkdir()
+                (tmp / "sub" / "w.bin").write_bytes(b"1")
+            assert stat.S_IMODE((Path(d) / "a.json").stat().st_mode) == 0o644
+            assert stat.S_IMODE((Path(d) / "model").stat().st_mode) == 0o755
+            assert stat.S_IMODE((Path(d) / "model" / "sub").stat().st_mode) == 0o755
+            assert stat.S_IMODE((Path(d) / "model" / "sub" / "w.bin").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_a_killed_save_is_tidied_by_the_next_one(tmp_path):
+    from msrnn.io import atomic_dir
+
+    target = tmp_path / "step-0000002"
+    stale = tmp_path / ".step-0000002.abc123.tmp"  # what SIGKILL during a save leaves
+    stale.mkdir()
+    (stale / "half.safetensors").write_bytes(b"12")
+    with atomic_dir(target) as tmp:
+        (tmp / "w").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000002"]
+
+
+def test_a_save_killed_between_its_renames_keeps_the_old_copy(tmp_path):
+    from msrnn.io import atomic_dir
+
+    target = tmp_path / "model"
+    old = tmp_path / ".model.old"  # killed after setting the old copy aside, before renaming the new one in
+    old.mkdir()
+    (old / "w").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target, overwrite=True):
+        raise RuntimeError("this writer fails too")
+    assert (target / "w").read_text() == "old"  # the old model is back in place, not lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_tokenizer_overwrite_leaves_nothing_behind(tmp_path, tiny_corpus):
+    for _ in range(2):
+        assert main(["tokenizer", "--data", str(tiny_corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok"),
+                     "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+def test_atomic_dir_replaces_a_file_without_a_hidden_copy(tmp_path):
+    from msrnn.io import atomic_dir
+
+    (tmp_path / "tok").write_text("x")
+    (tmp_path / ".tok.old").write_text("left by an earlier run")
+    with atomic_dir(tmp_path / "tok", overwrite=True) as tmp:
+        (tmp / "tokenizer.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"] and (tmp_path / "tok").is_dir()
+
