@@ -116,6 +116,14 @@ def test_unwritable_folder(model_dir, tiny_corpus, tmp_path, capsys):
         ro.chmod(0o755)
 
 
+def test_unwritable_parent_is_refused_before_work(monkeypatch, capsys, tmp_path):
+    """The same check as above where the suite runs as root (which may write anywhere): os.access says no."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    one_error(capsys, main(["eval", "ppl", "--model", "never-loaded", "--plot", str(tmp_path / "x.png")]),
+              "is not writable")
+
+
 def test_os_errors_of_any_kind_are_one_line(monkeypatch, capsys):
     """The CLI's boundary: any OSError a command meets (disk full, permission, ...) is one error line."""
     from msrnn.cli import eval_cmds
