@@ -88,6 +88,22 @@ def test_ssm_runs_in_fp32_under_bf16_autocast():
     assert y.dtype == torch.float32 and torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("kernel", ["s4", "unstruct"])
+def test_a_bst_loaded_or_cast_to_bf16_keeps_its_ssm_in_fp32(tmp_path, kernel):
+    """from_pretrained(dtype=bf16) and .to(bf16) cast the transformer but not the SSM: its kernel is the fp32 one
+    exactly (a bf16 S4D kernel was off by 7.8%)."""
+    from transformers import AutoModelForCausalLM
+
+    m = make("sh", kernel=kernel)
+    ref = m.layers[0].ssm.kernel.kernel(64)
+    m.save_pretrained(tmp_path / "bst")
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "bst", dtype=torch.bfloat16), m.to(torch.bfloat16)):
+        assert loaded.embed_tokens.weight.dtype == torch.bfloat16
+        assert {p.dtype for n, p in loaded.named_parameters() if ".kernel." in n} == {torch.float32}
+        assert torch.equal(loaded.layers[0].ssm.kernel.kernel(64), ref)
+        assert torch.isfinite(loaded(torch.randint(0, V, (1, 20))).logits.float()).all()
+
+
 def test_save_load_round_trip(tmp_path, task_tokenizer):
     from transformers import AutoModelForCausalLM
 

@@ -213,6 +213,15 @@ def _tied_weights() -> None:
     assert "_tied_weights_keys" in src
 
 
+def _keep_in_fp32() -> None:
+    # BST names its SSM kernels here so from_pretrained(dtype=bf16) loads them in fp32 (msrnn.ssm.fp32 refuses
+    # a forward if they arrive in bf16 anyway, so a moved contract fails loudly either way).
+    from transformers import PreTrainedModel
+
+    assert hasattr(PreTrainedModel, "_keep_in_fp32_modules_strict"), "_keep_in_fp32_modules_strict is gone"
+    assert "_keep_in_fp32_modules_strict" in inspect.getsource(PreTrainedModel._get_dtype_plan)
+
+
 def _configs() -> None:
     from transformers import LlamaConfig, PretrainedConfig
 
@@ -231,6 +240,7 @@ CONTRACTS: dict[str, Callable[[], None]] = {
     "Llama module layout (SUPRA's owned decoder loop)": _llama_layout,
     "output dataclasses carry the cache": _outputs,
     "_tied_weights_keys": _tied_weights,
+    "_keep_in_fp32_modules_strict (BST's SSM loads in fp32)": _keep_in_fp32,
     "config classes (rope_parameters, Auto registration)": _configs,
 }
 

@@ -28,6 +28,8 @@ class BSTForCausalLM(PreTrainedModel):
     base_model_prefix = "bst"
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
     main_input_name = "input_ids"
+    # The SSM kernels load in fp32 under from_pretrained(dtype=bf16/fp16) too (msrnn.ssm.fp32 explains why).
+    _keep_in_fp32_modules_strict = ["kernel"]
 
     def __init__(self, config: BSTConfig) -> None:
         super().__init__(config)

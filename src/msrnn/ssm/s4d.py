@@ -3,7 +3,7 @@ State Space Models"), the SSM the Block-State Transformer builds on.
 
 Per channel h, with N/2 complex modes (conjugate pairs folded into ``2 Re``), zero-order hold:
 
-    A = -0.5 + i*pi*n (S4D-Lin),  dt log-uniform in [dt_min, dt_max],  Abar = exp(dt*A),  Bbar = (Abar - 1) / A
+    A = -0.5 + i*pi*n (S4D-Lin),  dt log-uniform in [dt_min, dt_max],  Abar = exp(dt*A),  Bbar = expm1(dt*A) / A
     x_t = Abar * x_{t-1} + Bbar * u_t            state [B, H, N/2] complex64
     y_t = 2 Re(C . x_t) + D * u_t                i.e. y = K * u + D u with K_l = 2 Re(C Bbar Abar^l)
 
@@ -24,6 +24,18 @@ from torch import nn
 
 from msrnn.errors import ConfigError
 from msrnn.ssm.conv import causal_fft_conv
+from msrnn.ssm.fp32 import FP32Parameters
+
+# The S4 recipe's optimiser settings for the SSM's dynamics (dt and A): no weight decay, lr at most 1e-3
+# (state-spaces/s4 ``S4DKernel.register`` and ``example.py``). C is an ordinary parameter there, and here.
+SSM_OPTIM = {"weight_decay": 0.0, "max_lr": 1e-3}
+
+
+def _expm1_complex(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """exp(x + iy) - 1 without cancellation: ``Abar - 1`` in fp32 loses ~3 digits when |dt A| ~ 1e-5 (slow modes at
+    dt = 1e-3; found by the float64 matrix-exponential test). Deviation from the official S4D, which subtracts."""
+    real = torch.expm1(x) * torch.cos(y) - 2 * torch.sin(y / 2) ** 2
+    return torch.complex(real, torch.exp(x) * torch.sin(y))
 
 
 def split_powers(log_abar: torch.Tensor, length: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +52,11 @@ def split_powers(log_abar: torch.Tensor, length: int, offset: int = 0) -> tuple[
     return P, Q
 
 
-class S4DKernel(nn.Module):
-    """Parameters of H independent diagonal SSMs and their convolution kernels."""
+class S4DKernel(FP32Parameters):
+    """Parameters of H independent diagonal SSMs and their convolution kernels (kept fp32, see ``ssm.fp32``).
+
+    Initialisation as S4D-Lin: ``C ~ CN(0, 1)`` (``torch.randn`` of a complex dtype: E|C|^2 = 1), Re(A) = -0.5,
+    Im(A) = pi n, dt log-uniform in [dt_min, dt_max], ``D ~ N(0, 1)``."""
 
     def __init__(self, channels: int, state_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
         super().__init__()
@@ -52,18 +67,24 @@ class S4DKernel(nn.Module):
         self.channels, self.modes = channels, state_size // 2
         log_dt = torch.rand(channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_dt = nn.Parameter(log_dt)
-        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, self.modes, dtype=torch.cfloat) * 0.5**0.5))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, self.modes, dtype=torch.cfloat)))
         self.log_A_real = nn.Parameter(torch.log(0.5 * torch.ones(channels, self.modes)))
         self.A_imag = nn.Parameter(math.pi * torch.arange(self.modes).float().expand(channels, -1).clone())
         self.D = nn.Parameter(torch.randn(channels))
 
+    def optim_overrides(self) -> list[tuple[nn.Parameter, dict[str, float]]]:
+        """Parameters the trainer must optimise differently (read by ``msrnn.train.trainer``)."""
+        return [(p, SSM_OPTIM) for p in (self.log_dt, self.log_A_real, self.A_imag)]
+
     def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Abar, Bbar, C) as complex64 [H, N/2], computed in fp32 whatever the autocast state."""
+        self.check_fp32()
         with torch.autocast(device_type=self.log_dt.device.type, enabled=False):
-            A = torch.complex(-self.log_A_real.float().exp(), self.A_imag.float())  # [H, N/2]
-            dtA = A * self.log_dt.float().exp()[:, None]
-            Abar = dtA.exp()
-            Bbar = (Abar - 1) / A
+            re, im = -self.log_A_real.float().exp(), self.A_imag.float()  # [H, N/2]
+            A = torch.complex(re, im)
+            dt = self.log_dt.float().exp()[:, None]
+            Abar = (A * dt).exp()
+            Bbar = _expm1_complex(re * dt, im * dt) / A
             return Abar, Bbar, torch.view_as_complex(self.C.float().contiguous())
 
     def kernel(self, length: int) -> torch.Tensor:

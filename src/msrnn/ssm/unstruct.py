@@ -17,6 +17,7 @@ from torch import nn
 
 from msrnn.errors import ConfigError
 from msrnn.ssm.conv import causal_fft_conv
+from msrnn.ssm.fp32 import FP32Parameters
 
 
 class Sine(nn.Module):
@@ -28,7 +29,7 @@ class Sine(nn.Module):
         return torch.sin(self.freq * x)
 
 
-class UnstructFilter(nn.Module):
+class UnstructFilter(FP32Parameters):
     def __init__(self, channels: int, length: int, bands: int = 8, width: int = 64) -> None:
         super().__init__()
         if length < 1:
@@ -42,6 +43,7 @@ class UnstructFilter(nn.Module):
 
     def kernel(self, length: int) -> torch.Tensor:
         """K [C, length] fp32: the explicit taps, zero beyond the trained length."""
+        self.check_fp32()
         with torch.autocast(device_type=self.D.device.type, enabled=False):
             taps = min(length, self.length)
             t = torch.arange(taps, device=self.D.device, dtype=torch.float32)[:, None] / self.length  # [taps, 1]

@@ -60,16 +60,27 @@ class TrainResult:
         return losses[-1] if losses else float("nan")
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on norms, biases and embeddings (1-D tensors and tied tables): the usual GPT recipe.
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases and embeddings (1-D tensors and tied tables), the usual GPT recipe;
+    and whatever a module asks for through ``optim_overrides() -> [(param, {"weight_decay", "max_lr"})]``, which is
+    how the S4D kernel gets the S4 recipe (no decay, lr <= 1e-3) without the trainer knowing any family."""
+    overrides: dict[int, dict[str, float]] = {}
+    for module in model.modules():
+        if callable(getattr(module, "optim_overrides", None)):
+            overrides.update({id(p): o for p, o in module.optim_overrides()})
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(p) in overrides:
+            o = overrides[id(p)]
+            key = (float(o.get("weight_decay", weight_decay)), min(lr, float(o.get("max_lr", lr))))
+        else:
+            key = (weight_decay if p.dim() >= 2 and "embed" not in name else 0.0, lr)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": group_lr} for (wd, group_lr), ps in sorted(groups.items())]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -129,7 +140,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed)
         optimizer = torch.optim.AdamW(
-            _param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
+            _param_groups(model, config.weight_decay, config.lr), lr=config.lr, betas=(config.beta1, config.beta2),
             eps=config.adam_eps, fused=torch.cuda.is_available() or None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
@@ -212,8 +223,12 @@ class Trainer:
         if missing or unexpected:
             raise ModelLoadError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}); resume with the same --preset")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError):  # parameter groups differ: an older msrnn grouped the SSM differently
+            raise ModelLoadError(f"checkpoint {path}'s optimizer state does not fit this model's parameter groups "
+                                 "(written by an older msrnn?); start a new --out") from None
         self.step = int(state["step"])
         self.history = list(state["history"])
         if self.curriculum is not None and state.get("curriculum"):
@@ -291,7 +306,7 @@ class Trainer:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.step, info="")
             while self.step < stop:
                 loss = self._train_step()
-                record: dict[str, float] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+                record: dict[str, float] = {"step": self.step, "loss": loss, "lr": max(self.scheduler.get_last_lr())}
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     record.update(self._validate())
                     if self.curriculum is not None:
