@@ -45,6 +45,30 @@ def test_peak_state_bytes_and_truncation(tiny_model):
     assert res.tokens_per_s > 0
 
 
+@pytest.mark.parametrize("family", ["bst", "rmt"])
+def test_peak_state_bytes_is_the_peak_at_any_offset_even_when_chunks_end_on_boundaries(family):
+    """Chunks of 16 end on every 8-token block / segment boundary, where BST and RMT have just dropped their
+    keys: the between-chunk maximum misses the in-block peak, and is reported under its own name."""
+    from helpers import V, tiny
+
+    from msrnn.protocol import measure_state_bytes
+
+    if family == "bst":
+        from msrnn.bst import BSTLM, BSTConfig, BSTForCausalLM
+
+        lm = BSTLM(BSTForCausalLM(BSTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, block_size=8, state_size=4, ssm_layers=[1])).eval())
+    else:
+        from msrnn.rmt import MemoryWrapper
+        from msrnn.rmt.lm import RMTLM
+
+        lm = RMTLM(MemoryWrapper.wrap(tiny("llama"), num_memory_tokens=2, segment_length=8, bptt_depth=-1).eval())
+    docs = [torch.randint(0, V, (64,)).tolist()]
+    res = evaluate_stream(lm, docs, StreamEvalConfig(chunk_size=16, max_tokens=None))
+    assert res.peak_state_bytes == measure_state_bytes(lm, 64) > res.chunk_end_state_bytes
+    assert res.to_dict()["chunk_end_state_bytes"] == res.chunk_end_state_bytes
+
+
 def test_bad_config_and_empty():
     with pytest.raises(ConfigError, match="chunk size must be >= 1"):
         StreamEvalConfig(chunk_size=0)

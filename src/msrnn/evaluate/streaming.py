@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from msrnn.errors import ConfigError, DataError, NumericsError
-from msrnn.protocol import StatefulLM
+from msrnn.protocol import StatefulLM, state_bytes_profile
 from msrnn.ui import err_console
 
 
@@ -47,7 +47,8 @@ class StreamEvalResult:
     nll: float
     tokens: int  # scored tokens
     documents: int
-    peak_state_bytes: int
+    peak_state_bytes: int  # the most one sequence's state holds at any offset (token by token, see protocol)
+    chunk_end_state_bytes: int  # the most it held between this evaluation's chunks (misses in-block peaks)
     tokens_per_s: float
     seconds: float
     chunk_size: int
@@ -59,7 +60,8 @@ class StreamEvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "documents": self.documents,
-            "peak_state_bytes": self.peak_state_bytes, "tokens_per_s": self.tokens_per_s,
+            "peak_state_bytes": self.peak_state_bytes, "chunk_end_state_bytes": self.chunk_end_state_bytes,
+            "tokens_per_s": self.tokens_per_s,
             "seconds": self.seconds, "chunk_size": self.chunk_size, "nonfinite": self.nonfinite,
             "buckets": self.buckets,
         }
@@ -150,10 +152,12 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
                             "loss (the model's logits are not finite), so there is no honest perplexity; the weights "
                             "are broken, most often by a diverged training run")
     scored = int(count.sum())
+    true_peak = max(peak, max(state_bytes_profile(lm, max_len), default=0))
     mean = float(nll_sum.sum() / max(scored, 1))
     edges = list(cfg.bucket_edges) if cfg.bucket_edges else default_edges(max_len)
     return StreamEvalResult(
-        ppl=math.exp(mean), nll=mean, tokens=scored, documents=len(docs), peak_state_bytes=int(peak),
+        ppl=math.exp(mean), nll=mean, tokens=scored, documents=len(docs), peak_state_bytes=int(true_peak),
+        chunk_end_state_bytes=int(peak),
         tokens_per_s=fed / max(busy, 1e-9), seconds=busy, chunk_size=cfg.chunk_size, nonfinite=nonfinite,
         buckets=_bucketize(nll_sum, count, edges), nll_sum_by_pos=nll_sum, count_by_pos=count,
     )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError
-from msrnn.protocol import tensor_nbytes
+from msrnn.protocol import state_bytes_profile, tensor_nbytes
 from msrnn.tasks.samples import TaskGenerator, TaskSample, collate
 from msrnn.ui import err_console
 
@@ -66,6 +66,8 @@ def evaluate_task(model: Any, generator: TaskGenerator, lengths: Sequence[int], 
 
     classify = _is_classifier(model)
     label_ids = None if classify else generator.label_token_ids()
+    # The state at every offset, once for the longest length (each shorter one is a prefix of it).
+    profile = [] if classify else state_bytes_profile(model, max(lengths, default=0))
     rows = []
     with Progress(TextColumn("[bold]task {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=not progress, console=err_console) as bar:
@@ -90,6 +92,11 @@ def evaluate_task(model: Any, generator: TaskGenerator, lengths: Sequence[int], 
                 correct += sum(p == s.label for p, s in zip(pred, batch, strict=True))
                 peak = max(peak, state)
                 bar.advance(job, len(batch))
+            seconds = time.perf_counter() - t0
+            longest = max(len(s.input_ids) for s in data)
+            if not classify:
+                profile = profile if len(profile) >= longest else state_bytes_profile(model, longest)
+                peak = max(peak, max(profile[:longest], default=0))
             rows.append({"tokens": n, "accuracy": correct / len(data), "samples": len(data),
-                         "peak_state_bytes": peak, "seconds": time.perf_counter() - t0})
+                         "peak_state_bytes": peak, "seconds": seconds})
     return rows
