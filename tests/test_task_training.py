@@ -166,3 +166,35 @@ def test_cli_zero_memory_and_eval_without_task(base_dir, capsys):
     assert "name one with --task" in capsys.readouterr().err
     assert main(["eval", "task", "--model", str(base_dir), "--task", "memorize"]) == 2
     assert "--segment-length is required" in capsys.readouterr().err
+
+
+def test_rmt_task_answers_are_scored_on_the_segments_training_used(task_tokenizer):
+    """T = 21 with S = 8: training's final_logits front-pads so the last segment ends on the answer; streaming
+    cuts 8, 8, 5 from the start. The task scorer must use training's boundaries (the two differ)."""
+    from msrnn.tasks.samples import TaskSample
+
+    gen = TaskGenerator("detect", task_tokenizer, NOISE)
+    label_ids = gen.label_token_ids()
+    w = MemoryWrapper.wrap(tiny("llama", seed=3), num_memory_tokens=2, segment_length=8, bptt_depth=-1).eval()
+    lm = RMTLM(w)
+    g = torch.Generator().manual_seed(0)
+    samples = [TaskSample(torch.randint(0, 300, (21,), generator=g).tolist(), label=i % 6) for i in range(12)]
+    ids = torch.tensor([s.input_ids for s in samples])
+    with torch.no_grad():
+        trained = w.final_logits(ids)
+        state = lm.init_state(len(samples))
+        streamed, _ = lm.forward_chunk(ids, state)
+    assert (trained - streamed[:, -1]).abs().max() > 1e-3  # the boundaries really differ at T % S != 0
+    want = trained[:, label_ids].argmax(-1).tolist()
+    by_stream = streamed[:, -1][:, label_ids].argmax(-1).tolist()
+    for s, label in zip(samples, by_stream, strict=True):
+        s.label = label  # a scorer that streams would get every answer "right"
+    rows = evaluate_task(lm, gen, [21], TaskEvalConfig(samples=12, batch_size=5, chunk_size=4), samples={21: samples})
+    agree = sum(a == b for a, b in zip(want, by_stream, strict=True)) / 12
+    assert rows[0]["accuracy"] == agree < 1.0
+    # and at T % S == 0 the two agree, so streaming results at whole segments stand
+    whole = ids[:, :16]
+    with torch.no_grad():
+        a = w.final_logits(whole)
+        b, _ = lm.forward_chunk(whole, lm.init_state(len(samples)))
+    assert torch.allclose(a, b[:, -1], atol=1e-4)

@@ -42,6 +42,10 @@ def _is_classifier(model: Any) -> bool:
 @torch.no_grad()
 def _answer_stream(lm: Any, batch: list[TaskSample], label_ids: list[int], chunk: int) -> tuple[list[int], int]:
     ids = torch.tensor([s.input_ids for s in batch])  # [B, T]: one length per call
+    if hasattr(lm, "final_logits"):
+        # A model whose task training scores the answer its own way (RMT: segments aligned to the end) is scored
+        # the same way here; streaming from the start would cut other segments when T % S != 0.
+        return lm.final_logits(ids)[:, label_ids].argmax(-1).tolist(), 0
     state = lm.init_state(len(batch))
     peak, last = 0, None
     for pos in range(0, ids.shape[1], chunk):

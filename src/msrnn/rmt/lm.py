@@ -79,6 +79,15 @@ class RMTLM:
     def state_nbytes(self, state: RMTState) -> int:
         return tensor_nbytes(state.memory) + cache_kv_nbytes(state.cache)
 
+    @torch.no_grad()
+    def final_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] after the last token, computed as task training computes them
+        (``MemoryWrapper.final_logits``: segments aligned to the end, the first one front-padded). Streaming cuts
+        segments from the start instead, so when T is not a multiple of S the two see different segment
+        boundaries and give different answers; the task scorer uses this method for that reason."""
+        check_chunk(input_ids, vocab_size=self.vocab_size)
+        return self.wrapper.final_logits(input_ids.to(self.wrapper.memory.device))
+
 
 def load_rmt(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **_: Any) -> Any:
     """Load an RMT model directory: a decoder wrapper as a streaming :class:`RMTLM`, an encoder classifier as is
