@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def register_auto(model_type: str, config_cls: type, model_cls: type, auto: str = "AutoModelForCausalLM") -> None:
-    """``AutoConfig`` + ``auto`` registration, idempotent (a module may be imported more than once)."""
+def register_auto(model_type: str, config_cls: type, model_cls: type,
+                  auto: str | tuple[str, ...] = "AutoModelForCausalLM") -> None:
+    """``AutoConfig`` + ``auto`` registration (one Auto class or several), idempotent (a module may be imported
+    more than once). ``import msrnn`` imports every module that calls this (``msrnn.register_models``)."""
     import transformers
 
     from msrnn.compat import check_transformers_version
@@ -16,5 +18,6 @@ def register_auto(model_type: str, config_cls: type, model_cls: type, auto: str 
         transformers.AutoConfig.register(model_type, config_cls)
     except ValueError:
         return  # already registered
-    auto_cls: Any = getattr(transformers, auto)
-    auto_cls.register(config_cls, model_cls)
+    for name in (auto,) if isinstance(auto, str) else auto:
+        auto_cls: Any = getattr(transformers, name)
+        auto_cls.register(config_cls, model_cls)

@@ -27,7 +27,7 @@ ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deb
 FAMILY_LOADERS: Registry[Callable[..., StatefulLM]] = Registry("model family")
 
 # model_type -> the module that registers it with transformers' Auto classes (imported only when needed).
-_MODEL_TYPE_MODULES = {"msrnn_supra": "msrnn.supra.modeling", "msrnn_rmt": "msrnn.rmt.wrapper",
+MODEL_TYPE_MODULES = {"msrnn_supra": "msrnn.supra.modeling", "msrnn_rmt": "msrnn.rmt.wrapper",
                        "msrnn_rmt_encoder": "msrnn.rmt.encoder", "msrnn_bst": "msrnn.bst.modeling"}
 _MODEL_TYPE_FAMILY = {"msrnn_supra": "supra", "msrnn_rmt": "rmt", "msrnn_rmt_encoder": "rmt", "msrnn_bst": "bst"}
 
@@ -61,7 +61,7 @@ def ensure_registered(spec: str | Path) -> None:
     """Import the msrnn module that defines a saved model's config class, if it is one of ours."""
     import importlib
 
-    module = _MODEL_TYPE_MODULES.get(_model_type(Path(spec)) or "")
+    module = MODEL_TYPE_MODULES.get(_model_type(Path(spec)) or "")
     if module:
         importlib.import_module(module)
 

@@ -172,4 +172,4 @@ class MemoryWrapper(PreTrainedModel):
         return out
 
 
-register_auto("msrnn_rmt", RMTConfig, MemoryWrapper, "AutoModel")
+register_auto("msrnn_rmt", RMTConfig, MemoryWrapper, ("AutoModel", "AutoModelForCausalLM"))
