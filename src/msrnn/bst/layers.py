@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msrnn.bst.config import BSTConfig
+from msrnn.rope import inverse_frequencies, rope_tables, rotate_by
 from msrnn.ssm.s4d import S4DKernel, fft_conv
 from msrnn.ssm.unstruct import UnstructFilter, fir_conv
 
@@ -21,12 +22,8 @@ from msrnn.ssm.unstruct import UnstructFilter, fir_conv
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding of x [..., T, dh] at absolute positions pos [T] (attention is local, so only distances
     below 2W ever matter: any stream length stays inside what training saw)."""
-    dh = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)
-    ang = pos.to(torch.float32)[:, None] * inv  # [T, dh/2]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype), torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
-    x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    cos, sin = rope_tables(pos, inverse_frequencies(x.shape[-1], theta, x.device))  # [T, dh]
+    return rotate_by(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 def heads(x: torch.Tensor, h: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from msrnn.rope import rotate_half
+from msrnn.rope import rope_tables, rotate_by
 
 
 def find_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
@@ -24,9 +24,7 @@ def find_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
 def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [B, H, N, D] by ``delta`` [B, 1 or H, N] positions (the first 2*len(inv_freq) channels)."""
     rot = 2 * inv_freq.numel()
-    angle = delta.to(torch.float32)[..., None] * inv_freq.to(x.device)  # [B, h, N, rot/2]
-    cos = torch.cat([angle.cos(), angle.cos()], dim=-1)  # [B, h, N, rot]
-    sin = torch.cat([angle.sin(), angle.sin()], dim=-1)
+    cos, sin = rope_tables(delta, inv_freq)  # [B, h, N, rot]
     xr, rest = x[..., :rot].float(), x[..., rot:]
-    out = xr * cos + rotate_half(xr) * sin
+    out = rotate_by(xr, cos, sin)
     return torch.cat([out.to(x.dtype), rest], dim=-1)
