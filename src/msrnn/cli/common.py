@@ -97,3 +97,16 @@ def emit(args: argparse.Namespace, title: str, result: dict) -> int:
     else:
         out_console.print(table(title, ["field", "value"], list(result.items())))
     return 0
+
+
+def save_results(out: str | None, name: str, obj) -> str | None:
+    """Write ``obj`` as JSON to ``out/name`` (atomically) when ``--out`` was given; returns the path or None."""
+    if not out:
+        return None
+    from pathlib import Path
+
+    from msrnn.io import write_json
+
+    path = Path(out) / name
+    write_json(path, obj)
+    return str(path)

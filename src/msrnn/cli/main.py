@@ -9,7 +9,18 @@ from msrnn import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from msrnn.cli import bst_cmds, compare_cmds, demo, eval_cmds, kv_cmds, rmt_cmds, supra_cmds, train_cmds
+    from msrnn.cli import (
+        bench_cmds,
+        bst_cmds,
+        compare_cmds,
+        demo,
+        eval_cmds,
+        kv_cmds,
+        rmt_cmds,
+        supra_cmds,
+        task_cmds,
+        train_cmds,
+    )
 
     p = argparse.ArgumentParser(prog="msrnn", description="Transformers as bounded-state recurrent models.")
     p.add_argument("--version", action="version", version=f"msrnn {__version__}")
@@ -20,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmds.add_pretrain(sub)
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_cmd", required=True, metavar="KIND")
     eval_cmds.add_eval_ppl(ev)
-    rmt_cmds.add_eval_task(ev)
+    task_cmds.add_eval_task(ev)
     eval_cmds.add_eval_harness(ev)
     eval_cmds.add_generate(sub)
     kv_cmds.add_kv(sub)
@@ -30,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     supra_cmds.add_train_supra(ts)
     rmt_cmds.add_train_rmt(ts)
     bst_cmds.add_train_bst(ts)
-    kv_cmds.add_bench(sub)
+    bench_cmds.add_bench(sub)
     compare_cmds.add_compare(sub)
     return p
 

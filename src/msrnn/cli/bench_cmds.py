@@ -1,0 +1,155 @@
+"""``msrnn bench``: every benchmark (ratios measured side by side in one run); each family's own bench parser
+lives with its commands and is added here."""
+
+from __future__ import annotations
+
+import argparse
+
+from msrnn.cli.common import add_output_flags, positive_int, resolve_device, save_results
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
+    bs = b.add_subparsers(dest="bench_cmd", required=True, metavar="WHAT")
+    p = bs.add_parser("kv", help="decode tokens/s and KV bytes vs context: full cache vs window/TOVA at a budget")
+    p.add_argument("--model", required=True)
+    p.add_argument("--contexts", default="1024,2048,4096,8192,16384")
+    p.add_argument("--budget", type=positive_int, default=512)
+    p.add_argument("--steps", type=positive_int, default=32)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--out", default=None, help="write results.json here")
+    p.add_argument("--device", default="auto")
+    add_output_flags(p)
+    p.set_defaults(func=run_bench_kv)
+    from msrnn.cli.supra_cmds import add_bench_supra
+
+    add_bench_supra(bs)
+    add_bench_stream(bs)
+    from msrnn.cli.bst_cmds import add_bench_bst
+
+    add_bench_bst(bs)
+    c = bs.add_parser("costs", help="analytic FLOPs and state bytes vs length for every family (no timing)")
+    c.add_argument("--model", default=None, help="model directory to read the architecture from")
+    c.add_argument("--preset", default="small", help="architecture preset when --model is not given")
+    c.add_argument("--lengths", default="512,2048,8192,32768,131072,1048576")
+    c.add_argument("--budget", type=positive_int, default=512, help="KV slots (kv family)")
+    c.add_argument("--block", type=positive_int, default=64, help="BST block length")
+    c.add_argument("--segment", type=positive_int, default=512, help="RMT segment length")
+    c.add_argument("--memory", type=positive_int, default=16, help="RMT memory tokens")
+    c.add_argument("--plot", default=None, help="write the two-panel PNG here")
+    add_output_flags(c)
+    c.set_defaults(func=run_bench_costs)
+
+
+def run_bench_kv(args: argparse.Namespace) -> int:
+    from msrnn.bench.kv import KVBenchConfig, run_kv_bench
+    from msrnn.models.loading import load_hf_causal_lm
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    try:
+        contexts = [int(x) for x in args.contexts.split(",") if x]
+    except ValueError:
+        from msrnn.errors import ConfigError
+
+        raise ConfigError(f"bad --contexts {args.contexts!r}; write e.g. 1024,4096,16384") from None
+    cfg = KVBenchConfig(contexts=contexts, budget=args.budget, steps=args.steps, rounds=args.rounds)
+    model = load_hf_causal_lm(args.model, device=resolve_device(args.device))
+
+    def progress(row):
+        if not (args.quiet or args.json):
+            err_console.print(f"  context {row['context']}: tova/full speed {row['tova/full speed']:.2f}x")
+
+    result = run_kv_bench(model, cfg, progress=progress)
+    result["model"] = str(args.model)
+    save_results(args.out, "results.json", result)
+    if args.json:
+        print_json(result)
+        return 0
+    b = cfg.budget
+    cols = ["context", "full tok/s", f"window@{b} tok/s", f"tova@{b} tok/s", "tova/full", "tova vs window",
+            "full KV MiB", f"tova@{b} KV MiB"]
+    body = [[r["context"], r["full tok/s"], r[f"window@{b} tok/s"], r[f"tova@{b} tok/s"],
+             f"{r['tova/full speed']:.2f}x", f"{100 * r['tova overhead vs window']:+.1f}%",
+             r["full bytes"] / 2**20, r[f"tova@{b} bytes"] / 2**20] for r in result["rows"]]
+    out_console.print(table(f"decode speed (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps)",
+                            cols, body))
+    return 0
+
+
+def run_bench_costs(args: argparse.Namespace) -> int:
+    from msrnn.bench.costs import Arch, cost_table, plot_costs
+    from msrnn.errors import ConfigError
+    from msrnn.ui import out_console, print_json, table
+
+    if args.model:
+        from transformers import AutoConfig
+
+        from msrnn.models.loading import ensure_registered
+
+        ensure_registered(args.model)
+        cfg = AutoConfig.from_pretrained(args.model)
+    else:
+        from msrnn.models.presets import preset_config
+
+        cfg = preset_config(args.preset, 4096)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+    except ValueError:
+        raise ConfigError("--lengths takes comma-separated integers") from None
+    rows = cost_table(Arch.from_config(cfg), lengths, budget=args.budget, block=args.block, segment=args.segment,
+                      memory=args.memory)
+    plot = plot_costs(rows, args.plot) if args.plot else None
+    if args.json:
+        print_json({"rows": rows, "plot": plot})
+        return 0
+    out_console.print(table("analytic cost model", ["family", "length", "GFLOPs", "state bytes"],
+                            [[r["family"], r["length"], r["flops"] / 1e9, int(r["state_bytes"])] for r in rows]))
+    if plot:
+        out_console.print(f"plot: {plot}")
+    return 0
+
+
+def add_bench_stream(bs: argparse._SubParsersAction) -> None:
+    p = bs.add_parser("stream", help="stream N tokens (e.g. 1M) through a bounded model: RSS, time, state, NaN check")
+    p.add_argument("--model", required=True, help="model directory (any family)")
+    p.add_argument("--family", default="auto", help="auto (from the model dir) | kv | rmt")
+    p.add_argument("--policy", default="tova", help="with --family kv")
+    p.add_argument("--budget", type=positive_int, default=512, help="with --family kv")
+    p.add_argument("--memory", type=positive_int, default=16, help="with --family rmt: memory tokens")
+    p.add_argument("--segment", type=positive_int, default=512, help="with --family rmt: segment length")
+    p.add_argument("--tokens", type=positive_int, default=1_048_576)
+    p.add_argument("--chunk-size", type=positive_int, default=512)
+    p.add_argument("--out", default=None)
+    add_output_flags(p)
+    p.set_defaults(func=run_bench_stream)
+
+
+def run_bench_stream(args: argparse.Namespace) -> int:
+    from msrnn.bench.stream import stream_bench
+    from msrnn.errors import ConfigError
+    from msrnn.models import load_lm
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    lm = load_lm(args.model)
+    if args.family == "kv":
+        from msrnn.kv import make_policy, wrap
+
+        lm = wrap(lm, make_policy(args.policy, args.budget), prefill="oneshot")
+    elif args.family == "rmt":
+        from msrnn.rmt import RMTLM, MemoryWrapper
+
+        lm = RMTLM(MemoryWrapper.wrap(lm.model, num_memory_tokens=args.memory, segment_length=args.segment))
+    elif args.family != "auto":
+        raise ConfigError(f"unknown --family {args.family!r}; use auto, kv or rmt")
+    with err_console.status(f"streaming {args.tokens:,} tokens"):
+        res = stream_bench(lm, args.tokens, chunk=args.chunk_size)
+    res.update({"model": args.model, "family": args.family})
+    save_results(args.out, "results.json", res)
+    if args.json:
+        print_json(res)
+        return 0
+    out_console.print(table(f"stream of {res['tokens']:,} tokens ({res['tokens_per_s']:,.0f} tok/s, "
+                            f"{res['nonfinite']} non-finite logits)", ["tokens", "RSS MiB", "state bytes",
+                                                                       "ms/chunk"],
+                            [[r["tokens"], r["rss_mib"], r["state_bytes"], r["ms_per_chunk"]] for r in res["rows"]]))
+    return 0
