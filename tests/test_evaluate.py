@@ -69,6 +69,28 @@ def test_peak_state_bytes_is_the_peak_at_any_offset_even_when_chunks_end_on_boun
     assert res.to_dict()["chunk_end_state_bytes"] == res.chunk_end_state_bytes
 
 
+@pytest.mark.parametrize("family", ["full", "kv-exact", "kv-oneshot", "h2o", "supra"])
+def test_monotone_families_peak_at_the_last_offset(family):
+    """``monotone_state`` lets the evaluator skip the token-by-token profile; check the claim: the state never
+    shrinks from one token to the next, and a chunked stream's chunk-end maximum equals the true peak."""
+    from helpers import V, tiny
+
+    from msrnn.kv import KVEvictionLM, make_policy
+    from msrnn.protocol import state_bytes_profile
+    from msrnn.supra import SupraLM, convert
+
+    lm = {"full": lambda: HFCausalLM(tiny("llama")),
+          "kv-exact": lambda: KVEvictionLM(tiny("llama"), make_policy("tova", 12)),
+          "kv-oneshot": lambda: KVEvictionLM(tiny("llama"), make_policy("tova", 12), prefill="oneshot"),
+          "h2o": lambda: KVEvictionLM(tiny("llama"), make_policy("h2o", 12)),
+          "supra": lambda: SupraLM(convert(tiny("llama")))}[family]()
+    assert lm.monotone_state
+    profile = state_bytes_profile(lm, 60)
+    assert all(a <= b for a, b in zip(profile, profile[1:], strict=False))
+    res = evaluate_stream(lm, [torch.randint(0, V, (60,)).tolist()], StreamEvalConfig(chunk_size=16, max_tokens=None))
+    assert res.peak_state_bytes == res.chunk_end_state_bytes == max(profile)
+
+
 def test_bad_config_and_empty():
     with pytest.raises(ConfigError, match="chunk size must be >= 1"):
         StreamEvalConfig(chunk_size=0)

@@ -126,6 +126,18 @@ def stream_logits(lm: StatefulLM, input_ids: torch.Tensor, chunk_sizes: Iterable
 _PROFILES: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
 
+def peak_state_bytes(lm: StatefulLM, tokens: int, chunk_end_peak: int) -> int:
+    """The peak state of one sequence over its first ``tokens`` tokens, given the most seen between chunks.
+
+    A family whose state never shrinks from one token to the next declares ``monotone_state = True`` (the full
+    cache, KV eviction, SUPRA): its peak is at the last offset, which a chunked stream sees, so the chunk-end
+    figure is exact and costs nothing. Every other family (BST, RMT drop keys at boundaries) is profiled token by
+    token (:func:`state_bytes_profile`)."""
+    if getattr(lm, "monotone_state", False):
+        return chunk_end_peak
+    return max(chunk_end_peak, max(state_bytes_profile(lm, tokens), default=0))
+
+
 def state_bytes_profile(lm: StatefulLM, tokens: int) -> list[int]:
     """Bytes of one sequence's state after each of its first ``tokens`` tokens, fed one token per call.
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from msrnn.errors import ConfigError, DataError, NumericsError
-from msrnn.protocol import StatefulLM, state_bytes_profile
+from msrnn.protocol import StatefulLM, peak_state_bytes
 from msrnn.ui import err_console
 
 
@@ -152,7 +152,7 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
                             "loss (the model's logits are not finite), so there is no honest perplexity; the weights "
                             "are broken, most often by a diverged training run")
     scored = int(count.sum())
-    true_peak = max(peak, max(state_bytes_profile(lm, max_len), default=0))
+    true_peak = peak_state_bytes(lm, max_len, peak)
     mean = float(nll_sum.sum() / max(scored, 1))
     edges = list(cfg.bucket_edges) if cfg.bucket_edges else default_edges(max_len)
     return StreamEvalResult(

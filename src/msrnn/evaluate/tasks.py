@@ -70,8 +70,10 @@ def evaluate_task(model: Any, generator: TaskGenerator, lengths: Sequence[int], 
 
     classify = _is_classifier(model)
     label_ids = None if classify else generator.label_token_ids()
-    # The state at every offset, once for the longest length (each shorter one is a prefix of it).
-    profile = [] if classify else state_bytes_profile(model, max(lengths, default=0))
+    # The state at every offset, once for the longest length (each shorter one is a prefix of it); a family whose
+    # state never shrinks has its peak at the end, which the chunked stream below already sees.
+    profiled = not classify and not getattr(model, "monotone_state", False)
+    profile = state_bytes_profile(model, max(lengths, default=0)) if profiled else []
     rows = []
     with Progress(TextColumn("[bold]task {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=not progress, console=err_console) as bar:
@@ -98,7 +100,7 @@ def evaluate_task(model: Any, generator: TaskGenerator, lengths: Sequence[int], 
                 bar.advance(job, len(batch))
             seconds = time.perf_counter() - t0
             longest = max(len(s.input_ids) for s in data)
-            if not classify:
+            if profiled:
                 profile = profile if len(profile) >= longest else state_bytes_profile(model, longest)
                 peak = max(peak, max(profile[:longest], default=0))
             rows.append({"tokens": n, "accuracy": correct / len(data), "samples": len(data),

@@ -37,6 +37,10 @@ class HFCausalLM:
     without changing the driving logic.
     """
 
+    # The state never shrinks from one token to the next (the full cache grows; eviction and SUPRA saturate), so
+    # its peak is at the last offset: see msrnn.protocol.peak_state_bytes. Tested in tests/test_evaluate.py.
+    monotone_state = True
+
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, cache_factory: Any = None) -> None:
         check_transformers_version()
         self.model = model
