@@ -17,7 +17,7 @@ import torch
 
 
 def main() -> None:
-    from msrnn.kv import make_policy, wrap
+    from msrnn.kv import KVSettings, apply_kv
     from msrnn.models import load_lm
     from msrnn.tasks import TaskGenerator
     from msrnn.tasks.noise import noise_sentences
@@ -37,7 +37,7 @@ def main() -> None:
     rows = []
     for spec in args.slots.split(","):
         name, slots = spec.split("=")
-        lm = wrap(base, make_policy(name, int(slots)), prefill="oneshot")
+        lm = apply_kv(base, KVSettings(name, int(slots), prefill="oneshot"))
         kept_share, correct = [], 0
         with torch.inference_mode():
             for s in samples:

@@ -302,11 +302,11 @@ def test_sliding_window_set_to_none_on_purpose_is_accepted():
 
 def test_wrap_refuses_a_model_without_a_kv_cache():
     """SUPRA's adapter is an HFCausalLM subclass; a KV policy on it would be accepted and ignored."""
-    from msrnn.kv import wrap
+    from msrnn.kv import KVSettings, apply_kv
     from msrnn.supra import SupraLM, convert
 
     with pytest.raises(ConfigError, match="not to SupraLM"):
-        wrap(SupraLM(convert(tiny("llama"))), make_policy("tova", 8))
+        apply_kv(SupraLM(convert(tiny("llama"))), KVSettings("tova", 8))
 
 
 def _arch(name: str):
@@ -365,3 +365,34 @@ def test_budget_at_least_length_equals_plain_generate_or_is_refused(arch):
     for name in ("tova", "h2o", "window"):
         got = model.generate(x, **kw, **cache_kwargs(make_cache(model, make_policy(name, 32)), model))
         assert torch.equal(ref, got), (arch, name)
+
+
+def test_kv_settings_carry_every_flag_to_the_cache():
+    """One record from flags to cache: every option reaches the policy or the cache, and a bad one is refused
+    when the record is built."""
+    import argparse
+
+    from msrnn.cli.eval_cmds import add_model_flags, kv_settings
+    from msrnn.kv import KVSettings, apply_kv
+
+    p = argparse.ArgumentParser()
+    add_model_flags(p)
+    args = p.parse_args(["--model", "m", "--policy", "tova", "--budget", "16", "--sinks", "2", "--keep-newest",
+                         "--no-per-head", "--prefill", "oneshot", "--positions", "rolling"])
+    s = kv_settings(args)
+    assert s == KVSettings("tova", 16, sinks=2, keep_newest=True, per_head=False, prefill="oneshot",
+                           positions="rolling")
+    layer = apply_kv(HFCausalLM(tiny("llama")), s).init_state(1).cache.layers[0]
+    assert (layer.policy.budget, layer.policy.sinks, layer.policy.keep_newest, layer.policy.per_head) == (16, 2, True,
+                                                                                                         False)
+    assert layer.prefill == "oneshot" and layer.rolling
+    h2o = apply_kv(HFCausalLM(tiny("llama")), KVSettings.from_spec("h2o:per_head=false,recent=5", 12))
+    hp = h2o.init_state(1).cache.layers[0].policy
+    assert (hp.budget, hp.recent, hp.per_head) == (12, 5, False)
+    for bad, match in [(dict(policy="window", budget=8, sinks=2), "takes no option sinks"),
+                       (dict(policy="tova", budget=8, prefill="lazy"), "unknown prefill"),
+                       (dict(policy="tova", budget=8, positions="cache"), "unknown positions"),
+                       (dict(policy="tova"), "needs a budget"),
+                       (dict(policy="tova", budget=8, per_head=True, positions="rolling"), "one selection per layer")]:
+        with pytest.raises(ConfigError, match=match):
+            KVSettings(**bad)

@@ -184,11 +184,11 @@ def _task_tuned(cfg: CompareConfig, entries: list[Entry], progress: bool) -> lis
 def fit_slots(base: Any, policy: str, budget: int, per_slot: int) -> tuple[int, int]:
     """(slots, measured bytes): the most KV slots whose measured state (keys, values and the policy's
     bookkeeping) fits ``budget``. Chunks of 7 tokens: the oneshot prefill holds a chunk's keys before evicting."""
-    from msrnn.kv import make_policy, wrap
+    from msrnn.kv import KVSettings, apply_kv
 
     slots = budget // per_slot
     while slots >= 8:
-        nbytes = measure_state_bytes(wrap(base, make_policy(policy, slots), prefill="oneshot"),
+        nbytes = measure_state_bytes(apply_kv(base, KVSettings(policy, int(slots), prefill="oneshot")),
                                      tokens=4 * slots + 64, chunk=7)
         if nbytes <= budget:
             return int(slots), nbytes
@@ -201,9 +201,9 @@ def _load(entry: Entry) -> Any:
 
     lm = load_lm(entry.model)
     if entry.family == "kv":
-        from msrnn.kv import make_policy, wrap
+        from msrnn.kv import KVSettings, apply_kv
 
-        lm = wrap(lm, make_policy(entry.policy, entry.slots), prefill="oneshot")
+        lm = apply_kv(lm, KVSettings(entry.policy, entry.slots, prefill="oneshot"))
     return lm
 
 

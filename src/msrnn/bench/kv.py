@@ -56,15 +56,13 @@ def _decode_time(lm, state, steps: int, vocab: int) -> float:
 
 
 def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[str, Any]:
-    from msrnn.kv import KVEvictionLM, make_policy
+    from msrnn.kv import KVSettings, apply_kv
     from msrnn.models import HFCausalLM
 
     vocab = model.config.vocab_size
-    variants = {
-        "full": HFCausalLM(model),
-        f"window@{cfg.budget}": KVEvictionLM(model, make_policy("window", cfg.budget), prefill="oneshot"),
-        f"tova@{cfg.budget}": KVEvictionLM(model, make_policy("tova", cfg.budget), prefill="oneshot"),
-    }
+    full = HFCausalLM(model)
+    variants = {"full": full, **{f"{p}@{cfg.budget}": apply_kv(full, KVSettings(p, cfg.budget, prefill="oneshot"))
+                                 for p in ("window", "tova")}}
     rows = []
     for ctx in cfg.contexts:
         states = {name: _prefill(lm, ctx, vocab, cfg.prefill_chunk, seed=ctx) for name, lm in variants.items()}

@@ -132,9 +132,9 @@ def run_bench_stream(args: argparse.Namespace) -> int:
 
     lm = load_lm(args.model)
     if args.family == "kv":
-        from msrnn.kv import make_policy, wrap
+        from msrnn.kv import KVSettings, apply_kv
 
-        lm = wrap(lm, make_policy(args.policy, args.budget), prefill="oneshot")
+        lm = apply_kv(lm, KVSettings(args.policy, args.budget, prefill="oneshot"))
     elif args.family == "rmt":
         from msrnn.rmt import RMTLM, MemoryWrapper
 

@@ -65,16 +65,16 @@ def kv_section(lm, docs, args, progress: bool) -> tuple[list[dict], dict]:
     """Full cache versus Window / Window+4 / H2O / TOVA at ``args.kv_budget`` slots on the same documents."""
     from msrnn.evaluate import StreamEvalConfig, evaluate_stream
     from msrnn.evaluate.plots import log_buckets
-    from msrnn.kv import make_policy, wrap
+    from msrnn.kv import KVSettings, apply_kv
 
     length = 1024
     sel = [d.ids[:length] for d in docs if len(d.ids) >= length][: args.kv_docs] or [d.ids for d in docs[:1]]
     cfg = StreamEvalConfig(chunk_size=128, max_tokens=None)
     rows, curves = [], {}
     for name in ("full", "window", "sink", "h2o", "tova"):
-        policy = make_policy(name, None if name == "full" else args.kv_budget)
-        r = evaluate_stream(wrap(lm, policy), sel, cfg, progress=progress)
-        rows.append({"policy": policy.describe() if name != "full" else "full", "ppl": r.ppl,
+        settings = KVSettings(name, None if name == "full" else args.kv_budget)
+        r = evaluate_stream(apply_kv(lm, settings), sel, cfg, progress=progress)
+        rows.append({"policy": settings.make_policy().describe() if name != "full" else "full", "ppl": r.ppl,
                      "peak_state_bytes": r.peak_state_bytes, "documents": len(sel), "tokens_per_doc": len(sel[0])})
         curves[rows[-1]["policy"]] = log_buckets(r)
     return rows, curves

@@ -40,11 +40,17 @@ def load_for_cli(args: argparse.Namespace, stream: bool = True):
         if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head, args.keep_newest)):
             raise ConfigError("--budget/--sinks/--recent/--per-head need --policy (window, sink, h2o or tova)")
         return lm
-    from msrnn.kv import make_policy, wrap
+    from msrnn.kv import apply_kv
 
-    policy = make_policy(args.policy, args.budget, sinks=args.sinks, recent=args.recent, per_head=args.per_head,
-                         keep_newest=args.keep_newest)
-    return wrap(lm, policy, prefill=args.prefill, positions=args.positions)
+    return apply_kv(lm, kv_settings(args))
+
+
+def kv_settings(args: argparse.Namespace):
+    """The one place the KV flags become a :class:`~msrnn.kv.KVSettings`."""
+    from msrnn.kv import KVSettings
+
+    return KVSettings(args.policy, args.budget, sinks=args.sinks, recent=args.recent, per_head=args.per_head,
+                      keep_newest=args.keep_newest, prefill=args.prefill, positions=args.positions)
 
 
 def add_eval_ppl(ev: argparse._SubParsersAction) -> None:

@@ -89,13 +89,13 @@ def run_analyze_cmd(args: argparse.Namespace) -> int:
     import numpy as np
 
     from msrnn.evaluate.documents import eval_documents
-    from msrnn.kv import make_policy, wrap
+    from msrnn.kv import KVSettings, apply_kv
     from msrnn.kv.analysis import plot_retention, token_kind, trace_retention
     from msrnn.models import load_lm
     from msrnn.ui import out_console, print_json, table
 
     lm = load_lm(args.model, device=resolve_device(args.device))
-    blm = wrap(lm, make_policy(args.policy, args.budget))
+    blm = apply_kv(lm, KVSettings(args.policy, args.budget))
     docs = eval_documents("stdlib:test" if args.data is None else args.data, lm.tokenizer,
                           min_tokens=args.max_tokens, max_tokens=args.max_tokens, max_documents=args.max_docs)
     survival, kinds = [], []

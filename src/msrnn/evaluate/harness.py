@@ -26,9 +26,9 @@ class MsrnnHarnessLM(LM):
 
         self.lm = load_lm(pretrained, device=device)
         if policy:
-            from msrnn.kv import make_policy, wrap
+            from msrnn.kv import KVSettings, apply_kv
 
-            self.lm = wrap(self.lm, make_policy(policy, int(budget) if budget else None))
+            self.lm = apply_kv(self.lm, KVSettings(policy, int(budget) if budget else None))
         self.tok = self.lm.tokenizer
         self.chunk_size, self.max_gen_toks = int(chunk_size), int(max_gen_toks)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from msrnn.errors import ConfigError, ModelLoadError
+from msrnn.errors import ModelLoadError
 from msrnn.kv.attention import register
 from msrnn.kv.cache import KVEvictionCache
 from msrnn.kv.policies import Policy
@@ -103,11 +103,3 @@ class KVEvictionLM(HFCausalLM):
             total += tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc,
                                     layer.counter])
         return total
-
-
-def wrap(lm: Any, policy: Policy, prefill: str = "exact", positions: str = "original") -> KVEvictionLM:
-    """Bound an already-loaded :class:`HFCausalLM`."""
-    if type(lm) is not HFCausalLM:  # a SUPRA model is an HFCausalLM too, but has no KV cache to bound
-        raise ConfigError("KV eviction applies to plain HF causal LMs (family 'hf'), not to "
-                          f"{type(lm).__name__}")
-    return KVEvictionLM(lm.model, policy, prefill, positions, tokenizer=lm.tokenizer)

@@ -20,27 +20,9 @@ import numpy as np
 
 from msrnn.errors import ConfigError, DataError
 from msrnn.evaluate import StreamEvalConfig, evaluate_stream
-from msrnn.kv.lm import wrap
-from msrnn.kv.policies import KV_POLICIES, make_policy
+from msrnn.kv.settings import KVSettings, apply_kv, parse_policy_spec
 
 TASKS = ("plain", "copy")
-
-
-def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``tova`` / ``h2o:per_head=false,recent=16`` / ``sink:sinks=1`` -> (name, options)."""
-    name, _, rest = spec.partition(":")
-    KV_POLICIES.get(name)
-    opts: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"bad policy option {item!r} in {spec!r}; write key=value, e.g. h2o:per_head=false")
-        low = value.lower()
-        try:
-            opts[key] = True if low == "true" else False if low == "false" else int(value)
-        except ValueError:
-            raise ConfigError(f"bad value {value!r} for {key} in {spec!r}; use true, false or an integer") from None
-    return name, opts
 
 
 def parse_fractions(text: str) -> list[Fraction]:
@@ -110,8 +92,7 @@ def run_sweep(lm, docs: list[np.ndarray], cfg: SweepConfig, progress: Any = None
                 budget = max(1, int(cfg.context * frac))
                 if name == "sink" and opts.get("sinks", 4) >= budget:
                     continue
-                policy = make_policy(name, budget, **opts)
-                res = evaluate_stream(wrap(lm, policy), tdocs, ecfg)
+                res = evaluate_stream(apply_kv(lm, KVSettings(name, budget, **opts)), tdocs, ecfg)
                 rows.append({"task": task, "policy": spec, "fraction": float(frac), "budget": budget,
                              "ppl": _ppl_from(res, first), "peak_state_bytes": res.peak_state_bytes,
                              "documents": len(tdocs)})
