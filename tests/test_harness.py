@@ -20,7 +20,7 @@ def _req(*args):
 def test_loglikelihood_equals_a_direct_forward(model_dir, task_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from msrnn.evaluate.harness import MsrnnHarnessLM
+    from msrnn.harness import MsrnnHarnessLM
 
     h = MsrnnHarnessLM(str(model_dir), chunk_size=3)
     ctx, cont = "Where is Mary?", " Answer: garden"
@@ -41,7 +41,7 @@ def test_loglikelihood_equals_a_direct_forward(model_dir, task_tokenizer):
 def test_registered_and_bounded_by_a_policy(model_dir):
     from lm_eval.api.registry import get_model
 
-    import msrnn.evaluate.harness  # noqa: F401  (importing registers the model name)
+    import msrnn.harness  # noqa: F401  (importing registers the model name)
 
     cls = get_model("msrnn")
     h = cls(str(model_dir), policy="tova", budget=8)

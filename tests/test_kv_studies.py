@@ -9,9 +9,9 @@ from helpers import tiny
 
 from msrnn.errors import ConfigError, DataError
 from msrnn.kv import KVEvictionLM, make_policy
-from msrnn.kv.analysis import token_kind, trace_retention
 from msrnn.kv.settings import parse_policy_spec
-from msrnn.kv.sweep import SweepConfig, parse_fractions, run_sweep, task_documents
+from msrnn.studies.kv_analysis import token_kind, trace_retention
+from msrnn.studies.kv_sweep import SweepConfig, parse_fractions, run_sweep, task_documents
 
 
 def test_token_kinds():

@@ -76,7 +76,7 @@ def test_curriculum_advances_on_threshold_and_budget_and_stops_at_max():
 
 
 def test_train_task_runs_the_curriculum_and_resumes_it(tmp_path, task_tokenizer):
-    from msrnn.rmt.training import TaskTrainConfig, train_task
+    from msrnn.tasks.rmt_training import TaskTrainConfig, train_task
     from msrnn.train import TrainConfig
 
     def run(steps, resume):

@@ -32,7 +32,7 @@ def _series(entries: list[dict[str, Any]], tuned: bool = False) -> dict[str, lis
 def _plot_ppl_vs_state(entries: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from msrnn.evaluate.plots import save_figure
+    from msrnn.io import save_figure
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for label, series in _series(entries).items():
@@ -62,7 +62,7 @@ def _shown(e: dict[str, Any]) -> bool:
 def _plot_position(entries: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from msrnn.evaluate.plots import save_figure
+    from msrnn.io import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for e in filter(_shown, entries):
@@ -80,7 +80,7 @@ def _plot_position(entries: list[dict[str, Any]], path: Path) -> None:
 def _plot_speed_memory(entries: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from msrnn.evaluate.plots import save_figure
+    from msrnn.io import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for e in filter(_shown, entries):

@@ -114,7 +114,7 @@ def plot_costs(rows: list[dict[str, Any]], out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from msrnn.evaluate.plots import save_figure
+    from msrnn.io import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for fam in FAMILIES:

@@ -171,7 +171,7 @@ def run_eval_harness(args: argparse.Namespace) -> int:
     try:
         import lm_eval
 
-        from msrnn.evaluate.harness import MsrnnHarnessLM
+        from msrnn.harness import MsrnnHarnessLM
     except ImportError:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'msrnn[harness]'") from None
     lm = MsrnnHarnessLM(args.model, policy=args.policy, budget=args.budget, chunk_size=args.chunk_size,

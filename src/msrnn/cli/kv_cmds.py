@@ -46,8 +46,8 @@ def add_kv(sub: argparse._SubParsersAction) -> None:
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:
     from msrnn.evaluate.documents import eval_documents
-    from msrnn.kv.sweep import SweepConfig, parse_fractions, plot_sweep, run_sweep
     from msrnn.models import load_lm
+    from msrnn.studies.kv_sweep import SweepConfig, parse_fractions, plot_sweep, run_sweep
     from msrnn.ui import err_console, out_console, print_json, table
 
     cfg = SweepConfig(context=args.context, fractions=parse_fractions(args.fractions),
@@ -90,8 +90,8 @@ def run_analyze_cmd(args: argparse.Namespace) -> int:
 
     from msrnn.evaluate.documents import eval_documents
     from msrnn.kv import KVSettings, apply_kv
-    from msrnn.kv.analysis import plot_retention, token_kind, trace_retention
     from msrnn.models import load_lm
+    from msrnn.studies.kv_analysis import plot_retention, token_kind, trace_retention
     from msrnn.ui import out_console, print_json, table
 
     lm = load_lm(args.model, device=resolve_device(args.device))

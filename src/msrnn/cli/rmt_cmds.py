@@ -84,7 +84,7 @@ def build_rmt(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run_train_rmt(args: argparse.Namespace) -> int:
-    from msrnn.rmt.training import TaskTrainConfig, train_task
+    from msrnn.tasks.rmt_training import TaskTrainConfig, train_task
     from msrnn.train.curriculum import CurriculumConfig
 
     out = check_out(args)

@@ -6,19 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msrnn.io import atomic_file
-
-
-def save_figure(fig, out: str | Path) -> Path:
-    """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_file(out, "wb") as fh:
-        fig.savefig(fh, format="png")
-    plt.close(fig)
-    return out
+from msrnn.io import save_figure
 
 
 def _axes():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msrnn.evaluate.plots import save_figure
+from msrnn.io import save_figure
 from msrnn.kv.lm import KVEvictionLM
 
 KINDS = ("newline", "indent", "punct", "word", "number", "other")

@@ -108,7 +108,7 @@ def plot_sweep(result: dict[str, Any], out_prefix: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from msrnn.evaluate.plots import save_figure
+    from msrnn.io import save_figure
 
     paths = []
     for task in sorted({r["task"] for r in result["rows"]}):
