@@ -7,7 +7,7 @@ import math
 import torch
 
 from msrnn.errors import ConfigError, NumericsError
-from msrnn.protocol import StatefulLM
+from msrnn.protocol import StatefulLM, prefill
 
 
 @torch.inference_mode()
@@ -32,10 +32,7 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
                           f"model's {limit} learned positions; shorten the prompt or lower --max-new-tokens")
     gen = torch.Generator().manual_seed(seed)
     B = input_ids.shape[0]
-    state = lm.init_state(B)
-    logits = None
-    for pos in range(0, input_ids.shape[1], prefill_chunk):
-        logits, state = lm.forward_chunk(input_ids[:, pos : pos + prefill_chunk], state)
+    logits, state = prefill(lm, input_ids, prefill_chunk)
     out = []
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_new_tokens):

@@ -15,6 +15,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from msrnn.generate import generate
+from msrnn.protocol import stream_logits
 
 
 @register_model("msrnn")
@@ -38,12 +39,8 @@ class MsrnnHarnessLM(LM):
     @torch.inference_mode()
     def _logprobs(self, ids: list[int]) -> torch.Tensor:
         """Log-probabilities [T, V] of every next token of ``ids``, streamed from a fresh state."""
-        x = torch.tensor([ids])
-        state, outs = self.lm.init_state(1), []
-        for pos in range(0, len(ids), self.chunk_size):
-            logits, state = self.lm.forward_chunk(x[:, pos : pos + self.chunk_size], state)
-            outs.append(logits[0].float())
-        return F.log_softmax(torch.cat(outs), dim=-1)
+        logits = stream_logits(self.lm, torch.tensor([ids]), self.chunk_size)[0].float()
+        return F.log_softmax(logits, dim=-1)
 
     def _prefix(self) -> list[int]:
         eos = self.tok.eos_token_id

@@ -15,8 +15,10 @@ The state passed to ``forward_chunk`` may be updated in place: always continue w
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -103,24 +105,60 @@ def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None, vocab_si
                               "tokenize with the model's own tokenizer")
 
 
+@dataclass
+class StreamStep:
+    """One chunk of a stream: where it starts, its logits [B, t, V], the state after it, and the seconds spent
+    inside ``forward_chunk`` (what a throughput figure should count)."""
+
+    start: int
+    logits: torch.Tensor
+    state: Any
+    seconds: float
+
+
+def split(input_ids: torch.Tensor, chunk_sizes: Iterable[int] | int) -> Iterator[torch.Tensor]:
+    """The chunks of ``input_ids`` [B, T]: one size for every chunk, or a list of sizes (the last one repeats)."""
+    sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
+    if not sizes or any(s < 1 for s in sizes):
+        raise ConfigError("chunk sizes must be >= 1; pass e.g. --chunk-size 128")
+    pos, i = 0, 0
+    while pos < input_ids.shape[1]:
+        size = sizes[min(i, len(sizes) - 1)]
+        yield input_ids[:, pos : pos + size]
+        pos, i = pos + size, i + 1
+
+
+def stream_chunks(lm: StatefulLM, chunks: Iterable[torch.Tensor], state: Any = None) -> Iterator[StreamStep]:
+    """The one streaming loop: feed ``chunks`` ([B, t] each) through ``lm``, from ``state`` or a fresh one.
+
+    The evaluator, generator, task scorer, harness, benchmarks and studies all drive models through this."""
+    start = 0
+    for chunk in chunks:
+        if state is None:
+            state = lm.init_state(chunk.shape[0])
+        t0 = time.perf_counter()
+        logits, state = lm.forward_chunk(chunk, state)
+        yield StreamStep(start, logits, state, time.perf_counter() - t0)
+        start += chunk.shape[1]
+
+
+def prefill(lm: StatefulLM, input_ids: torch.Tensor, chunk_size: int, state: Any = None) -> tuple[torch.Tensor, Any]:
+    """Feed a whole prompt in chunks; returns (the last chunk's logits, the state)."""
+    last = None
+    for last in stream_chunks(lm, split(input_ids, chunk_size), state):  # noqa: B007 - only the last step is kept
+        pass
+    if last is None:
+        raise ConfigError("the prompt is empty; give at least one token")
+    return last.logits, last.state
+
+
 def stream_logits(lm: StatefulLM, input_ids: torch.Tensor, chunk_sizes: Iterable[int] | int) -> torch.Tensor:
     """Feed ``input_ids`` [B, T] through ``lm`` in chunks and concatenate the logits [B, T, V].
 
     ``chunk_sizes`` is one size for every chunk or an explicit list of sizes (the last one is repeated).
     A test helper and a building block for evaluators.
     """
-    sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
-    if not sizes or any(s < 1 for s in sizes):
-        raise ConfigError("chunk sizes must be >= 1; pass e.g. --chunk-size 128")
-    state = lm.init_state(input_ids.shape[0])
-    out, pos, i = [], 0, 0
-    while pos < input_ids.shape[1]:
-        size = sizes[min(i, len(sizes) - 1)]
-        logits, state = lm.forward_chunk(input_ids[:, pos : pos + size], state)
-        out.append(logits)
-        pos += size
-        i += 1
-    return torch.cat(out, dim=1)
+    return torch.cat([step.logits for step in stream_chunks(lm, split(input_ids, chunk_sizes))], dim=1)
 
 
 _PROFILES: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
@@ -151,12 +189,10 @@ def state_bytes_profile(lm: StatefulLM, tokens: int) -> list[int]:
         cached = None
     if cached is not None and len(cached) >= tokens:
         return cached[:tokens]
-    state, sizes = lm.init_state(1), []
     g = torch.Generator().manual_seed(0)
+    chunks = (torch.randint(0, lm.vocab_size, (1, 1), generator=g) for _ in range(tokens))
     with torch.inference_mode():
-        for _ in range(tokens):
-            _, state = lm.forward_chunk(torch.randint(0, lm.vocab_size, (1, 1), generator=g), state)
-            sizes.append(lm.state_nbytes(state))
+        sizes = [lm.state_nbytes(step.state) for step in stream_chunks(lm, chunks)]
     with contextlib.suppress(TypeError):
         _PROFILES[lm] = sizes
     return sizes
@@ -171,10 +207,7 @@ def measure_state_bytes(lm: StatefulLM, tokens: int = 2048, chunk: int = 1) -> i
     offsets, or to see what a prefill of that size holds."""
     if chunk == 1:
         return max(state_bytes_profile(lm, tokens), default=0)
-    state, peak = lm.init_state(1), 0
     g = torch.Generator().manual_seed(0)
+    chunks = (torch.randint(0, lm.vocab_size, (1, chunk), generator=g) for _ in range(0, tokens, chunk))
     with torch.inference_mode():
-        for _ in range(0, tokens, chunk):
-            _, state = lm.forward_chunk(torch.randint(0, lm.vocab_size, (1, chunk), generator=g), state)
-            peak = max(peak, lm.state_nbytes(state))
-    return peak
+        return max((lm.state_nbytes(step.state) for step in stream_chunks(lm, chunks)), default=0)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError
+from msrnn.protocol import prefill
 
 
 @dataclass
@@ -37,10 +38,7 @@ class KVBenchConfig:
 def _prefill(lm, ctx: int, vocab: int, chunk: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, ctx), generator=g)
-    state = lm.init_state(1)
-    for pos in range(0, ctx, chunk):
-        _, state = lm.forward_chunk(ids[:, pos : pos + chunk], state)
-    return state
+    return prefill(lm, ids, chunk)[1]
 
 
 @torch.inference_mode()

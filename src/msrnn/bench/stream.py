@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError
+from msrnn.protocol import stream_chunks
 
 
 def rss_bytes() -> int:
@@ -29,13 +30,13 @@ def stream_bench(lm: Any, tokens: int, chunk: int = 512, samples: int = 16, seed
     if tokens < chunk or chunk < 1:
         raise ConfigError("need tokens >= chunk >= 1")
     g = torch.Generator().manual_seed(seed)
-    state = lm.init_state(1)
     n_chunks = tokens // chunk
     every = max(1, n_chunks // samples)
     rows, nonfinite, t_start, t_last, done = [], 0, time.perf_counter(), time.perf_counter(), 0
-    for i in range(n_chunks):
-        ids = torch.randint(0, lm.vocab_size, (1, chunk), generator=g)
-        logits, state = lm.forward_chunk(ids, state)
+    # The input is made chunk by chunk, so memory measures the model, not a 1M-token tensor.
+    chunks = (torch.randint(0, lm.vocab_size, (1, chunk), generator=g) for _ in range(n_chunks))
+    for i, step in enumerate(stream_chunks(lm, chunks)):
+        logits, state = step.logits, step.state
         nonfinite += int((~torch.isfinite(logits)).sum())
         done += chunk
         if (i + 1) % every == 0 or i == n_chunks - 1:

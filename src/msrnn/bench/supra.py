@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from msrnn.bench.timing import median_time
+from msrnn.protocol import prefill
 from msrnn.supra.ops import chunked, log_decay, naive_recurrent
 
 
@@ -50,10 +51,7 @@ def bench_decode(model: Any, positions: list[int], steps: int = 32, rounds: int 
     for pos in positions:
         g = torch.Generator().manual_seed(pos)
         ids = torch.randint(0, vocab, (1, pos), generator=g)
-        state = lm.init_state(1)
-        for s in range(0, pos, prefill_chunk):
-            _, state = lm.forward_chunk(ids[:, s : s + prefill_chunk], state)
-        states[pos] = state
+        states[pos] = prefill(lm, ids, prefill_chunk)[1]
     tok = torch.zeros(1, 1, dtype=torch.long)
     times: dict[int, list[float]] = {p: [] for p in positions}
     for _ in range(rounds):  # interleaved so both positions see the same machine conditions

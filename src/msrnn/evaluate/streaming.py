@@ -9,7 +9,6 @@ The result holds the NLL of every position (summed over documents) for perplexit
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from msrnn.errors import ConfigError, DataError, NumericsError
-from msrnn.protocol import StatefulLM, peak_state_bytes
+from msrnn.protocol import StatefulLM, peak_state_bytes, split, stream_chunks
 from msrnn.ui import err_console
 
 
@@ -123,20 +122,17 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
         task = bar.add_task("eval", total=total)
         for doc in docs:
             ids = torch.from_numpy(doc).unsqueeze(0)  # [1, n]
-            state = lm.init_state(1)
             prev_last: torch.Tensor | None = None  # logits [V] of the previous chunk's last token
-            for pos in range(0, len(doc), cfg.chunk_size):
-                chunk = ids[:, pos : pos + cfg.chunk_size]
-                t0 = time.perf_counter()
-                logits, state = lm.forward_chunk(chunk, state)
-                busy += time.perf_counter() - t0
-                fed += chunk.shape[1]
-                peak = max(peak, lm.state_nbytes(state))
-                logits = logits[0].float().cpu()  # [T, V]
+            for step in stream_chunks(lm, split(ids, cfg.chunk_size)):
+                pos, n = step.start, step.logits.shape[1]
+                busy += step.seconds
+                fed += n
+                peak = max(peak, lm.state_nbytes(step.state))
+                logits = step.logits[0].float().cpu()  # [T, V]
                 # Row t predicts token pos + t + 1; the previous chunk's last row predicts token pos.
                 rows = logits if prev_last is None else torch.cat([prev_last[None], logits])
                 first = pos + 1 if prev_last is None else pos
-                targets = ids[0, first : pos + chunk.shape[1]]
+                targets = ids[0, first : pos + n]
                 rows = rows[: len(targets)]
                 if len(targets):
                     nll = -torch.log_softmax(rows, dim=-1).gather(1, targets[:, None])[:, 0].double().numpy()
@@ -146,7 +142,7 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
                     nll_sum[first : first + len(nll)] += nll
                     count[first : first + len(nll)] += ~bad
                 prev_last = logits[-1]
-                bar.update(task, advance=chunk.shape[1])
+                bar.update(task, advance=n)
     if nonfinite:
         raise NumericsError(f"{nonfinite} of {nonfinite + int(count.sum())} scored tokens have a NaN or infinite "
                             "loss (the model's logits are not finite), so there is no honest perplexity; the weights "

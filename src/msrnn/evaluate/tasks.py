@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError
-from msrnn.protocol import state_bytes_profile, tensor_nbytes
+from msrnn.protocol import split, state_bytes_profile, stream_chunks, tensor_nbytes
 from msrnn.tasks.samples import TaskGenerator, TaskSample, collate
 from msrnn.ui import err_console
 
@@ -46,13 +46,10 @@ def _answer_stream(lm: Any, batch: list[TaskSample], label_ids: list[int], chunk
         # A model whose task training scores the answer its own way (RMT: segments aligned to the end) is scored
         # the same way here; streaming from the start would cut other segments when T % S != 0.
         return lm.final_logits(ids)[:, label_ids].argmax(-1).tolist(), 0
-    state = lm.init_state(len(batch))
     peak, last = 0, None
-    for pos in range(0, ids.shape[1], chunk):
-        logits, state = lm.forward_chunk(ids[:, pos : pos + chunk], state)
-        last = logits[:, -1]
-        peak = max(peak, lm.state_nbytes(state))
-    del state
+    for step in stream_chunks(lm, split(ids, chunk)):
+        last = step.logits[:, -1]
+        peak = max(peak, lm.state_nbytes(step.state))
     return last[:, label_ids].argmax(-1).tolist(), peak // len(batch)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from msrnn.io import save_figure
 from msrnn.kv.lm import KVEvictionLM
+from msrnn.protocol import split, stream_chunks
 
 KINDS = ("newline", "indent", "punct", "word", "number", "other")
 
@@ -83,12 +84,11 @@ class RetentionTrace:
 def trace_retention(lm: KVEvictionLM, ids: np.ndarray | list[int]) -> RetentionTrace:
     ids = np.asarray(ids, dtype=np.int64)
     T = len(ids)
-    state = lm.init_state(1)
-    L = len(state.cache.layers)
+    L = lm.model.config.num_hidden_layers
     kept = np.zeros((L, T, T), dtype=np.float32)
-    for t in range(T):
-        _, state = lm.forward_chunk(torch.from_numpy(ids[t : t + 1])[None], state)
-        for li, layer in enumerate(state.cache.layers):
+    for step in stream_chunks(lm, split(torch.from_numpy(ids)[None], 1)):  # token by token
+        t = step.start
+        for li, layer in enumerate(step.state.cache.layers):
             pos = layer.kept_positions()[0]  # [G, S]
             G = pos.shape[0]
             for g in range(G):
