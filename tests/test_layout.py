@@ -43,3 +43,30 @@ def test_the_spine_imports_no_family(spine):
     allowed_lazy = {("models/loading.py", fam) for fam in FAMILIES}  # the family registry's lazy loaders
     bad = sorted(x for x in imports(spine) if x[1] in FAMILIES and x not in allowed_lazy)
     assert not bad, f"{spine} imports families: {bad}"
+
+
+def test_every_family_record_resolves():
+    """One record per family: its loader, hooks and modeling modules import, and buildable families have every
+    hook a build calls, so the spine never needs a branch on a family name."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    from msrnn.families import BUILD_FAMILIES, COST_FAMILIES, FAMILIES
+
+    assert set(COST_FAMILIES) == {"full", "kv", "supra", "bst", "rmt"} and set(BUILD_FAMILIES) == {"supra", "bst",
+                                                                                                   "rmt"}
+    for f in FAMILIES.values():
+        hooks = f.module()
+        assert callable(hooks.cost), f.name
+        if f.loader:
+            module, _, name = f.loader.partition(":")
+            assert callable(getattr(importlib.import_module(module), name)), f.name
+        if f.buildable:
+            for hook in ("size_for_budget", "make", "as_lm", "load_trainable"):
+                assert callable(getattr(hooks, hook)), (f.name, hook)
+            knob, step, floor = hooks.SHRINK
+            assert isinstance(knob, str) and step >= 1 and floor >= 1
+        for model_type, module in zip(f.model_types, f.modeling, strict=True):
+            importlib.import_module(module)
+            AutoConfig.for_model(model_type)  # registered by that module

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from msrnn.errors import ConfigError
-
-BUILD_FAMILIES = ("supra", "bst", "rmt")
+from msrnn.families import BUILD_FAMILIES, FAMILIES
 
 
 @dataclass
@@ -59,49 +58,18 @@ class BuildConfig:
             raise ConfigError(f"bst_variant must be a bounded variant (sh, mh, mf, slide), got {self.bst_variant!r}")
 
 
+def _hooks(family: str) -> Any:
+    if family not in BUILD_FAMILIES:
+        raise ConfigError(f"cannot build {family!r}; use one of {', '.join(BUILD_FAMILIES)}")
+    return FAMILIES.get(family).module()
+
+
 def size_for_budget(family: str, base_config: Any, budget: int, bst_variant: str = "sh") -> dict[str, int] | None:
     """The family's size knobs whose state fits ``budget`` bytes (by the cost model, which tests tie to the
     implementations); None when no sensible size fits."""
     from msrnn.bench.costs import Arch
 
-    a = Arch.from_config(base_config)
-    if family == "supra":
-        per_unit = a.layers * a.heads * a.head_dim * 4
-        F = (budget // per_unit) // 2 * 2
-        return {"feature_dim": int(F)} if F >= 2 else None
-    if family == "bst":
-        ssm_layers = 0 if bst_variant == "slide" else 1
-        for N in (16, 8, 4, 2):
-            W, best = 8, None
-            while W <= 4096:
-                b = _bst_state(a, W, N, ssm_layers, bst_variant)
-                if b > budget:
-                    break
-                best, W = W, W + 8
-            if best is not None:
-                return {"block_size": best, "state_size": N}
-        return None
-    if family == "rmt":
-        for m in (16, 8, 4, 2):
-            S = (budget - m * a.d * a.bytes_per_value) // a.kv_bytes_per_slot() - m + 1
-            if S >= 4 * m:
-                return {"segment_length": int(min(S, 1024)), "num_memory_tokens": m}
-        return None
-    raise ConfigError(f"cannot size {family!r}; use one of {', '.join(BUILD_FAMILIES)}")
-
-
-def _bst_state(a: Any, W: int, N: int, ssm_layers: int, variant: str) -> int:
-    from msrnn.bench.costs import costs
-
-    if variant == "slide":  # the current block and the whole previous one
-        return a.layers * 2 * a.kv_heads * a.head_dim * (2 * W - 1) * a.bytes_per_value
-    if variant == "sh":
-        return int(costs(a, "bst", 4 * W, block=W, ssm_state=N, ssm_layers=ssm_layers)["state_bytes"])
-    rep = a.heads if variant == "mh" else 8  # MH: one SSM per head; MF: mf_states SSMs (default 8)
-    ctx = 0 if variant == "mf" else 2 * a.heads * a.head_dim * (W - 1) * a.bytes_per_value
-    mf_ctx = rep * a.d * a.bytes_per_value if variant == "mf" else 0
-    return (a.layers * 2 * a.kv_heads * a.head_dim * (W - 1) * a.bytes_per_value
-            + rep * a.d * (N // 2) * 8 + ctx + mf_ctx)
+    return _hooks(family).size_for_budget(Arch.from_config(base_config), budget, bst_variant=bst_variant)
 
 
 def build_key(base: str | Path, family: str, sizing: dict[str, int], cfg: BuildConfig) -> str:
@@ -114,38 +82,14 @@ def build_key(base: str | Path, family: str, sizing: dict[str, int], cfg: BuildC
 
 
 def make_model(family: str, base_model: Any, sizing: dict[str, int], cfg: BuildConfig) -> Any:
-    """The untrained model of ``family`` at ``sizing``, holding the base model's weights."""
+    """The untrained model of ``family`` at ``sizing``, holding (a copy of) the base model's weights."""
     import copy
 
-    base_model = copy.deepcopy(base_model)
-    if family == "supra":
-        from msrnn.supra import convert
-
-        return convert(base_model, feature_dim=sizing["feature_dim"], seed=cfg.seed).train()
-    if family == "bst":
-        from msrnn.bst import from_llama
-
-        return from_llama(base_model, variant=cfg.bst_variant, seed=cfg.seed, **sizing).train()
-    from msrnn.rmt import MemoryWrapper
-
-    return MemoryWrapper.wrap(base_model.train(), **sizing)
+    return _hooks(family).make(copy.deepcopy(base_model), sizing, seed=cfg.seed, bst_variant=cfg.bst_variant)
 
 
 def _as_lm(family: str, model: Any) -> Any:
-    if family == "supra":
-        from msrnn.supra import SupraLM
-
-        return SupraLM(model)
-    if family == "bst":
-        from msrnn.bst import BSTLM
-
-        return BSTLM(model)
-    from msrnn.rmt.lm import RMTLM
-
-    return RMTLM(model)
-
-
-_SHRINK = {"supra": ("feature_dim", 2, 2), "bst": ("block_size", 8, 8), "rmt": ("segment_length", 1, 8)}
+    return _hooks(family).as_lm(model)
 
 
 def check_budget(budget: int) -> None:
@@ -161,7 +105,7 @@ def fit(family: str, base_model: Any, budget: int, cfg: BuildConfig) -> tuple[di
 
     check_budget(budget)
     sizing = size_for_budget(family, base_model.config, budget, cfg.bst_variant)
-    knob, step, floor = _SHRINK[family]
+    knob, step, floor = _hooks(family).SHRINK
     while sizing is not None and sizing[knob] >= floor:
         lm = _as_lm(family, make_model(family, base_model, sizing, cfg).eval())
         span = sizing.get("block_size", sizing.get("segment_length", 8))
@@ -191,9 +135,8 @@ def build(family: str, base: str | Path, budget: int, cfg: BuildConfig, root: st
     if (out / "msrnn.json").exists():  # written last by the trainer's export: the model is complete
         return out, sizing
     model = make_model(family, base_model, sizing, cfg)
-    seq_len = cfg.seq_len
-    if family == "rmt":  # whole segments per sequence, so every training sequence ends on a segment boundary
-        seq_len = max(1, cfg.seq_len // sizing["segment_length"]) * sizing["segment_length"]
+    whole = getattr(_hooks(family), "train_seq_len", None)  # RMT: whole segments per training sequence
+    seq_len = whole(cfg.seq_len, sizing) if whole else cfg.seq_len
     steps = -(-cfg.train_tokens // (seq_len * cfg.batch_size))  # train_tokens rounded up to whole steps
     train_lm(model, load_tokenizer_for(base), PretrainConfig(data=cfg.data, seq_len=seq_len,
                                                              batch_size=cfg.batch_size, val_batches=2),
@@ -205,13 +148,11 @@ def build(family: str, base: str | Path, budget: int, cfg: BuildConfig, root: st
 
 def _load_trainable(family: str, path: Path) -> Any:
     """The model in ``path`` as a trainable module (an RMT is an AutoModel, the others causal LMs)."""
-    if family == "rmt":
-        from msrnn.rmt.lm import load_rmt
+    if family == "kv":  # KV eviction tunes its plain base model
+        from msrnn.models.loading import load_hf_causal_lm
 
-        return load_rmt(str(path)).wrapper
-    from msrnn.models.loading import load_hf_causal_lm
-
-    return load_hf_causal_lm(path)
+        return load_hf_causal_lm(path)
+    return _hooks(family).load_trainable(path)
 
 
 def build_task(family: str, source: str | Path, tune: Any, root: str | Path | None = None,

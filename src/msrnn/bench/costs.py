@@ -17,13 +17,13 @@ These are models, not measurements: tests tie the state-byte formulas to the byt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from msrnn.errors import ConfigError
+from msrnn.families import COST_FAMILIES, by_cost_label
 
-FAMILIES = ("full", "kv", "supra", "bst", "rmt")
+FAMILIES = COST_FAMILIES  # the families' own cost models (each family.py), by their cost-table names
 
 
 @dataclass(frozen=True)
@@ -63,41 +63,9 @@ def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 
         raise ConfigError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     if length < 1:
         raise ConfigError("length must be >= 1")
-    L, a = length, arch
-    attn_unit = 4 * a.heads * a.head_dim  # FLOPs per (query, key) pair: scores + weighted sum
-    dense = a.dense_flops_per_token() * L
-    if family == "full":
-        pairs = L * (L + 1) / 2
-        return {"flops": dense + a.layers * attn_unit * pairs, "state_bytes": a.kv_bytes_per_slot() * L}
-    if family == "kv":
-        k = budget
-        # Token t attends to min(t - 1, k) kept slots plus itself.
-        pairs = sum(min(t - 1, k) + 1 for t in range(1, min(L, k + 1) + 1)) + max(0, L - k - 1) * (k + 1)
-        extra = a.layers * 2 * a.heads * a.head_dim * (k + 1) * max(0, L - k) if score_row else 0
-        return {"flops": dense + a.layers * attn_unit * pairs + extra,
-                "state_bytes": a.kv_bytes_per_slot() * min(L, k)}
-    if family == "supra":
-        phi = 2 * (a.heads * a.head_dim) ** 2 + 2 * (a.kv_heads * a.head_dim) ** 2
-        rec = 4 * a.heads * a.head_dim * a.head_dim  # state update k^T v and readout q S
-        return {"flops": dense + a.layers * (phi + rec) * L,
-                "state_bytes": a.layers * a.heads * (feature_dim or a.head_dim) * a.head_dim * 4}
-    if family == "bst":
-        # BST:SH as msrnn.bst builds it: the SSM and the cross-attention only in `ssm_layers` layers (multi-head
-        # context keys), grouped-query attention within blocks everywhere. State at its peak, one token short of a
-        # full block: every layer's block keys/values, plus the SSM layers' complex64 state and context K/V.
-        n_fft = 2 * L
-        ssm = ssm_layers * (a.d * 5 * n_fft * math.log2(max(n_fft, 2)) + 2 * a.d * ssm_state * L)
-        within = L * (block + 1) / 2  # causal attention inside blocks (average)
-        cross = L * (block + 1) / 2  # SH: causal cross-attention to the block's own context states
-        kv_block = 2 * a.kv_heads * a.head_dim * (block - 1) * a.bytes_per_value  # grouped-query self-attention
-        ctx_block = 2 * a.heads * a.head_dim * (block - 1) * a.bytes_per_value  # context keys: one per head
-        state = a.layers * kv_block + ssm_layers * (a.d * (ssm_state // 2) * 8 + ctx_block)
-        return {"flops": dense + ssm + a.layers * attn_unit * within + ssm_layers * attn_unit * cross,
-                "state_bytes": state}
-    seg = segment + 2 * memory
-    n_seg = math.ceil(L / segment)
-    per_seg = a.dense_flops_per_token() * seg + a.layers * attn_unit * seg * (seg + 1) / 2
-    return {"flops": n_seg * per_seg, "state_bytes": memory * a.d * a.bytes_per_value}
+    return by_cost_label(family).module().cost(arch, length, budget=budget, block=block, ssm_state=ssm_state,
+                                               segment=segment, memory=memory, score_row=score_row,
+                                               ssm_layers=ssm_layers, feature_dim=feature_dim)
 
 
 def cost_table(arch: Arch, lengths: list[int], **kw: Any) -> list[dict[str, Any]]:

@@ -1,21 +1,21 @@
 """Load a model directory (or hub id) as a StatefulLM, with one clear error for every way it can fail.
 
-A directory made by any msrnn command holds ``msrnn.json`` naming its family; each family registers a loader
-in :data:`FAMILY_LOADERS`. A directory without it is treated as a plain HF causal LM (full KV cache).
+A directory made by any msrnn command holds ``msrnn.json`` naming its family; each family's record in
+:data:`msrnn.families.FAMILIES` names its loader. A directory without it is treated as a plain HF causal LM (full
+KV cache).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from msrnn.errors import ConfigError, ModelLoadError, one_line
+from msrnn.families import FAMILIES, family_of_model_type, modeling_modules
 from msrnn.protocol import StatefulLM
-from msrnn.registry import Registry
 
 MSRNN_META = "msrnn.json"
 
@@ -24,29 +24,13 @@ MSRNN_META = "msrnn.json"
 ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert",
                      "camembert", "ernie", "mpnet", "modernbert"}
 
-FAMILY_LOADERS: Registry[Callable[..., StatefulLM]] = Registry("model family")
-
 # model_type -> the module that registers it with transformers' Auto classes (imported only when needed).
-MODEL_TYPE_MODULES = {"msrnn_supra": "msrnn.supra.modeling", "msrnn_rmt": "msrnn.rmt.wrapper",
-                       "msrnn_rmt_encoder": "msrnn.rmt.encoder", "msrnn_bst": "msrnn.bst.modeling"}
-_MODEL_TYPE_FAMILY = {"msrnn_supra": "supra", "msrnn_rmt": "rmt", "msrnn_rmt_encoder": "rmt", "msrnn_bst": "bst"}
+MODEL_TYPE_MODULES = modeling_modules()
 
 
 def is_encoder_only(config: Any) -> bool:
     """An encoder family not configured as a decoder: no causal next-token head, no KV cache."""
     return config.model_type in ENCODER_FAMILIES and not getattr(config, "is_decoder", False)
-
-
-def _lazy(target: str) -> Callable[..., StatefulLM]:
-    """A loader that imports ``module:function`` on first use, so this module never imports a family."""
-
-    def load(*args: Any, **kwargs: Any) -> StatefulLM:
-        import importlib
-
-        module, _, name = target.partition(":")
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    return load
 
 
 def _model_type(path: Path) -> str | None:
@@ -168,8 +152,7 @@ def _shape_mismatch(path: Path, config: Any) -> str | None:
     return None
 
 
-@FAMILY_LOADERS.register("hf", "any Hugging Face causal LM with its full KV cache")
-def _load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **_: Any) -> StatefulLM:
     from msrnn.models.hf import HFCausalLM
 
@@ -177,17 +160,13 @@ def _load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
     return HFCausalLM(model, tokenizer=load_tokenizer_for(spec))
 
 
-FAMILY_LOADERS.add("supra", _lazy("msrnn.supra.lm:load_supra"), "SUPRA linear-attention RNN (constant state)")
-FAMILY_LOADERS.add("rmt", _lazy("msrnn.rmt.lm:load_rmt"), "Recurrent Memory Transformer (memory tokens)")
-FAMILY_LOADERS.add("bst", _lazy("msrnn.bst.lm:load_bst"), "Block-State Transformer (SSM + block attention)")
-
-
 def family_of(spec: str | Path) -> str:
     """The family a model directory belongs to: its ``msrnn.json``, else its config's model_type, else ``hf``."""
     path = Path(spec)
     if not path.is_dir():
         return "hf"
-    return read_meta(path).get("family") or _MODEL_TYPE_FAMILY.get(_model_type(path) or "", "hf")
+    family = family_of_model_type(_model_type(path))
+    return read_meta(path).get("family") or (family.name if family else "hf")
 
 
 def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -195,4 +174,8 @@ def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     """Load ``spec`` (directory or hub id) as a StatefulLM of the family its ``msrnn.json`` (or config) names."""
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
         raise ConfigError(f"a model is a directory or hub id (a non-empty str or Path), got {spec!r}")
-    return FAMILY_LOADERS.get(family_of(spec))(spec, device=device, dtype=dtype, **family_options)
+    family = FAMILIES.get(family_of(spec))
+    if family.loader is None:
+        raise ModelLoadError(f"{spec} names family {family.name!r}, which is applied to a model rather than loaded; "
+                             "load the base model and apply it (msrnn.kv.apply_kv)")
+    return family.load(spec, device=device, dtype=dtype, **family_options)
