@@ -33,6 +33,7 @@ from msrnn.families import BUILD_FAMILIES, FAMILIES
 
 @dataclass
 class BuildConfig:
+    """How ``build`` trains every family at a budget: tokens, sequence length, lr, variant."""
     families: tuple[str, ...] = BUILD_FAMILIES
     train_tokens: int = 262_144  # per model, the same for every family and budget
     seq_len: int = 512

@@ -32,6 +32,7 @@ SCHEMA_VERSION = 2  # 2: built entries (sizing), notes, zero-shot task marks
 
 @dataclass
 class CompareConfig:
+    """One comparison: base model, budgets, families to build, data and evaluation settings."""
     base: str
     models: list[str] = field(default_factory=list)  # trained SUPRA / BST / RMT directories
     budgets: list[int] = field(default_factory=list)  # state bytes per sequence for the KV policies
@@ -100,6 +101,7 @@ class CompareConfig:
 
 @dataclass
 class Entry:
+    """One row of a comparison: a model (or base + KV policy) at a state budget."""
     name: str
     family: str
     model: str
@@ -208,6 +210,7 @@ def _load(entry: Entry) -> Any:
 
 
 def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[str, Any]:
+    """Evaluate one entry: perplexity, state bytes, tokens/s and a streaming profile."""
     from msrnn.evaluate import StreamEvalConfig, evaluate_stream
     from msrnn.evaluate.documents import eval_documents
     from msrnn.evaluate.plots import log_buckets

@@ -25,6 +25,7 @@ def _resolve(target: str) -> Any:
 
 @dataclass(frozen=True)
 class Family:
+    """A model family's record: where its loader, classes and hooks live (imported when used)."""
     name: str
     help: str
     loader: str | None  # "module:function"; None for a family applied to another one's models (kv)
@@ -35,9 +36,11 @@ class Family:
     cost_label: str = ""  # its name in the cost table (the full cache is "full"), default the family name
 
     def load(self, *args: Any, **kwargs: Any) -> Any:
+        """Load a model directory of this family as a StatefulLM."""
         return _resolve(self.loader)(*args, **kwargs)
 
     def module(self) -> ModuleType:
+        """The family's hooks module (``family.py``)."""
         return importlib.import_module(self.hooks)
 
 
@@ -61,10 +64,12 @@ BUILD_FAMILIES = tuple(f.name for f in FAMILIES.values() if f.buildable)
 
 
 def by_cost_label(label: str) -> Family:
+    """The family whose cost-table name is ``label`` (``full`` is the ``hf`` family)."""
     return next(f for f in FAMILIES.values() if (f.cost_label or f.name) == label)
 
 
 def family_of_model_type(model_type: str | None) -> Family | None:
+    """The family that saves configs of ``model_type``, or None."""
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
 

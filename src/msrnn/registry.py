@@ -32,12 +32,14 @@ class Registry(Generic[T]):
         return deco
 
     def add(self, name: str, obj: T, help: str = "") -> None:
+        """Register ``obj`` under ``name`` (names are unique)."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
         self._help[name] = help or (getattr(obj, "__doc__", "") or "").strip().split("\n")[0]
 
     def get(self, name: str) -> T:
+        """The entry named ``name``, or a ConfigError listing the names that exist."""
         try:
             return self._entries[name]
         except KeyError:
@@ -46,9 +48,11 @@ class Registry(Generic[T]):
             ) from None
 
     def describe(self, name: str) -> str:
+        """The one-line help of ``name``."""
         return self._help.get(name, "")
 
     def names(self) -> list[str]:
+        """Every registered name, sorted."""
         return sorted(self._entries)
 
     def values(self) -> list[T]:

@@ -24,6 +24,7 @@ from msrnn.models.auto import register_auto
 
 
 class BSTForCausalLM(PreTrainedModel):
+    """A Block-State Transformer language model (a ``PreTrainedModel``): parallel forward and streaming step."""
     config_class = BSTConfig
     base_model_prefix = "bst"
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
@@ -79,6 +80,7 @@ class BSTForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------ streaming
     def init_state(self, batch_size: int) -> dict[str, Any]:
+        """The streaming state for ``batch_size`` sequences: position and every layer's state."""
         device = self.embed_tokens.weight.device
         return {"pos": 0, "layers": [layer.init_state(batch_size, device) for layer in self.layers]}
 

@@ -21,6 +21,7 @@ from msrnn.errors import ConfigError, DataError
 
 @dataclass
 class LMBatches:
+    """Deterministic language-model batches: the batch of a step is a function of the step."""
     stream: TokenStream
     seq_len: int
     batch_size: int

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TokenStream:
+    """A corpus tokenized once into a memory-mapped array, with document offsets."""
     tokens: np.ndarray  # [N] uint16/uint32 (memmap when cached)
     offsets: np.ndarray  # [D + 1] int64
     names: list[str]

@@ -13,6 +13,7 @@ from msrnn.errors import ConfigError, DataError
 
 @dataclass
 class TokenDoc:
+    """A held-out document's name and token ids."""
     name: str
     ids: np.ndarray  # [n] int64
 

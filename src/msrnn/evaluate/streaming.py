@@ -23,6 +23,7 @@ from msrnn.ui import err_console
 
 @dataclass
 class StreamEvalConfig:
+    """Settings of a streaming perplexity evaluation, validated when built."""
     chunk_size: int = 128
     max_tokens: int | None = 4096  # per document; None = whole documents
     max_documents: int | None = None
@@ -42,6 +43,7 @@ class StreamEvalConfig:
 
 @dataclass
 class StreamEvalResult:
+    """Perplexity overall and by position, peak and chunk-end state bytes, and throughput."""
     ppl: float
     nll: float
     tokens: int  # scored tokens
@@ -57,6 +59,7 @@ class StreamEvalResult:
     count_by_pos: np.ndarray = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict (what ``eval ppl --json`` prints)."""
         return {
             "ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "documents": self.documents,
             "peak_state_bytes": self.peak_state_bytes, "chunk_end_state_bytes": self.chunk_end_state_bytes,
@@ -83,6 +86,7 @@ class StreamEvalResult:
 
 
 def default_edges(max_len: int) -> list[int]:
+    """Position buckets 0, 16, 32, 64, ... up to ``max_len``."""
     edges, e = [0], 16
     while e < max_len:
         edges.append(e)

@@ -24,6 +24,7 @@ from msrnn.ui import err_console
 
 @dataclass
 class TaskEvalConfig:
+    """Settings of a task-accuracy evaluation, validated when built."""
     samples: int = 100
     batch_size: int = 8
     chunk_size: int = 512

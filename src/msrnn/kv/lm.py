@@ -95,9 +95,11 @@ class KVEvictionLM(HFCausalLM):
         self.policy = policy
 
     def rotates_past_limit(self) -> bool:
+        """Whether keys are rotated by their original positions (so past the RoPE limit)."""
         return self.positions == "original"  # "rolling" re-indexes positions within the kept slots
 
     def state_nbytes(self, state) -> int:
+        """Bytes the bounded cache holds: keys, values and the policy's bookkeeping."""
         total = 0
         for layer in state.cache.layers:
             total += tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc,

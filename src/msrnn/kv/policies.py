@@ -60,9 +60,11 @@ class Policy:
                 raise ConfigError(f"{self.name} option {f.name} is an integer, got {value!r}")
 
     def score(self, c: Candidates) -> torch.Tensor:
+        """Scores [B, G, N] of the candidate slots; the ``budget`` highest are kept (ties: the newer slot)."""
         raise NotImplementedError
 
     def describe(self) -> str:
+        """A short label such as ``tova@64``."""
         return f"{self.name}@{self.budget}"
 
 
@@ -77,22 +79,27 @@ def _recency(c: Candidates) -> torch.Tensor:
 
 @dataclass
 class Full(Policy):
+    """No eviction: the whole cache (the reference every policy is compared with)."""
     name: ClassVar[str] = "full"
 
     def score(self, c: Candidates) -> torch.Tensor:
+        """Recency (never used to evict: the budget is unbounded)."""
         return _recency(c)
 
 
 @dataclass
 class Window(Policy):
+    """Window: keep the last ``budget`` tokens."""
     name: ClassVar[str] = "window"
 
     def score(self, c: Candidates) -> torch.Tensor:
+        """Recency: newer slots score higher."""
         return _recency(c)
 
 
 @dataclass
 class Sink(Policy):
+    """Window+i (StreamingLLM, Xiao et al. 2023): the first ``sinks`` tokens plus the most recent ones."""
     sinks: int = 4
     name: ClassVar[str] = "sink"
 
@@ -104,15 +111,18 @@ class Sink(Policy):
             raise ConfigError(f"sinks ({self.sinks}) must be < budget ({self.budget}); lower --sinks or raise --budget")
 
     def score(self, c: Candidates) -> torch.Tensor:
+        """Recency, with the sink tokens protected."""
         is_sink = (c.positions >= 0) & (c.positions < self.sinks)
         return _recency(c) + BIG * is_sink
 
     def describe(self) -> str:
+        """A short label such as ``sink4@64``."""
         return f"sink{self.sinks}@{self.budget}"
 
 
 @dataclass
 class H2O(Policy):
+    """H2O (Zhang et al. 2023): a recent window plus the heavy hitters by attention accumulated over all queries."""
     recent: int | None = None  # default budget // 2
     per_head: bool = True
     name: ClassVar[str] = "h2o"
@@ -130,6 +140,7 @@ class H2O(Policy):
             raise ConfigError(f"recent ({self.recent}) must be < budget ({self.budget}); lower --recent")
 
     def score(self, c: Candidates) -> torch.Tensor:
+        """Accumulated attention, with the ``recent`` newest slots protected."""
         n = c.valid.shape[-1]
         rec = _recency(c)
         # The last `recent` valid candidates are protected (padding sits at the front, so the tail is real).
@@ -137,11 +148,13 @@ class H2O(Policy):
         return c.acc.double() + BIG * protected
 
     def describe(self) -> str:
+        """A short label such as ``h2o(r32,head)@64``."""
         return f"h2o(r{self.recent}{',head' if self.per_head else ',layer'})@{self.budget}"
 
 
 @dataclass
 class TOVA(Policy):
+    """TOVA (Oren et al. 2024): keep the tokens the newest query attends to most, averaged over query heads."""
     keep_newest: bool = False  # variant: always keep the newest token (kvpress's deviation from the official code)
     sinks: int = 0  # variant: always keep the first `sinks` tokens
     name: ClassVar[str] = "tova"
@@ -155,6 +168,7 @@ class TOVA(Policy):
             raise ConfigError(f"sinks ({self.sinks}) plus the newest token must be < budget ({self.budget})")
 
     def score(self, c: Candidates) -> torch.Tensor:
+        """The newest query's attention probabilities (with the optional sink/newest protections)."""
         if not (self.keep_newest or self.sinks):
             return c.last  # attention probabilities; fp32 suffices (no BIG offsets to keep exact)
         protected = (c.positions >= 0) & (c.positions < self.sinks)
@@ -163,6 +177,7 @@ class TOVA(Policy):
         return c.last.double() + BIG * protected
 
     def describe(self) -> str:
+        """A short label such as ``tova@64``."""
         opts = [o for o, on in (("head", self.per_head), ("newest", self.keep_newest), (f"sink{self.sinks}",
                                                                                           self.sinks)) if on]
         return f"tova{'(' + ','.join(opts) + ')' if opts else ''}@{self.budget}"

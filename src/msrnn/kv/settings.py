@@ -41,12 +41,15 @@ class KVSettings:
             raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
 
     def options(self) -> dict[str, Any]:
+        """The policy options that were given (None means the policy's default)."""
         return {k: v for k, v in asdict(self).items() if k in OPTION_NAMES}
 
     def make_policy(self) -> Policy:
+        """The :class:`~msrnn.kv.Policy` these settings name."""
         return make_policy(self.policy, self.budget, **self.options())
 
     def with_budget(self, budget: int | None) -> KVSettings:
+        """The same settings at another budget (fitting slots to a byte budget)."""
         return KVSettings(**{**asdict(self), "budget": budget})
 
     @classmethod

@@ -52,12 +52,15 @@ class HFCausalLM:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters (inputs are moved there)."""
         return next(self.model.parameters()).device
 
     def init_state(self, batch_size: int) -> HFState:
+        """An empty cache for ``batch_size`` sequences (see :class:`~msrnn.protocol.StatefulLM`)."""
         return HFState(cache=self._cache_factory(), batch_size=check_batch_size(batch_size))
 
     def forward_chunk(self, input_ids: torch.Tensor, state: HFState) -> tuple[torch.Tensor, HFState]:
+        """Feed ``input_ids`` [B, T] at absolute positions after those already seen; logits [B, T, V] fp32."""
         check_state(state, HFState)
         check_chunk(input_ids, state.batch_size, self.vocab_size)
         T = input_ids.shape[1]
@@ -73,6 +76,7 @@ class HFCausalLM:
         return out.logits.float(), state
 
     def state_nbytes(self, state: HFState) -> int:
+        """Bytes of the keys and values the cache holds for all B sequences."""
         return cache_kv_nbytes(state.cache)
 
     def rotates_past_limit(self) -> bool:

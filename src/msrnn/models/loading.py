@@ -51,6 +51,7 @@ def ensure_registered(spec: str | Path) -> None:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    """The directory's ``msrnn.json`` as a dict ({} when there is none)."""
     meta_path = path / MSRNN_META
     if not meta_path.exists():
         return {}
@@ -154,6 +155,7 @@ def _shape_mismatch(path: Path, config: Any) -> str | None:
 
 def load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **_: Any) -> StatefulLM:
+    """Load a plain HF causal LM (directory or hub id) with its full KV cache as an :class:`HFCausalLM`."""
     from msrnn.models.hf import HFCausalLM
 
     model = load_hf_causal_lm(spec, device=device, dtype=dtype)

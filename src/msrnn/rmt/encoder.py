@@ -28,6 +28,7 @@ SPECIAL_PER_SEGMENT = 3  # [CLS], [SEP] after the memory, [SEP] at the end
 
 
 class RMTEncoderConfig(RMTConfig):
+    """The encoder RMT's config: the memory settings plus the [CLS]/[SEP] ids and label names."""
     model_type = "msrnn_rmt_encoder"
 
     def __init__(self, cls_token_id: int = 101, sep_token_id: int = 102, **kwargs: Any) -> None:
@@ -37,6 +38,7 @@ class RMTEncoderConfig(RMTConfig):
 
 
 class MemoryEncoderClassifier(PreTrainedModel):
+    """RMT over a BERT-family encoder: memory carried across segments, a label from [CLS]."""
     config_class = RMTEncoderConfig
     base_model_prefix = "rmt"
     _supports_sdpa = True
@@ -70,6 +72,7 @@ class MemoryEncoderClassifier(PreTrainedModel):
     @classmethod
     def wrap(cls, encoder: Any, tokenizer: Any, label_names: list[str], num_memory_tokens: int = 10,
              segment_length: int = 499, **config: Any) -> MemoryEncoderClassifier:
+        """Wrap a pretrained encoder and its tokenizer as a memory classifier over ``label_names``."""
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ConfigError("the encoder RMT needs a tokenizer with [CLS] and [SEP] tokens (a BERT-family one)")
         rmt = RMTEncoderConfig(num_memory_tokens=num_memory_tokens, segment_length=segment_length,

@@ -18,6 +18,7 @@ from msrnn.rmt.wrapper import MemoryWrapper
 
 @dataclass
 class RMTState:
+    """The memory, the current segment's cache (None between segments) and how far into the segment it is."""
     memory: torch.Tensor  # [B, m, d]
     cache: DynamicCache | None  # keys/values of [read memory + the current segment's tokens so far]
     in_segment: int  # tokens of the current segment already consumed
@@ -35,6 +36,7 @@ class RMTLM:
         self.vocab_size = int(wrapper.model.config.vocab_size)
 
     def init_state(self, batch_size: int) -> RMTState:
+        """The learned initial memory for ``batch_size`` sequences, before any segment."""
         check_batch_size(batch_size)
         return RMTState(self.wrapper.initial_memory(batch_size).detach().clone(), None, 0, batch_size)
 
@@ -55,6 +57,7 @@ class RMTLM:
         state.memory, state.cache, state.in_segment = out.hidden_states[-1], None, 0
 
     def forward_chunk(self, input_ids: torch.Tensor, state: RMTState) -> tuple[torch.Tensor, RMTState]:
+        """Feed tokens across segment boundaries (memory updated at each); logits [B, T, V] fp32."""
         check_state(state, RMTState)
         check_chunk(input_ids, state.batch_size, self.vocab_size)
         model, m, S = self.wrapper.model, self.wrapper.m, self.wrapper.config.segment_length
@@ -77,6 +80,7 @@ class RMTLM:
         return torch.cat(outs, dim=1), state
 
     def state_nbytes(self, state: RMTState) -> int:
+        """Bytes of the memory plus the current segment's keys and values."""
         return tensor_nbytes(state.memory) + cache_kv_nbytes(state.cache)
 
     @torch.no_grad()

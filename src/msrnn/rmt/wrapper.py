@@ -32,10 +32,12 @@ from msrnn.rmt.config import RMTConfig
 
 
 def max_positions(config: Any) -> int | None:
+    """The backbone's position limit, or None when it has none."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 class MemoryWrapper(PreTrainedModel):
+    """A decoder with memory tokens read at each segment's start and written at its end (RMT)."""
     config_class = RMTConfig
     base_model_prefix = "rmt"
     _supports_sdpa = True
@@ -81,6 +83,7 @@ class MemoryWrapper(PreTrainedModel):
         return self.config.num_memory_tokens
 
     def initial_memory(self, batch_size: int) -> torch.Tensor:
+        """The learned initial memory, expanded to [B, m, d]."""
         return self.memory[None].expand(batch_size, -1, -1)  # [B, m, d]
 
     def cell(self, segment: torch.Tensor, memory: torch.Tensor, write: bool = True,

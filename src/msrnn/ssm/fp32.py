@@ -33,6 +33,7 @@ class FP32Parameters(nn.Module):
         return super()._apply(keep_precision, recurse)
 
     def check_fp32(self) -> None:
+        """Raise if any parameter of this module was cast below fp32."""
         for name, p in self.named_parameters():
             if p.dtype in _LOW:
                 raise ConfigError(f"SSM parameter {name} is {p.dtype}; the SSM must run in fp32 (load the model with "

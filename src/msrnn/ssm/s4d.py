@@ -101,6 +101,7 @@ class S4DKernel(FP32Parameters):
         return 2 * torch.einsum("hn,hnl->hl", C * Bbar, vander).real
 
     def zero_state(self, batch: int, device=None) -> torch.Tensor:
+        """The zero complex state [B, H, N/2] before any input."""
         return torch.zeros(batch, self.channels, self.modes, dtype=torch.cfloat, device=device)
 
 

@@ -1,4 +1,9 @@
-"""SUPRA linearisation (Mercat et al., 2024): a pretrained softmax transformer as a linear-attention RNN."""
+"""SUPRA linearisation (Mercat et al., 2024): a pretrained softmax transformer as a linear-attention RNN.
+
+Paper: "Linearizing Large Language Models", https://arxiv.org/abs/2405.06640; official code
+https://github.com/TRI-ML/linear_open_lm. :func:`convert` copies a Llama/Mistral/Qwen2 model's weights into a
+:class:`SupraForCausalLM`; :class:`SupraLM` streams it with a constant [layers, heads, F, d] fp32 state.
+"""
 
 from msrnn.supra.convert import convert
 from msrnn.supra.lm import SupraLM, load_supra

@@ -16,6 +16,7 @@ from msrnn.tasks.samples import ANSWER_PROMPT, TaskSample, encode_many
 
 
 def read_babilong(path: str | Path, task: str | None = None) -> list[dict[str, str]]:
+    """The samples of a BABILong JSON / JSON-lines file (one task), validated."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"BABILong file {path} does not exist; download e.g. RMT-team/babilong's qa1 split as JSON")
@@ -46,6 +47,7 @@ def read_babilong(path: str | Path, task: str | None = None) -> list[dict[str, s
 
 def babilong_samples(path: str | Path, tokenizer: Any, labels: list[str] | None = None,
                      task: str | None = None) -> tuple[list[TaskSample], list[str]]:
+    """BABILong samples tokenized as task samples with labels among the file's answers."""
     rows = read_babilong(path, task)
     labels = labels or sorted({r["target"].strip() for r in rows})
     unknown = sorted({r["target"].strip() for r in rows} - set(labels))

@@ -23,6 +23,7 @@ from msrnn.train.curriculum import Curriculum, CurriculumConfig
 
 @dataclass
 class TaskTrainConfig:
+    """A memory task for curriculum training: task, batch size and noise source."""
     task: str = "memorize"
     batch_size: int = 16
     val_samples: int = 64
@@ -45,6 +46,7 @@ def _loss_and_preds(model: Any, batch: dict[str, torch.Tensor], label_ids: torch
 def train_task(model: Any, tokenizer: Any, task_cfg: TaskTrainConfig, curriculum_cfg: CurriculumConfig,
                train_cfg: Any, out: Path, meta: dict[str, Any], resume: bool = False,
                progress: bool = True) -> tuple[Any, Any]:
+    """Train an RMT on a memory task with the segment curriculum in the shared trainer, then export it."""
     from msrnn.tasks.noise import noise_sentences
     from msrnn.train.trainer import Trainer
 

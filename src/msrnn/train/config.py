@@ -11,6 +11,7 @@ from msrnn.errors import ConfigError
 
 @dataclass
 class TrainConfig:
+    """Optimisation settings shared by every training command, validated when built."""
     max_steps: int
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio: a slow decay (see LMBatches' docstring)
@@ -63,4 +64,5 @@ class TrainConfig:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (saved in checkpoints and model directories)."""
         return asdict(self)

@@ -17,6 +17,7 @@ from msrnn.errors import ConfigError
 
 @dataclass
 class CurriculumConfig:
+    """The segment curriculum: the most segments, the accuracy threshold and the steps per stage."""
     max_segments: int = 5
     start: int = 1
     threshold: float = 0.95  # validation accuracy that moves to the next stage
@@ -35,6 +36,8 @@ class CurriculumConfig:
 
 
 class Curriculum:
+    """Adds a segment when validation accuracy reaches the threshold or the stage's step budget runs out."""
+
     def __init__(self, config: CurriculumConfig) -> None:
         self.config = config
         self.stage = config.start

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainConfig:
+    """What a pretraining run trains on: preset, data, sequence length, batch."""
     preset: str = "small"
     data: str = "stdlib"
     tokenizer: str | None = None  # a tokenizer folder; None trains (and caches) a BPE on the train split

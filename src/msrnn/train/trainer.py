@@ -49,6 +49,7 @@ def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 @dataclass
 class TrainResult:
+    """What a training run returns: the final step, the per-step log, tokens seen and seconds."""
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
     tokens: int = 0
@@ -56,6 +57,7 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float:
+        """The last logged training loss (NaN if none was logged)."""
         losses = [h["loss"] for h in self.history if "loss" in h]
         return losses[-1] if losses else float("nan")
 
@@ -107,6 +109,8 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
 
 
 class Trainer:
+    """Train any model with Accelerate: checkpoints, exact resume, validation, a curriculum (see module doc)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -151,9 +155,11 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     @property
     def checkpoint_root(self) -> Path:
+        """Where resumable checkpoints go: ``<out>/checkpoints/step-NNNNNNN``."""
         return self.out_dir / "checkpoints"
 
     def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
         if not self.checkpoint_root.exists():
             return None
         ckpts = sorted(
