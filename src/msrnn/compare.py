@@ -77,12 +77,14 @@ class CompareConfig:
                 raise ConfigError("--build sizes models to --budgets; give at least one, e.g. --budgets 262144")
 
     def build_config(self) -> Any:
+        """The build settings this comparison implies."""
         from msrnn.build import BuildConfig
 
         return BuildConfig(families=tuple(self.build), train_tokens=self.build_tokens, data=self.build_data,
                            seq_len=self.build_seq_len)
 
     def task_tune_config(self) -> Any:
+        """The task fine-tuning settings this comparison implies."""
         from msrnn.tasks.finetune import TaskTuneConfig
 
         return TaskTuneConfig(task=self.task, segment_length=self.segment_length, steps=self.task_steps)

@@ -124,6 +124,7 @@ def equal_bytes_table(entries: list[dict[str, Any]], tuned: bool = False, cell=_
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
+    """The report folder: markdown tables, PNGs and results.json."""
     import matplotlib
 
     matplotlib.use("Agg")

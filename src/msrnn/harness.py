@@ -20,6 +20,8 @@ from msrnn.protocol import stream_logits
 
 @register_model("msrnn")
 class MsrnnHarnessLM(LM):
+    """Any msrnn model as an lm-evaluation-harness ``LM`` (``--model msrnn``)."""
+
     def __init__(self, pretrained: str, policy: str | None = None, budget: int | None = None,
                  chunk_size: int = 512, max_gen_toks: int = 64, device: str = "cpu", **_: Any) -> None:
         super().__init__()
@@ -47,6 +49,7 @@ class MsrnnHarnessLM(LM):
         return [eos if eos is not None else 0]
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        """Log-likelihood of each continuation given its context, streamed."""
         out = []
         for req in requests:
             context, continuation = req.args
@@ -58,6 +61,7 @@ class MsrnnHarnessLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
+        """Log-likelihood of each whole text, streamed."""
         out = []
         for req in requests:
             ids = self._prefix() + self._encode(req.args[0])
@@ -66,6 +70,7 @@ class MsrnnHarnessLM(LM):
         return out
 
     def generate_until(self, requests: list[Any]) -> list[str]:
+        """Greedy generation until a stop string or the token limit."""
         out = []
         for req in requests:
             context, kwargs = req.args

@@ -69,6 +69,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
     with atomic_file(path) as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")

@@ -16,6 +16,7 @@ out_console = Console()
 
 
 def fmt(v: Any) -> str:
+    """A value as a table cell: thousands separators, floats to 3 decimals (none from 100,000 up)."""
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)
@@ -26,6 +27,7 @@ def fmt(v: Any) -> str:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    """A rich table with a left-aligned first column."""
     t = Table(title=title, title_justify="left")
     for c in columns:
         t.add_column(c, justify="left" if c in (columns[0],) else "right")
@@ -35,6 +37,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 
 
 def print_json(obj: Any) -> None:
+    """One JSON object on stdout."""
     print(json.dumps(obj, indent=2, default=_default))
 
 

@@ -23,6 +23,7 @@ from msrnn.ssm.s4d import S4DKernel, fft_conv, recurrent_scan
 @torch.inference_mode()
 def bench_ssm(lengths: list[int], channels: int = 256, state_size: int = 16, rounds: int = 3,
               scan_max: int = 65536) -> list[dict[str, Any]]:
+    """S4D by FFT versus the recurrent scan at each length."""
     torch.manual_seed(0)
     ssm = S4DKernel(channels, state_size)
     rows = []
@@ -37,6 +38,7 @@ def bench_ssm(lengths: list[int], channels: int = 256, state_size: int = 16, rou
 
 
 def layer_config(variant: str, d: int, heads: int, W: int) -> BSTConfig:
+    """The BST config of one benchmarked layer."""
     return BSTConfig(hidden_size=d, num_attention_heads=heads, num_hidden_layers=1, intermediate_size=4 * d,
                      block_size=W, variant=variant, ssm_layers=[0])
 
@@ -44,6 +46,7 @@ def layer_config(variant: str, d: int, heads: int, W: int) -> BSTConfig:
 @torch.inference_mode()
 def bench_layers(lengths: list[int], d: int = 256, heads: int = 4, W: int = 128, rounds: int = 3,
                  sequential_max: int = 16384) -> list[dict[str, Any]]:
+    """A BST layer versus full attention versus the same layer block by block."""
     torch.manual_seed(0)
     bst = BSTLayer(layer_config("sh", d, heads, W), has_ssm=True).eval()
     full = BSTLayer(layer_config("full", d, heads, W), has_ssm=False).eval()
@@ -68,6 +71,7 @@ def bench_layers(lengths: list[int], d: int = 256, heads: int = 4, W: int = 128,
 
 
 def bench_memory(lengths: list[int], d: int = 256, heads: int = 4, W: int = 128) -> list[dict[str, Any]]:
+    """Peak RSS of a BST layer and of full attention versus length (subprocesses)."""
     rows = []
     for L in lengths:
         row: dict[str, Any] = {"L": L}

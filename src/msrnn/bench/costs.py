@@ -28,6 +28,8 @@ FAMILIES = COST_FAMILIES  # the families' own cost models (each family.py), by t
 
 @dataclass(frozen=True)
 class Arch:
+    """The shape of a Llama-style decoder, all the cost model needs."""
+
     layers: int
     d: int
     heads: int
@@ -39,6 +41,7 @@ class Arch:
 
     @classmethod
     def from_config(cls, cfg: Any, bytes_per_value: int = 4) -> Arch:
+        """The shape of a transformers config (``head_dim`` when it sets one)."""
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                    getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), hd, cfg.intermediate_size,
@@ -52,6 +55,7 @@ class Arch:
         return self.layers * (q_o + kv + mlp) + 2 * self.d * self.vocab
 
     def kv_bytes_per_slot(self) -> int:
+        """Bytes of one token's keys and values over all layers."""
         return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value
 
 
@@ -69,6 +73,7 @@ def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 
 
 
 def cost_table(arch: Arch, lengths: list[int], **kw: Any) -> list[dict[str, Any]]:
+    """Cost rows for every family at every length."""
     rows = []
     for L in lengths:
         for fam in FAMILIES:
@@ -77,6 +82,7 @@ def cost_table(arch: Arch, lengths: list[int], **kw: Any) -> list[dict[str, Any]
 
 
 def plot_costs(rows: list[dict[str, Any]], out: str) -> str:
+    """Two panels (FLOPs, state bytes) versus length, one line per family, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -21,6 +21,8 @@ from msrnn.protocol import prefill
 
 @dataclass
 class KVBenchConfig:
+    """Contexts, budget, decode steps and rounds of ``bench kv``."""
+
     contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
     budget: int = 512
     steps: int = 32
@@ -54,6 +56,7 @@ def _decode_time(lm, state, steps: int, vocab: int) -> float:
 
 
 def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[str, Any]:
+    """Decode tokens/s and KV bytes, full cache vs window and TOVA, interleaved rounds."""
     from msrnn.kv import KVSettings, apply_kv
     from msrnn.models import HFCausalLM
 

@@ -27,6 +27,7 @@ def rss_bytes() -> int:
 
 @torch.inference_mode()
 def stream_bench(lm: Any, tokens: int, chunk: int = 512, samples: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Stream ``tokens`` random tokens in chunks: RSS, state bytes, ms per chunk, NaN count."""
     if tokens < chunk or chunk < 1:
         raise ConfigError("need tokens >= chunk >= 1")
     g = torch.Generator().manual_seed(seed)

@@ -22,6 +22,7 @@ from msrnn.supra.ops import chunked, log_decay, naive_recurrent
 @torch.inference_mode()
 def bench_ops(lengths: list[int], heads: int = 8, dim: int = 64, chunk: int = 64, rounds: int = 3,
               naive_max: int = 16384) -> dict[str, Any]:
+    """Linear-attention forms (naive, chunked) and softmax SDPA timed side by side."""
     rows = []
     lg = log_decay(heads)
     for T in lengths:
@@ -43,6 +44,7 @@ def bench_ops(lengths: list[int], heads: int = 8, dim: int = 64, chunk: int = 64
 @torch.inference_mode()
 def bench_decode(model: Any, positions: list[int], steps: int = 32, rounds: int = 3,
                  prefill_chunk: int = 4096) -> dict[str, Any]:
+    """Decode ms/token at short and long positions, interleaved."""
     from msrnn.supra.lm import SupraLM
 
     lm = SupraLM(model)

@@ -78,10 +78,12 @@ class BSTConfig(PretrainedConfig):
 
     @property
     def head_dim(self) -> int:
+        """Per-head width."""
         return self.hidden_size // self.num_attention_heads
 
     @property
     def name(self) -> str:
+        """A label such as ``BST:SH:S4``."""
         if self.variant in ("slide", "full"):
             return self.variant.upper()
         return f"BST:{self.variant.upper()}:{'S4' if self.kernel == 's4' else 'UNSTRUCT'}"

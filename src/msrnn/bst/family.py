@@ -51,18 +51,21 @@ def size_for_budget(a: Any, budget: int, bst_variant: str = "sh", **_: Any) -> d
 
 
 def make(base_model: Any, sizing: dict[str, int], seed: int = 0, bst_variant: str = "sh", **_: Any) -> Any:
+    """The untrained BST at ``sizing``, started from the base decoder's weights."""
     from msrnn.bst.convert import from_llama
 
     return from_llama(base_model, variant=bst_variant, seed=seed, **sizing).train()
 
 
 def as_lm(model: Any) -> Any:
+    """A BST model as a streaming :class:`~msrnn.bst.BSTLM`."""
     from msrnn.bst.lm import BSTLM
 
     return BSTLM(model)
 
 
 def load_trainable(path: Path) -> Any:
+    """A saved BST as a trainable model."""
     from msrnn.models.loading import load_hf_causal_lm
 
     return load_hf_causal_lm(path)

@@ -27,11 +27,13 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 def heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    """[B, T, h * dh] -> [B, h, T, dh]."""
     B, T, _ = x.shape
     return x.view(B, T, h, -1).transpose(1, 2)  # [B, h, T, dh]
 
 
 def merge(x: torch.Tensor) -> torch.Tensor:
+    """[B, h, T, dh] -> [B, T, h * dh]."""
     B, h, T, dh = x.shape
     return x.transpose(1, 2).reshape(B, T, h * dh)  # [B, T, d]
 
@@ -45,12 +47,15 @@ def block_mask(t: int, offset: int, current: int, prev: int, device: Any) -> tor
 
 
 class MLP(nn.Module):
+    """The gated (SwiGLU) feed-forward block of a Llama layer."""
+
     def __init__(self, d: int, ff: int) -> None:
         super().__init__()
         self.gate, self.up, self.down = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), \
             nn.Linear(ff, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x))."""
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -95,10 +100,13 @@ class ContextSSM(nn.Module):
         return self.post(F.gelu(y).to(self.post.weight.dtype))
 
     def zero_state(self, batch: int, device: Any) -> Any:
+        """The SSM's state before any input."""
         return self.kernel.zero_state(batch, device)
 
 
 class BSTLayer(nn.Module):
+    """One BST layer: block self-attention (+ cross-attention to the SSM's context states), then the MLP."""
+
     def __init__(self, cfg: BSTConfig, has_ssm: bool) -> None:
         super().__init__()
         self.cfg, self.has_ssm = cfg, has_ssm
@@ -187,6 +195,7 @@ class BSTLayer(nn.Module):
 
     # ------------------------------------------------------------------ streaming form
     def init_state(self, batch: int, device: Any) -> dict[str, Any]:
+        """Empty block caches (and the SSM state, for SSM layers) for ``batch`` sequences."""
         empty = torch.zeros(batch, self.hkv, 0, self.cfg.head_dim, device=device)
         state: dict[str, Any] = {"k": empty, "v": empty, "kp": None, "vp": None}
         if self.has_ssm:

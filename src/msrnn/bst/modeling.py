@@ -50,12 +50,15 @@ class BSTForCausalLM(PreTrainedModel):
             nn.init.normal_(module.weight, std=std)
 
     def get_input_embeddings(self) -> nn.Module:
+        """The token embedding (transformers' hook)."""
         return self.embed_tokens
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding (transformers' hook)."""
         self.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Module:
+        """The LM head (tied to the embedding)."""
         return self.lm_head
 
     @property

@@ -48,6 +48,7 @@ class LMBatches:
 
     @property
     def tokens_per_batch(self) -> int:
+        """Tokens in one batch (batch size x sequence length)."""
         return self.seq_len * self.batch_size
 
     def _window(self, rng: np.random.Generator, length: int) -> np.ndarray:
@@ -55,6 +56,7 @@ class LMBatches:
         return self._flat[start : start + length]
 
     def batch(self, step: int, micro_step: int = 0, rank: int = 0) -> dict[str, torch.Tensor]:
+        """The batch of (step, micro-step, rank): a pure function of its arguments."""
         rng = np.random.default_rng([self.seed, step, micro_step, rank])
         n_rep = int(round(self.repeat_fraction * self.batch_size))
         rows = []

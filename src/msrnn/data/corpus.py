@@ -55,6 +55,7 @@ class DataSpec:
 
     @property
     def label(self) -> str:
+        """The spec as the user wrote it (for messages)."""
         base = {"stdlib": "stdlib", "path": self.name, "hf": f"hf:{self.name}"}[self.source]
         return f"{base}:{self.split}"
 
@@ -106,6 +107,7 @@ def split_of(relpath: str) -> str:
 
 
 def stdlib_root() -> Path:
+    """The running interpreter's standard-library folder (the offline corpus)."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 

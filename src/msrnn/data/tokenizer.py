@@ -49,6 +49,7 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path, overwrite: bool = False)
 
 
 def load_tokenizer(path: str | Path) -> Any:
+    """A saved tokenizer folder as a transformers fast tokenizer."""
     from transformers import AutoTokenizer
 
     if not Path(path).exists() and str(path).startswith((".", "/", "~")):

@@ -36,9 +36,11 @@ class TokenStream:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in the whole stream."""
         return int(self.offsets[-1])
 
     def doc(self, i: int) -> np.ndarray:
+        """Document ``i``'s tokens."""
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 

@@ -91,6 +91,7 @@ def _new_validity(mask: torch.Tensor | None, B: int, T: int, S0: int, device) ->
 
 
 def evicting_attention(base_name: str):
+    """msrnn's attention function wrapping transformers' ``name`` one (registry entry)."""
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = ACTIVE_LAYER.get()
         if layer is None or layer.pending is None or layer.pending[0] is not key:

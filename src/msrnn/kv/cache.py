@@ -63,12 +63,15 @@ class EvictionLayer(DynamicLayer):
 
     @property
     def budget(self) -> int | None:
+        """Slots this layer keeps (per KV head for per-head policies); None means unbounded."""
         return self.policy.budget
 
     def groups(self, num_kv_heads: int) -> int:
+        """How many independent selections a layer makes: one per KV head, or one."""
         return num_kv_heads if self.policy.per_head else 1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate empty buffers shaped like the first keys (transformers' layer hook)."""
         B, H, _, D = key_states.shape
         dev = key_states.device
         G = self.groups(H)
@@ -83,6 +86,7 @@ class EvictionLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return kept + new keys/values for attention; msrnn's attention then evicts and commits."""
         if self._awaiting_commit:
             raise MsrnnError(
                 "the KV eviction cache was used without msrnn's attention function, so nothing was evicted; "
@@ -120,21 +124,26 @@ class EvictionLayer(DynamicLayer):
 
     # -- transformers Cache layer API -------------------------------------------------------------
     def get_seq_length(self) -> int:
+        """Tokens seen (not slots kept): positions and masks continue from here."""
         return self.seen
 
     def num_slots(self) -> int:
+        """Slots physically held now."""
         return 0 if not self.is_initialized else self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Mask columns = kept slots + new tokens; the offset makes the new tokens' columns line up with their
         # absolute indices. Kept slots need no mask from transformers: msrnn's attention builds its own.
+        """(mask columns, offset) for transformers' mask builders: kept slots + new tokens."""
         phys = self.num_slots()
         return phys + query_length, self.seen - phys
 
     def get_max_length(self) -> int:
+        """The budget, or -1 when unbounded."""
         return -1 if self.budget is None else self.budget
 
     def reset(self) -> None:
+        """Forget every slot (a fresh sequence)."""
         super().reset()
         self.seen = 0
         self._awaiting_commit = False
@@ -142,21 +151,25 @@ class EvictionLayer(DynamicLayer):
         self.all_valid = True
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Refused: evicted tokens cannot be restored (no assisted decoding)."""
         raise MsrnnError("an eviction cache cannot be cropped (no assisted decoding); use a DynamicCache for that")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every sequence's slots ``repeats`` times (beam search / sampling)."""
         for name in ("keys", "values", "positions", "valid", "acc", "counter"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences at ``indices``."""
         for name in ("keys", "values", "positions", "valid", "acc", "counter"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[indices])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the sequences for beam search."""
         self.batch_select_indices(beam_idx.to(self.device))
 
     def kept_positions(self) -> torch.Tensor:
@@ -187,7 +200,9 @@ class KVEvictionCache(Cache):
         super().__init__(layers=[EvictionLayer(policy, prefill, positions, inv_freq) for _ in range(num_layers)])
 
     def max_slots(self) -> int:
+        """The most slots any layer holds now."""
         return max((layer.num_slots() for layer in self.layers), default=0)
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """Original positions [B, G, slots] kept by layer ``layer_idx`` (-1 for padding)."""
         return self.layers[layer_idx].kept_positions()

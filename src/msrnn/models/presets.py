@@ -40,16 +40,19 @@ PRESETS: Registry[Callable[[], Preset]] = Registry("preset")
 
 @PRESETS.register("tiny", "2 layers, d=64, 4/2 heads: well under 1M params, for tests")
 def tiny() -> Preset:
+    """A 2-layer Llama for tests."""
     return Preset(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160)
 
 
 @PRESETS.register("small", "4 layers, d=256, 4/2 heads: ~4M params, minutes of CPU training")
 def small() -> Preset:
+    """The 4-layer, d = 256 Llama the README trains."""
     return Preset(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688)
 
 
 @PRESETS.register("base", "12 layers, d=768, 12/4 heads: ~100M params, for a GPU")
 def base() -> Preset:
+    """A 12-layer, d = 768 Llama."""
     return Preset(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2816)
 
 

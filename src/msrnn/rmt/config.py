@@ -43,6 +43,7 @@ class RMTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def backbone_config(self) -> PretrainedConfig:
+        """The wrapped decoder's config, rebuilt from the saved dict."""
         from transformers import AutoConfig
 
         if not self.backbone:

@@ -83,6 +83,7 @@ class MemoryEncoderClassifier(PreTrainedModel):
 
     @property
     def m(self) -> int:
+        """Memory tokens."""
         return self.config.num_memory_tokens
 
     def cell(self, segment: torch.Tensor, seg_mask: torch.Tensor, memory: torch.Tensor

@@ -34,18 +34,21 @@ def train_seq_len(seq_len: int, sizing: dict[str, int]) -> int:
 
 
 def make(base_model: Any, sizing: dict[str, int], **_: Any) -> Any:
+    """The untrained RMT at ``sizing`` around the base decoder."""
     from msrnn.rmt.wrapper import MemoryWrapper
 
     return MemoryWrapper.wrap(base_model.train(), **sizing)
 
 
 def as_lm(model: Any) -> Any:
+    """A wrapper as a streaming :class:`~msrnn.rmt.lm.RMTLM`."""
     from msrnn.rmt.lm import RMTLM
 
     return RMTLM(model)
 
 
 def load_trainable(path: Path) -> Any:
+    """A saved RMT as its trainable wrapper."""
     from msrnn.rmt.lm import load_rmt
 
     return load_rmt(str(path)).wrapper

@@ -80,6 +80,7 @@ class MemoryWrapper(PreTrainedModel):
 
     @property
     def m(self) -> int:
+        """Memory tokens."""
         return self.config.num_memory_tokens
 
     def initial_memory(self, batch_size: int) -> torch.Tensor:

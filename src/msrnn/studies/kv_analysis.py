@@ -43,6 +43,8 @@ def token_kind(text: str) -> str:
 
 @dataclass
 class RetentionTrace:
+    """Which positions each layer keeps after each token (TOVA Figs. 7-9)."""
+
     kept: np.ndarray  # [L, T, T] float: share of groups (KV heads or 1) holding position p after step t
     budget: int
     ids: np.ndarray  # [T]
@@ -82,6 +84,7 @@ class RetentionTrace:
 
 @torch.inference_mode()
 def trace_retention(lm: KVEvictionLM, ids: np.ndarray | list[int]) -> RetentionTrace:
+    """Feed ``ids`` token by token and record every layer's kept positions."""
     ids = np.asarray(ids, dtype=np.int64)
     T = len(ids)
     L = lm.model.config.num_hidden_layers

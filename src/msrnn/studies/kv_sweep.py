@@ -26,6 +26,7 @@ TASKS = ("plain", "copy")
 
 
 def parse_fractions(text: str) -> list[Fraction]:
+    """``1/16,1/8`` -> fractions in (0, 1]."""
     try:
         out = [Fraction(x) for x in text.split(",") if x.strip()]
     except (ValueError, ZeroDivisionError):
@@ -37,6 +38,8 @@ def parse_fractions(text: str) -> list[Fraction]:
 
 @dataclass
 class SweepConfig:
+    """The sweep: context, budget fractions, policies, tasks and chunk size."""
+
     context: int = 512
     fractions: list[Fraction] = field(default_factory=lambda: [Fraction(1, 16), Fraction(1, 8), Fraction(1, 4),
                                                                 Fraction(1, 2)])

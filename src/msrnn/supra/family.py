@@ -17,23 +17,27 @@ def cost(a: Any, length: int, feature_dim: int | None = None, **_: Any) -> dict[
 
 
 def size_for_budget(a: Any, budget: int, **_: Any) -> dict[str, int] | None:
+    """The largest even feature width F whose state fits ``budget`` bytes."""
     F = (budget // (a.layers * a.heads * a.head_dim * 4)) // 2 * 2  # the largest even width that fits
     return {"feature_dim": int(F)} if F >= 2 else None
 
 
 def make(base_model: Any, sizing: dict[str, int], seed: int = 0, **_: Any) -> Any:
+    """The untrained SUPRA conversion of the base decoder at ``sizing``."""
     from msrnn.supra.convert import convert
 
     return convert(base_model, feature_dim=sizing["feature_dim"], seed=seed).train()
 
 
 def as_lm(model: Any) -> Any:
+    """A SUPRA model as a streaming :class:`~msrnn.supra.SupraLM`."""
     from msrnn.supra.lm import SupraLM
 
     return SupraLM(model)
 
 
 def load_trainable(path: Path) -> Any:
+    """A saved SUPRA model as a trainable model."""
     from msrnn.models.loading import load_hf_causal_lm
 
     return load_hf_causal_lm(path)

@@ -82,6 +82,7 @@ class SupraConfig(LlamaConfig):
 
     @property
     def head_dim_(self) -> int:
+        """Per-head width (``head_dim`` or hidden / heads)."""
         return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
 
     @property
@@ -102,36 +103,46 @@ class SupraStateLayer(CacheLayerMixin):
         self.seen = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to allocate until the first chunk sets the state."""
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Refused: a SUPRA layer holds a recurrent state, not keys and values."""
         raise ConfigError("SupraCache holds recurrent states, not keys and values")
 
     def get_seq_length(self) -> int:
+        """Tokens seen: positions continue from here."""
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Linear attention ignores the mask; report a q x q one so long streams never build a huge mask.
+        """(columns, offset) for transformers' mask builders; linear attention needs no mask."""
         return query_length, self.seen
 
     def get_max_length(self) -> int:
+        """-1: the state does not grow with length."""
         return -1
 
     def get_max_cache_shape(self) -> int:  # the name transformers < 5.5 declares abstract (unbounded: -1)
+        """-1: no maximum (transformers 5.4 asks for it)."""
         return -1
 
     def reset(self) -> None:
+        """Forget the state (a fresh sequence)."""
         self.state, self.seen, self.is_initialized = None, 0, False
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences at ``indices``."""
         if self.state is not None:
             self.state = self.state[indices]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every sequence's state ``repeats`` times."""
         if self.state is not None:
             self.state = self.state.repeat_interleave(repeats, dim=0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the sequences for beam search."""
         self.batch_select_indices(beam_idx)
 
 
@@ -142,6 +153,7 @@ class SupraCache(Cache):
         super().__init__(layers=[SupraStateLayer() for _ in range(num_layers)])
 
     def state_nbytes(self) -> int:
+        """Bytes of every layer's recurrent state."""
         return sum(layer.state.numel() * layer.state.element_size() for layer in self.layers
                    if layer.state is not None)
 
@@ -173,6 +185,8 @@ class FeatureMap(nn.Module):
 
 
 class SupraAttention(nn.Module):
+    """Decayed linear attention with a learned feature map phi, in place of a softmax attention layer."""
+
     def __init__(self, config: SupraConfig, layer_idx: int) -> None:
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
@@ -192,6 +206,7 @@ class SupraAttention(nn.Module):
         self._log_gamma: torch.Tensor | None = None
 
     def log_gamma(self, device: torch.device) -> torch.Tensor:
+        """Per-head log decay rates (fp32)."""
         if self._log_gamma is None or self._log_gamma.device != device:
             self._log_gamma = log_decay(self.num_heads, self.config.decay).to(device)
         return self._log_gamma
@@ -257,6 +272,7 @@ class SupraModel(LlamaModel):
                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
                 **kwargs: Any) -> BaseModelOutputWithPast:
+        """Embed, run every layer with its recurrent state (from ``cache``), then the final norm."""
         cache = take_cache(kwargs)
         if attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask == 0).any()):
             raise ConfigError("SUPRA models do not support padding (pad tokens would enter the recurrent state); "
@@ -305,6 +321,7 @@ class SupraForCausalLM(LlamaForCausalLM):
                 labels: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits (and the shifted cross-entropy when ``labels`` are given), carrying the state."""
         cache = take_cache(kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,

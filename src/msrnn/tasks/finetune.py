@@ -22,6 +22,8 @@ from msrnn.tasks.samples import TaskGenerator, collate
 
 @dataclass
 class TaskTuneConfig:
+    """Equal task fine-tuning for every family: task, steps, segments, batch, lr."""
+
     task: str = "memorize"
     segment_length: int = 128  # the task's length unit: samples are 1..max_segments of these
     max_segments: int = 4

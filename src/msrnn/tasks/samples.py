@@ -21,6 +21,8 @@ ANSWER_PROMPT = "Answer:"
 
 @dataclass
 class TaskSample:
+    """One task sample: token ids, the answer's label index and where the facts are."""
+
     input_ids: list[int]
     label: int  # index into the task's label set
     fact_spans: list[tuple[int, int]] = field(default_factory=list)  # token [start, end) of each fact
@@ -30,6 +32,7 @@ class TaskSample:
 
 
 def encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of several texts, without special tokens."""
     return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
@@ -99,6 +102,7 @@ class TaskGenerator:
         return TaskSample(ids, self.labels.index(ep.answer), spans, q_start, ep.facts, ep.question)
 
     def batch(self, lengths: list[int], rng: random.Random) -> list[TaskSample]:
+        """Samples of the given lengths, from ``rng``."""
         return [self.sample(n, rng) for n in lengths]
 
 

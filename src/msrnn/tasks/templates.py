@@ -44,6 +44,7 @@ def _location_fact(rng: random.Random) -> tuple[str, str, str]:
 
 
 def memorize(rng: random.Random) -> Episode:
+    """A memorize-task fact and question about one name and place."""
     name, place, fact = _location_fact(rng)
     return Episode((fact,), f"Where is {name}?", place)
 

@@ -67,7 +67,9 @@ class Curriculum:
         return {"segments": self.stage}
 
     def state_dict(self) -> dict[str, Any]:
+        """The stage and its log, for checkpoints."""
         return {"stage": self.stage, "stage_start": self.stage_start, "log": list(self.log)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the stage and log from a checkpoint."""
         self.stage, self.stage_start, self.log = int(state["stage"]), int(state["stage_start"]), list(state["log"])

@@ -67,6 +67,7 @@ def ensure_tokenizer(data: str, vocab_size: int = 4096, path: str | None = None)
 
 
 def make_val_fn(batches: LMBatches | None, n: int):
+    """A validation function over fixed batches (mean loss), or None."""
     if batches is None or n == 0:
         return None
     fixed = [batches.batch(i) for i in range(n)]
