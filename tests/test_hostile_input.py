@@ -418,3 +418,15 @@ def test_atomic_dir_replaces_a_file_without_a_hidden_copy(tmp_path):
         (tmp / "tokenizer.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"] and (tmp_path / "tok").is_dir()
 
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_kv_policy_on_a_supra_model_is_refused(model_dir, tmp_path, tiny_corpus, capsys, command):
+    """SUPRA has no KV cache: --policy/--budget would be accepted and ignored, so both commands refuse them."""
+    supra = tmp_path / "supra"
+    assert main(["convert", "supra", "--from", str(model_dir), "--out", str(supra), "--quiet"]) == 0
+    capsys.readouterr()
+    argv = (["generate", "--model", str(supra), "--prompt", "def f"] if command == "generate" else
+            ["eval", "ppl", "--model", str(supra), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
+             "--max-tokens", "32"])
+    one_error(capsys, main([*argv, "--policy", "tova", "--budget", "8"]), "not to SupraLM")
