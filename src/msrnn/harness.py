@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from msrnn.errors import ConfigError
 from msrnn.generate import generate
 from msrnn.protocol import stream_logits
 
@@ -70,15 +71,24 @@ class MsrnnHarnessLM(LM):
         return out
 
     def generate_until(self, requests: list[Any]) -> list[str]:
-        """Greedy generation until a stop string or the token limit."""
+        """Generation until a stop string or the token limit: greedy unless the task asks to sample
+        (``do_sample``/``temperature``/``top_k``/``top_p`` are honoured; any other generation option is refused)."""
         out = []
         for req in requests:
             context, kwargs = req.args
-            until = kwargs.get("until") or []
+            kwargs = dict(kwargs)
+            until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            new = generate(self.lm, torch.tensor([self._encode(context) or self._prefix()]),
-                           int(kwargs.get("max_gen_toks", self.max_gen_toks)), eos_token_id=self.tok.eos_token_id,
-                           prefill_chunk=self.chunk_size)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
+            top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
+            if kwargs:
+                raise ConfigError(f"msrnn's harness model cannot honour the generation option(s) {sorted(kwargs)}; "
+                                  "it takes until, max_gen_toks, do_sample, temperature, top_k and top_p")
+            new = generate(self.lm, torch.tensor([self._encode(context) or self._prefix()]), max_new,
+                           temperature=temperature if (sample or temperature > 0) else 0.0, top_k=top_k, top_p=top_p,
+                           eos_token_id=self.tok.eos_token_id, prefill_chunk=self.chunk_size)
             text = self.tok.decode(new[0].tolist())
             for stop in until:
                 text = text.split(stop)[0]

@@ -1,0 +1,63 @@
+"""The harness model's own logic without lm-eval installed: lm-eval's two imports are stubbed, so these run
+everywhere (tests/test_harness.py compares against lm-eval itself where it is installed)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def harness(monkeypatch, task_model_dir):
+    if "lm_eval" not in sys.modules:
+        model = types.ModuleType("lm_eval.api.model")
+        model.LM = type("LM", (), {"__init__": lambda self: None})
+        registry = types.ModuleType("lm_eval.api.registry")
+        registry.register_model = lambda *names: (lambda cls: cls)
+        for name, mod in {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.api": types.ModuleType("lm_eval.api"),
+                          "lm_eval.api.model": model, "lm_eval.api.registry": registry}.items():
+            monkeypatch.setitem(sys.modules, name, mod)
+        monkeypatch.delitem(sys.modules, "msrnn.harness", raising=False)
+    from msrnn.harness import MsrnnHarnessLM
+
+    return MsrnnHarnessLM(str(task_model_dir), chunk_size=5, max_gen_toks=6)
+
+
+def _req(*args):
+    return SimpleNamespace(args=args)
+
+
+def test_generate_until_is_greedy_by_default_and_samples_when_asked(harness, monkeypatch):
+    import msrnn.harness as h
+    from msrnn.generate import generate
+
+    ids = torch.tensor([harness._encode("Where is Mary?")])
+    greedy = harness.tok.decode(generate(harness.lm, ids, 6, eos_token_id=harness.tok.eos_token_id)[0].tolist())
+    assert harness.generate_until([_req("Where is Mary?", {"until": []})]) == [greedy]
+    seen = []
+    monkeypatch.setattr(h, "generate", lambda *a, **kw: seen.append(kw) or generate(*a, **kw))
+    sampled = harness.generate_until([_req("Where is Mary?", {"do_sample": True, "temperature": 5.0, "top_k": 50,
+                                                              "until": []})])
+    assert (seen[-1]["temperature"], seen[-1]["top_k"], seen[-1]["top_p"]) == (5.0, 50, 1.0)
+    assert sampled != [greedy]  # at temperature 5 over 384 tokens the six sampled tokens are not the argmax ones
+    harness.generate_until([_req("x", {"do_sample": False, "temperature": 0.0})])
+    assert seen[-1]["temperature"] == 0.0
+
+
+def test_generate_until_refuses_options_it_cannot_honour(harness):
+    from msrnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_beams"):
+        harness.generate_until([_req("x", {"until": ["\n"], "num_beams": 4})])
+
+
+def test_loglikelihood_rolling_equals_the_streamed_sum(harness):
+    text = "def f(x):\n    return x"
+    ids = harness._prefix() + harness._encode(text)
+    lp = harness._logprobs(ids)[:-1]
+    want = float(lp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+    assert harness.loglikelihood_rolling([_req(text)]) == [pytest.approx(want)]
