@@ -24,7 +24,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from msrnn.errors import DataError
+from msrnn.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ def _hf_documents(spec: DataSpec) -> list[Document]:
     try:
         ds = datasets.load_dataset(spec.name, split=split)
     except Exception as exc:
-        first_line = str(exc).splitlines()[0][:160]
-        raise DataError(f"cannot load dataset {spec.name!r} split {split!r}: {first_line}") from None
+        raise DataError(f"cannot load dataset {spec.name!r} split {split!r}: {one_line(exc)}") from None
     if "text" not in ds.column_names:
         raise DataError(f"dataset {spec.name} has no 'text' column (columns: {', '.join(ds.column_names)})")
     return [Document(f"{spec.name}/{i}", t) for i, t in enumerate(ds["text"]) if t and t.strip()]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError
-from msrnn.protocol import split, state_bytes_profile, stream_chunks, tensor_nbytes
+from msrnn.protocol import peak_state_bytes, split, stream_chunks, tensor_nbytes
 from msrnn.tasks.samples import TaskGenerator, TaskSample, collate
 from msrnn.ui import err_console
 
@@ -68,10 +68,8 @@ def evaluate_task(model: Any, generator: TaskGenerator, lengths: Sequence[int], 
 
     classify = _is_classifier(model)
     label_ids = None if classify else generator.label_token_ids()
-    # The state at every offset, once for the longest length (each shorter one is a prefix of it); a family whose
-    # state never shrinks has its peak at the end, which the chunked stream below already sees.
-    profiled = not classify and not getattr(model, "monotone_state", False)
-    profile = state_bytes_profile(model, max(lengths, default=0)) if profiled else []
+    if not classify:  # profile the state once at the longest length; every shorter one reads the memoised prefix
+        peak_state_bytes(model, max(lengths, default=0), 0)
     rows = []
     with Progress(TextColumn("[bold]task {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=not progress, console=err_console) as bar:
@@ -97,10 +95,8 @@ def evaluate_task(model: Any, generator: TaskGenerator, lengths: Sequence[int], 
                 peak = max(peak, state)
                 bar.advance(job, len(batch))
             seconds = time.perf_counter() - t0
-            longest = max(len(s.input_ids) for s in data)
-            if profiled:
-                profile = profile if len(profile) >= longest else state_bytes_profile(model, longest)
-                peak = max(peak, max(profile[:longest], default=0))
+            if not classify:
+                peak = peak_state_bytes(model, max(len(s.input_ids) for s in data), peak)
             rows.append({"tokens": n, "accuracy": correct / len(data), "samples": len(data),
                          "peak_state_bytes": peak, "seconds": seconds})
     return rows

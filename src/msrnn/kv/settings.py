@@ -48,10 +48,6 @@ class KVSettings:
         """The :class:`~msrnn.kv.Policy` these settings name."""
         return make_policy(self.policy, self.budget, **self.options())
 
-    def with_budget(self, budget: int | None) -> KVSettings:
-        """The same settings at another budget (fitting slots to a byte budget)."""
-        return KVSettings(**{**asdict(self), "budget": budget})
-
     @classmethod
     def from_spec(cls, spec: str, budget: int | None = None, **kwargs: Any) -> KVSettings:
         """``tova`` / ``h2o:per_head=false,recent=16`` / ``sink:sinks=1`` (the ``kv sweep --policies`` syntax)."""

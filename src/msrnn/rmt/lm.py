@@ -98,7 +98,7 @@ def load_rmt(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype |
     (it has no next-token head to stream; task evaluation uses it directly)."""
     from transformers import AutoConfig, AutoModel
 
-    from msrnn.errors import ModelLoadError
+    from msrnn.errors import ModelLoadError, one_line
     from msrnn.models.loading import _check_dir, load_tokenizer_for
 
     path = Path(spec)
@@ -107,8 +107,8 @@ def load_rmt(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype |
         config = AutoConfig.from_pretrained(str(path))
         model = AutoModel.from_pretrained(str(path), **({"dtype": dtype} if dtype else {}))
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the RMT model at {spec} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]}); the checkpoint may be corrupt, re-save it") from None
+        raise ModelLoadError(f"cannot load the RMT model at {spec} ({type(exc).__name__}: {one_line(exc)}); the "
+                             "checkpoint may be corrupt, re-save it") from None
     model = model.to(device).eval()
     tokenizer = load_tokenizer_for(path)
     if config.backbone_kind == "encoder":
