@@ -91,6 +91,14 @@ def test_monotone_families_peak_at_the_last_offset(family):
     assert res.peak_state_bytes == res.chunk_end_state_bytes == max(profile)
 
 
+def test_an_unknown_cache_is_profiled_not_trusted(tiny_model):
+    """A cache handed to HFCausalLM makes no monotone promise, so its peak comes from the token-by-token profile."""
+    from transformers import DynamicCache
+
+    assert HFCausalLM(tiny_model).monotone_state
+    assert not HFCausalLM(tiny_model, cache_factory=lambda: DynamicCache(config=tiny_model.config)).monotone_state
+
+
 def test_bad_config_and_empty():
     with pytest.raises(ConfigError, match="chunk size must be >= 1"):
         StreamEvalConfig(chunk_size=0)

@@ -38,7 +38,8 @@ class HFCausalLM:
     """
 
     # The state never shrinks from one token to the next (the full cache grows; eviction and SUPRA saturate), so
-    # its peak is at the last offset: see msrnn.protocol.peak_state_bytes. Tested in tests/test_evaluate.py.
+    # its peak is at the last offset: see msrnn.protocol.peak_state_bytes. Tested in tests/test_evaluate.py. A cache
+    # supplied through ``cache_factory`` promises nothing, so a plain adapter with one is profiled instead.
     monotone_state = True
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, cache_factory: Any = None) -> None:
@@ -47,6 +48,8 @@ class HFCausalLM:
         self.tokenizer = tokenizer
         self.vocab_size = int(model.config.vocab_size)
         self._cache_factory = cache_factory or (lambda: DynamicCache(config=model.config))
+        if cache_factory is not None and type(self) is HFCausalLM:
+            self.monotone_state = False
         self.max_positions, self.learned_positions = position_limit(model)
         self._warned_extrapolation = False
 
