@@ -64,6 +64,43 @@ def test_matches_independent_dense_reference(arch, policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=pid)
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa")])
+def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeypatch):
+    """The fast exact prefill (logits once per query block, a membership mask) against the per-query reference:
+    the same kept slots, H2O accumulators, logits and generated tokens, with a left-padded batch, GQA (4 query
+    heads on 2 KV heads; GPT-2 has none), query blocks of 7 so chunks straddle block boundaries, and odd chunks."""
+    import msrnn.kv.attention as attention
+
+    monkeypatch.setattr(attention, "_QUERY_BLOCK", 7)
+    name, opts = policy
+    model = tiny(arch, attn, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(1, V, (2, 53), generator=g)
+    mask = torch.ones(2, 53, dtype=torch.long)
+    x[1, :9], mask[1, :9] = 0, 0  # row 1 is left-padded: padding slots are evicted first
+    runs = {}
+    for reference in (False, True):
+        lm = KVEvictionLM(model, make_policy(name, 11, **opts), reference=reference)
+        state, logits = lm.init_state(2), []
+        with torch.no_grad():
+            for lo, hi in ((0, 23), (23, 24), (24, 40), (40, 53)):
+                out = model(input_ids=x[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True,
+                            **cache_kwargs(state.cache, model))
+                logits.append(out.logits)
+        runs[reference] = (torch.cat(logits, 1), [(layer.kept_positions().clone(), layer.acc)
+                                                  for layer in state.cache.layers])
+    assert_close(f"{arch}/{attn}/{pid(policy)}", runs[True][0], runs[False][0], atol=1e-5)
+    for (pf, af), (pr, ar) in zip(runs[False][1], runs[True][1], strict=True):
+        assert torch.equal(pf, pr)
+        assert (af is None) == (ar is None) and (af is None or torch.allclose(af, ar, atol=1e-5))
+    prepare_model(model)
+    gen = [model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                          **cache_kwargs(make_cache(model, make_policy(name, 11, **opts), reference=r), model))
+           for r in (False, True)]
+    assert torch.equal(gen[0], gen[1])
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
 def test_eager_and_sdpa_keep_the_same_tokens(policy):
     name, opts = policy
     x = torch.randint(0, V, (2, 50))

@@ -1,9 +1,15 @@
-"""Decode speed and KV bytes versus context: full cache versus bounded caches, measured side by side.
+"""KV eviction speed, measured side by side: decode versus context, and prefill cost per prefill mode.
 
-For each context length every variant is prefilled to that length, then single-token decode steps are timed.
+Decode (:func:`run_kv_bench`): for each context length every variant is prefilled to that length, then
+single-token decode steps are timed. Bounded caches prefill with ``oneshot`` eviction (the state after prefill is
+what decoding sees; the prefill mode does not change decode cost).
+
+Prefill (:func:`run_kv_prefill_bench`): the same prompt fed in fixed chunks from an empty state through the full
+cache and through bounded caches with each prefill mode (``exact`` is the token-by-token protocol, ``oneshot``
+TOVA's one eviction per chunk), optionally also through the exact prefill's slow readable twin.
+
 Variants are measured in interleaved rounds and the median kept, so the ratios compare like with like on a
-noisy machine. Bounded caches prefill with ``oneshot`` eviction (the state after prefill is what decoding
-sees; the prefill mode does not change decode cost).
+noisy machine.
 """
 
 from __future__ import annotations
@@ -84,4 +90,65 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
             progress(row)
         del states
     return {"budget": cfg.budget, "steps": cfg.steps, "rounds": cfg.rounds, "rows": rows,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+@dataclass
+class KVPrefillBenchConfig:
+    """Prompt length, chunk, budget, policies and rounds of ``bench kv --mode prefill``."""
+
+    tokens: int = 8192
+    chunk: int = 512
+    budget: int = 512
+    policies: list[str] = field(default_factory=lambda: ["tova", "h2o", "window"])
+    rounds: int = 3
+    reference: bool = False  # also time the exact prefill's readable twin (slow: one query at a time)
+
+    def __post_init__(self) -> None:
+        if self.tokens < 2 or self.chunk < 1 or self.budget < 1 or self.rounds < 1:
+            raise ConfigError("tokens must be >= 2 and chunk, budget and rounds >= 1")
+        if not self.policies:
+            raise ConfigError("give at least one policy, e.g. --policies tova")
+        if self.budget >= self.tokens:
+            raise ConfigError(f"budget ({self.budget}) must be below the prompt length ({self.tokens}), or nothing "
+                              "is evicted; raise --tokens or lower --budget")
+
+
+@torch.inference_mode()
+def _prefill_time(lm, ids: torch.Tensor, chunk: int) -> float:
+    t0 = time.perf_counter()
+    prefill(lm, ids, chunk)
+    return time.perf_counter() - t0
+
+
+def run_kv_prefill_bench(model: Any, cfg: KVPrefillBenchConfig, progress: Any = None) -> dict[str, Any]:
+    """Prefill tokens/s of the full cache and of each policy under each prefill mode, interleaved rounds."""
+    from msrnn.kv import KVEvictionLM, KVSettings, apply_kv
+    from msrnn.models import HFCausalLM
+
+    full = HFCausalLM(model)
+    variants: dict[str, Any] = {"full": full}
+    for p in cfg.policies:
+        for mode in ("exact", "oneshot"):
+            variants[f"{p}@{cfg.budget} {mode}"] = apply_kv(full, KVSettings(p, cfg.budget, prefill=mode))
+        if cfg.reference:
+            variants[f"{p}@{cfg.budget} exact (reference twin)"] = KVEvictionLM(
+                model, KVSettings(p, cfg.budget).make_policy(), reference=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, cfg.tokens), generator=g)
+    _prefill_time(full, ids[:, : min(cfg.tokens, 2 * cfg.chunk)], cfg.chunk)  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(cfg.rounds):
+        for name, lm in variants.items():
+            if "reference" in name and r > 0:
+                continue  # the twin is ~10x slower; one round bounds the run time and is enough for its ratio
+            times[name].append(_prefill_time(lm, ids, cfg.chunk))
+            if progress:
+                progress(name, cfg.tokens / times[name][-1])
+    full_tps = cfg.tokens / statistics.median(times["full"])
+    rows = []
+    for name, ts in times.items():
+        tps = cfg.tokens / statistics.median(ts)
+        rows.append({"variant": name, "tok/s": tps, "vs full": tps / full_tps, "rounds": len(ts)})
+    return {"tokens": cfg.tokens, "chunk": cfg.chunk, "budget": cfg.budget, "rounds": cfg.rounds, "rows": rows,
             "torch": torch.__version__, "threads": torch.get_num_threads()}

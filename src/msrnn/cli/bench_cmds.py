@@ -21,6 +21,20 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     add_output_flags(p)
     p.set_defaults(func=run_bench_kv)
+    p = bs.add_parser("kv-prefill", help="prefill tokens/s: full cache vs bounded caches with exact and oneshot "
+                                         "prefill")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokens", type=positive_int, default=8192, help="prompt length (default 8192)")
+    p.add_argument("--chunk", type=positive_int, default=512, help="tokens per forward call (default 512)")
+    p.add_argument("--budget", type=positive_int, default=512)
+    p.add_argument("--policies", default="tova,h2o,window")
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--reference", action="store_true",
+                   help="also time the exact prefill's slow readable twin (one round)")
+    p.add_argument("--out", default=None, help="write results.json here")
+    p.add_argument("--device", default="auto")
+    add_output_flags(p)
+    p.set_defaults(func=run_bench_kv_prefill)
     from msrnn.cli.supra_cmds import add_bench_supra
 
     add_bench_supra(bs)
@@ -73,6 +87,35 @@ def run_bench_kv(args: argparse.Namespace) -> int:
              r["full bytes"] / 2**20, r[f"tova@{b} bytes"] / 2**20] for r in result["rows"]]
     out_console.print(table(f"decode speed (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps)",
                             cols, body))
+    return 0
+
+
+def run_bench_kv_prefill(args: argparse.Namespace) -> int:
+    from msrnn.bench.kv import KVPrefillBenchConfig, run_kv_prefill_bench
+    from msrnn.kv import KVSettings
+    from msrnn.models.loading import load_hf_causal_lm
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    policies = [p for p in args.policies.split(",") if p]
+    for p in policies:
+        KVSettings(p, args.budget)  # an unknown policy is refused before the model loads
+    cfg = KVPrefillBenchConfig(tokens=args.tokens, chunk=args.chunk, budget=args.budget, policies=policies,
+                               rounds=args.rounds, reference=args.reference)
+    model = load_hf_causal_lm(args.model, device=resolve_device(args.device))
+
+    def progress(name, tps):
+        if not (args.quiet or args.json):
+            err_console.print(f"  {name}: {tps:,.0f} tok/s")
+
+    result = run_kv_prefill_bench(model, cfg, progress=progress)
+    result["model"] = str(args.model)
+    save_results(args.out, "results.json", result)
+    if args.json:
+        print_json(result)
+        return 0
+    body = [[r["variant"], r["tok/s"], f"{r['vs full']:.2f}x", r["rounds"]] for r in result["rows"]]
+    out_console.print(table(f"prefill of {cfg.tokens} tokens in {cfg.chunk}-token chunks (median of interleaved "
+                            "rounds)", ["variant", "tok/s", "vs full", "rounds"], body))
     return 0
 
 

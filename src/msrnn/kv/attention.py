@@ -133,8 +133,11 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
     if k is None or S <= k or layer.prefill == "oneshot" or T == 1:
         out, weights, keep = _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
                                       S0, scaling, dropout, kwargs)
+    elif layer.reference or layer.rolling or S0 > k:
+        out, keep = _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling)
+        weights = None
     else:
-        out, keep = _exact(layer, query, key, value, positions, valid, acc, S0, scaling)
+        out, keep = _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling)
         weights = None
     layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1) if not layer.all_valid else T)
     return out, weights
@@ -194,8 +197,8 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
     return out, weights, keep
 
 
-def _exact(layer, query, key, value, positions, valid, acc, S0, scaling):
-    """Token-by-token semantics inside one call: query j sees the slots kept after token j - 1."""
+def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling):
+    """Token-by-token semantics inside one call: query j sees the slots kept after token j - 1 (readable twin)."""
     B, Hq, T, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
     G = positions.shape[1]
@@ -231,6 +234,63 @@ def _exact(layer, query, key, value, positions, valid, acc, S0, scaling):
             cur = cand
     out = torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2).contiguous()  # [B, T, Hq, Dv]
     return out, cur
+
+
+_QUERY_BLOCK = 256  # queries whose logits are computed at once: bounds memory at B * Hq * 256 * S floats
+
+
+def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling):
+    """The same semantics as :func:`_exact_reference`, over a membership mask instead of gathered slots.
+
+    Needs S0 <= k (a layer never holds more than its budget between calls), so once the candidates reach k + 1
+    every query evicts exactly one slot: the lowest-scoring member, the older one on ties (``argmin`` returns
+    the first index). Slots not (or no longer) members get -inf logits, which gives them probability 0: the
+    softmax over all S slots equals the reference's softmax over its gathered candidates.
+    """
+    B, Hq, T, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    G = positions.shape[1]
+    policy, k = layer.policy, layer.policy.budget
+    dev = query.device
+    neg = float("-inf")
+    alive = torch.zeros(B, G, S, dtype=torch.bool, device=dev)  # [B, G, S] slots the next query may see
+    alive[:, :, :S0] = True
+    bias = torch.zeros(B, G, S, device=dev).masked_fill(~valid, neg)  # [B, G, S] 0 = attend, -inf = masked
+    bias[:, :, S0:] = neg  # future tokens: not yet members
+    kf, vf = key.float(), value.float()
+    slot = torch.arange(S, device=dev)
+    outs = []
+    for lo in range(0, T, _QUERY_BLOCK):
+        hi = min(T, lo + _QUERY_BLOCK)
+        n = hi - lo
+        qg = (query[:, :, lo:hi].float() * scaling).reshape(B, Hkv, (Hq // Hkv) * n, D)  # [B, Hkv, rep*n, D]
+        logits = torch.matmul(qg, kf.transpose(-1, -2)).view(B, Hkv, Hq // Hkv, n, S)
+        logits = logits.view(B, Hq, n, S).permute(2, 0, 1, 3).reshape(n, B, G, Hq // G, S)  # [n, B, G, Hq/G, S]
+        probs = torch.empty(n, B, G, Hq // G, S, device=dev)
+        for i in range(n):
+            j = lo + i
+            s = S0 + j  # the newest token's slot: always visible to its own query (even padding)
+            alive[:, :, s] = True
+            bias[:, :, s] = 0.0
+            p = torch.softmax(logits[i] + bias[:, :, None], dim=-1)  # [B, G, Hq/G, S]
+            probs[i] = p
+            if acc is not None:
+                acc += p.sum(2)
+            if not valid[:, :, s].all():
+                bias[:, :, s] = bias[:, :, s].masked_fill(~valid[:, :, s], neg)
+            if s + 1 > k:  # k + 1 members: evict one
+                last = p.mean(2) if policy.needs == "last" else None
+                scores = policy.score(Candidates(positions, valid, acc, last, member=alive))
+                scores = scores.masked_fill(~valid, neg).masked_fill(~alive, float("inf"))
+                out_idx = scores.argmin(-1, keepdim=True)  # [B, G, 1]
+                alive.scatter_(2, out_idx, False)
+                bias.scatter_(2, out_idx, neg)
+        # [n, B, G, Hq/G, S] -> [B, Hkv, rep*n, S] in the logits' head order, then one matmul with the values
+        p = probs.reshape(n, B, Hq, S).permute(1, 2, 0, 3).reshape(B, Hkv, (Hq // Hkv) * n, S)
+        outs.append(torch.matmul(p, vf).view(B, Hq, n, -1))  # [B, Hq, n, Dv]
+    out = torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2).contiguous()  # [B, T, Hq, Dv]
+    keep = slot.expand(B, G, S)[alive].view(B, G, k)  # ascending slot indices
+    return out, keep
 
 
 def register() -> None:

@@ -46,10 +46,11 @@ class EvictionLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 inv_freq: torch.Tensor | None = None) -> None:
+                 inv_freq: torch.Tensor | None = None, reference: bool = False) -> None:
         super().__init__()
         self.policy = policy
         self.prefill = prefill
+        self.reference = reference  # exact prefill through the slow readable twin (tests compare the two)
         self.rolling = positions == "rolling"
         self.inv_freq = inv_freq
         self.seen = 0
@@ -182,10 +183,11 @@ class KVEvictionCache(Cache):
     (``cache=`` from 5.24, ``past_key_values=`` before; :func:`msrnn.compat.cache_kwargs` picks the name).
 
     The model must use msrnn's attention function (:func:`msrnn.kv.prepare_model`) so layers receive scores.
+    ``reference=True`` runs the exact prefill through its slow, readable twin (the same results; for tests).
     """
 
     def __init__(self, num_layers: int, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 inv_freq: torch.Tensor | None = None) -> None:
+                 inv_freq: torch.Tensor | None = None, reference: bool = False) -> None:
         if prefill not in PREFILL_MODES:
             raise ConfigError(f"unknown prefill mode {prefill!r}; use exact or oneshot")
         if positions not in POSITION_MODES:
@@ -197,7 +199,8 @@ class KVEvictionCache(Cache):
             if policy.per_head:
                 raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
         self.policy = policy
-        super().__init__(layers=[EvictionLayer(policy, prefill, positions, inv_freq) for _ in range(num_layers)])
+        super().__init__(layers=[EvictionLayer(policy, prefill, positions, inv_freq, reference)
+                                 for _ in range(num_layers)])
 
     def max_slots(self) -> int:
         """The most slots any layer holds now."""

@@ -73,10 +73,11 @@ def prepare_model(model: Any) -> Any:
     return model
 
 
-def make_cache(model: Any, policy: Policy, prefill: str = "exact", positions: str = "original") -> KVEvictionCache:
-    """A fresh bounded cache for ``model`` (call :func:`prepare_model` first)."""
+def make_cache(model: Any, policy: Policy, prefill: str = "exact", positions: str = "original",
+               reference: bool = False) -> KVEvictionCache:
+    """A fresh bounded cache for ``model`` (call :func:`prepare_model` first); ``reference`` as in the cache."""
     return KVEvictionCache(model.config.num_hidden_layers, policy, prefill=prefill, positions=positions,
-                           inv_freq=find_inv_freq(model))
+                           inv_freq=find_inv_freq(model), reference=reference)
 
 
 class KVEvictionLM(HFCausalLM):
@@ -84,13 +85,15 @@ class KVEvictionLM(HFCausalLM):
 
     With ``prefill='exact'`` (default) any chunk size gives the token-by-token result of the TOVA/StreamingLLM
     evaluation protocol; ``'oneshot'`` evicts once per chunk, scoring with the chunk's last query.
+    ``reference=True`` runs the exact prefill through its slow readable twin (tests check the two agree).
     """
 
     def __init__(self, model: Any, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, reference: bool = False) -> None:
         prepare_model(model)
         make_cache(model, policy, prefill, positions)  # validate the options now, not at the first chunk
-        super().__init__(model, tokenizer, cache_factory=lambda: make_cache(model, policy, prefill, positions))
+        super().__init__(model, tokenizer,
+                         cache_factory=lambda: make_cache(model, policy, prefill, positions, reference))
         self.positions = positions
         self.policy = policy
 

@@ -37,6 +37,9 @@ class Candidates:
     valid: torch.Tensor  # [B, G, N] bool
     acc: torch.Tensor | None  # [B, G, N] accumulated attention (H2O)
     last: torch.Tensor | None  # [B, G, N] newest query's attention, averaged over the group's query heads (TOVA)
+    # [B, G, N] bool, or None when every slot is a candidate. The fast exact prefill scores all of a chunk's slots
+    # and marks the current candidates here; rules about "the newest r" count members only.
+    member: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,8 +76,18 @@ def _is_int(value: object) -> bool:
 
 
 def _recency(c: Candidates) -> torch.Tensor:
+    """Scores increasing with the slot index (slots are chronological, so newer scores higher)."""
     n = c.valid.shape[-1]
     return torch.arange(n, dtype=torch.float64, device=c.valid.device).expand(c.valid.shape)
+
+
+def _newest(c: Candidates, r: int) -> torch.Tensor:
+    """[B, G, N] bool: the ``r`` newest candidates (padding included: it sits at the front, so the tail is real)."""
+    n = c.valid.shape[-1]
+    if c.member is None:
+        return torch.arange(n, device=c.valid.device).expand(c.valid.shape) >= n - r
+    from_end = c.member.flip(-1).long().cumsum(-1).flip(-1)  # members at or after each slot
+    return c.member & (from_end <= r)
 
 
 @dataclass
@@ -141,11 +154,7 @@ class H2O(Policy):
 
     def score(self, c: Candidates) -> torch.Tensor:
         """Accumulated attention, with the ``recent`` newest slots protected."""
-        n = c.valid.shape[-1]
-        rec = _recency(c)
-        # The last `recent` valid candidates are protected (padding sits at the front, so the tail is real).
-        protected = rec >= n - self.recent
-        return c.acc.double() + BIG * protected
+        return c.acc.double() + BIG * _newest(c, self.recent)
 
     def describe(self) -> str:
         """A short label such as ``h2o(r32,head)@64``."""
@@ -173,7 +182,7 @@ class TOVA(Policy):
             return c.last  # attention probabilities; fp32 suffices (no BIG offsets to keep exact)
         protected = (c.positions >= 0) & (c.positions < self.sinks)
         if self.keep_newest:
-            protected = protected | (_recency(c) == c.valid.shape[-1] - 1)
+            protected = protected | _newest(c, 1)
         return c.last.double() + BIG * protected
 
     def describe(self) -> str:
