@@ -8,7 +8,7 @@ from kv_reference import dense_stream
 
 from msrnn.compat import cache_kwargs
 from msrnn.errors import ConfigError, ModelLoadError, MsrnnError
-from msrnn.kv import KVEvictionLM, make_cache, make_policy, prepare_model
+from msrnn.kv import KVEvictionLM, KVSettings, make_cache, make_policy, prepare_model
 from msrnn.kv.rope import find_inv_freq, rotate
 from msrnn.models import HFCausalLM
 from msrnn.protocol import stream_logits
@@ -100,6 +100,38 @@ def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeyp
     assert torch.equal(gen[0], gen[1])
 
 
+def _stream_kept(lm, x, sizes):
+    state, logits, pos = lm.init_state(x.shape[0]), [], 0
+    with torch.no_grad():
+        for n in sizes:
+            out, state = lm.forward_chunk(x[:, pos : pos + n], state)
+            logits.append(out)
+            pos += n
+    return torch.cat(logits, 1), [layer.kept_positions().clone() for layer in state.cache.layers]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
+def test_chunked_prefill_bounds(policy):
+    """chunked:1 is exact; chunked:C does not depend on how the caller splits the stream into multiples of C;
+    for rules that ignore the chunk's attention rows (window, sink, H2O's sums over every query) chunked:C with
+    one group per call equals oneshot; TOVA's group-mean scores differ from oneshot's last-query scores."""
+    name, opts = policy
+    model = tiny("llama", seed=7)
+    x = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(8))
+
+    def go(mode, sizes):
+        return _stream_kept(KVEvictionLM(model, make_policy(name, 9, **opts), prefill=mode), x, sizes)
+
+    exact, one = go("exact", [13, 20, 15]), go("chunked:1", [13, 20, 15])
+    assert_close(pid(policy), exact[0], one[0], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(exact[1], one[1], strict=True))
+    c16, c8 = go("chunked:8", [16, 32]), go("chunked:8", [8] * 6)
+    assert_close(pid(policy), c16[0], c8[0], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(c16[1], c8[1], strict=True))
+    same_as_oneshot = all(torch.equal(a, b) for a, b in zip(c8[1], go("oneshot", [8] * 6)[1], strict=True))
+    assert same_as_oneshot == (name != "tova"), "only TOVA scores with the rows that differ"
+
+
 @pytest.mark.parametrize("policy", POLICIES, ids=pid)
 def test_eager_and_sdpa_keep_the_same_tokens(policy):
     name, opts = policy
@@ -145,7 +177,7 @@ def test_bf16_eager_and_sdpa_kept_sets(policy, lowest):
     assert fp32 == 1.0 and lowest <= bf16 <= 1.0
 
 
-@pytest.mark.parametrize("prefill", ["exact", "oneshot"])
+@pytest.mark.parametrize("prefill", ["exact", "oneshot", "chunked:5"])
 @pytest.mark.parametrize("policy", POLICIES, ids=pid)
 def test_never_more_than_budget_slots_between_forwards(policy, prefill):
     name, opts = policy
@@ -251,6 +283,8 @@ def test_rolling_positions_equal_original_until_eviction_then_differ():
     (lambda: make_policy("tova", None), "needs a budget"),
     (lambda: make_policy("lru", 8), "unknown KV policy 'lru'"),
     (lambda: make_policy("window", 8, sinks=2), "takes no option sinks"),
+    (lambda: KVSettings("tova", 8, prefill="chunked:0"), "use exact, oneshot or chunked:C"),
+    (lambda: KVSettings("tova", 8, prefill="chunky"), "unknown prefill mode 'chunky'"),
 ])
 def test_bad_policy_arguments(make, msg):
     with pytest.raises(ConfigError, match=msg):

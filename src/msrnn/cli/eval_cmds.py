@@ -20,8 +20,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--recent", type=int, default=None, help="recent window for --policy h2o (default budget/2)")
     kv.add_argument("--per-head", default=None, action=argparse.BooleanOptionalAction,
                     help="select per KV head instead of per layer (h2o default: per head; tova: per layer)")
-    kv.add_argument("--prefill", default="exact", choices=["exact", "oneshot"],
-                    help="exact = same result as token by token for any chunk size; oneshot = evict once per chunk")
+    kv.add_argument("--prefill", default="exact",
+                    help="exact = same result as token by token for any chunk size; oneshot = evict once per chunk, "
+                         "scored by its last query; chunked:C = evict once per C tokens, scored by those C queries")
     kv.add_argument("--positions", default="original", choices=["original", "rolling"],
                     help="original positions (TOVA) or positions inside the cache (StreamingLLM; RoPE models)")
 

@@ -133,6 +133,9 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
     if k is None or S <= k or layer.prefill == "oneshot" or T == 1:
         out, weights, keep = _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
                                       S0, scaling, dropout, kwargs)
+    elif layer.prefill_chunk is not None:
+        out, keep = _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, layer.prefill_chunk)
+        weights = None
     elif layer.reference or layer.rolling or S0 > k:
         out, keep = _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling)
         weights = None
@@ -230,6 +233,47 @@ def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scalin
             cacc = acc.gather(2, cand) if acc is not None else None
             sel = _select(policy, positions.gather(2, cand), cvalid, cacc, last, k)
             cur = cand.gather(2, sel)
+        else:
+            cur = cand
+    out = torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2).contiguous()  # [B, T, Hq, Dv]
+    return out, cur
+
+
+def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c):
+    """``chunked:c``: groups of c queries see the slots kept after the previous group; one eviction per group."""
+    B, Hq, T, D = query.shape
+    Hkv, Dv = key.shape[1], value.shape[-1]
+    G = positions.shape[1]
+    n_rep = Hq // Hkv
+    policy, k = layer.policy, layer.policy.budget
+    dev = query.device
+    cur = torch.arange(S0, device=dev).expand(B, G, S0)  # [B, G, n] indices into the S slots
+    outs = []
+    for lo in range(0, T, c):
+        n = min(c, T - lo)
+        new = torch.arange(S0 + lo, S0 + lo + n, device=dev).expand(B, G, n)
+        cand = torch.cat([cur, new], dim=2)  # [B, G, m]
+        m = cand.shape[-1]
+        kidx = cand if G == Hkv else cand.expand(B, Hkv, m)
+        kc = key.gather(2, kidx[..., None].expand(-1, -1, -1, D))  # [B, Hkv, m, D]
+        vc = value.gather(2, kidx[..., None].expand(-1, -1, -1, Dv))
+        cvalid = valid.gather(2, cand)  # [B, G, m]
+        tri = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        new_ok = tri & cvalid[:, :, None, m - n :] | torch.eye(n, dtype=torch.bool, device=dev)  # [B, G, n, n]
+        allowed = torch.cat([cvalid[:, :, None, : m - n].expand(B, G, n, m - n), new_ok], dim=-1)  # [B, G, n, m]
+        qj = query[:, :, lo : lo + n]
+        if layer.rolling:
+            delta = _rolling_deltas(positions.gather(2, cand), cvalid)
+            kc = rotate(kc, delta, layer.inv_freq)
+            qj = rotate(qj, delta[:, :, m - n :], layer.inv_freq)
+        p = _probs(qj, kc, allowed if G == 1 else _repeat_heads(allowed, n_rep), scaling)  # [B, Hq, n, m]
+        outs.append(torch.matmul(p, _repeat_heads(vc, n_rep).float()))  # [B, Hq, n, Dv]
+        if acc is not None:
+            acc.scatter_add_(2, cand, _group(p.sum(2), G, "sum"))
+        if m > k:
+            last = _group(p.mean(2), G, "mean") if policy.needs == "last" else None
+            cacc = acc.gather(2, cand) if acc is not None else None
+            cur = cand.gather(2, _select(policy, positions.gather(2, cand), cvalid, cacc, last, k))
         else:
             cur = cand
     out = torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2).contiguous()  # [B, T, Hq, Dv]

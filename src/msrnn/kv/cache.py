@@ -25,8 +25,18 @@ from msrnn.kv.policies import Policy
 ACTIVE_LAYER: contextvars.ContextVar[EvictionLayer | None] = contextvars.ContextVar("msrnn_active_kv_layer",
                                                                                      default=None)
 
-PREFILL_MODES = ("exact", "oneshot")
 POSITION_MODES = ("original", "rolling")
+
+
+def parse_prefill(mode: str) -> int | None:
+    """Check a prefill mode; returns C for ``chunked:C`` (evict once per C tokens), None for exact and oneshot."""
+    if mode in ("exact", "oneshot"):
+        return None
+    name, _, c = mode.partition(":")
+    if name == "chunked" and c.isdigit() and int(c) >= 1:
+        return int(c)
+    raise ConfigError(f"unknown prefill mode {mode!r}; use exact, oneshot or chunked:C (C >= 1 tokens per "
+                      "eviction, e.g. chunked:64)")
 
 
 def _select_slots(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -50,6 +60,7 @@ class EvictionLayer(DynamicLayer):
         super().__init__()
         self.policy = policy
         self.prefill = prefill
+        self.prefill_chunk = parse_prefill(prefill)
         self.reference = reference  # exact prefill through the slow readable twin (tests compare the two)
         self.rolling = positions == "rolling"
         self.inv_freq = inv_freq
@@ -188,8 +199,7 @@ class KVEvictionCache(Cache):
 
     def __init__(self, num_layers: int, policy: Policy, prefill: str = "exact", positions: str = "original",
                  inv_freq: torch.Tensor | None = None, reference: bool = False) -> None:
-        if prefill not in PREFILL_MODES:
-            raise ConfigError(f"unknown prefill mode {prefill!r}; use exact or oneshot")
+        parse_prefill(prefill)
         if positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {positions!r}; use original or rolling")
         if positions == "rolling":

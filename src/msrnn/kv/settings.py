@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from msrnn.errors import ConfigError
-from msrnn.kv.cache import POSITION_MODES, PREFILL_MODES
+from msrnn.kv.cache import POSITION_MODES, parse_prefill
 from msrnn.kv.policies import KV_POLICIES, Policy, make_policy
 
 OPTION_NAMES = ("sinks", "recent", "per_head", "keep_newest")
@@ -32,8 +32,7 @@ class KVSettings:
     positions: str = "original"
 
     def __post_init__(self) -> None:
-        if self.prefill not in PREFILL_MODES:
-            raise ConfigError(f"unknown prefill mode {self.prefill!r}; use {' or '.join(PREFILL_MODES)}")
+        parse_prefill(self.prefill)
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {self.positions!r}; use {' or '.join(POSITION_MODES)}")
         policy = self.make_policy()  # every option is checked now, not at the first chunk
