@@ -119,3 +119,51 @@ def test_kv_prefill_bench_and_cli(task_model_dir, tmp_path, capsys):
     assert [r["variant"] for r in out["rows"]] == ["full", "window@6 exact", "window@6 oneshot", "h2o@6 exact",
                                                    "h2o@6 oneshot"]
     assert main(["bench", "kv-prefill", "--model", str(task_model_dir), "--policies", "nope"]) == 2
+
+
+def test_kv_throughput_bench_sizes_batches_from_bytes(task_model_dir, capsys):
+    import json
+
+    from msrnn.bench.kv import KVThroughputBenchConfig, run_kv_throughput_bench
+    from msrnn.cli.main import main
+    from msrnn.kv import KVSettings, apply_kv
+    from msrnn.models import HFCausalLM
+    from msrnn.protocol import prefill
+
+    model = tiny("llama")
+    cfg = KVThroughputBenchConfig(context=48, budget=8, steps=3, rounds=2, full_batch=2, max_batch=64)
+    res = run_kv_throughput_bench(model, cfg)
+    full, bnd = res["rows"]
+    # The full cache's per-sequence peak is exactly its KV at context + warm-up + steps tokens, measured here on
+    # a real state of that length; the budget holds two of them, so its batch is 2.
+    ids = torch.randint(0, model.config.vocab_size, (1, 48 + 2 + 3))
+    with torch.inference_mode():
+        want_full = HFCausalLM(model).state_nbytes(prefill(HFCausalLM(model), ids, 16)[1])
+        bounded = apply_kv(HFCausalLM(model), KVSettings("tova", 8, prefill="oneshot"))
+        want_slot = bounded.state_nbytes(prefill(bounded, ids, 1)[1]) / 8
+    assert full["peak KV bytes per sequence"] == want_full and full["batch"] == 2
+    assert res["memory bytes"] == 2 * want_full
+    # The bounded cache holds budget + chunk (8 + 1) slots at its peak, so ~48/9 times more sequences fit.
+    assert bnd["peak KV bytes per sequence"] == int(want_slot * 9)
+    assert bnd["batch"] == res["memory bytes"] // bnd["peak KV bytes per sequence"] > 4 * full["batch"]
+    assert bnd["peak KV bytes"] <= res["memory bytes"] and full["peak KV bytes"] <= res["memory bytes"]
+    assert res["throughput ratio"] == pytest.approx(bnd["tok/s"] / full["tok/s"])
+    assert bnd["tok/s"] == pytest.approx(bnd["batch"] * bnd["tok/s per sequence"])
+    # A cap bounds the run time and says so.
+    capped = run_kv_throughput_bench(model, KVThroughputBenchConfig(context=48, budget=8, steps=1, rounds=1,
+                                                                    full_batch=2, max_batch=3))["rows"][1]
+    assert capped["batch"] == 3 and capped["capped"]
+    with pytest.raises(ConfigError, match="more than the"):
+        run_kv_throughput_bench(model, KVThroughputBenchConfig(context=48, budget=8, memory_bytes=100))
+    with pytest.raises(ConfigError, match="below the context"):
+        KVThroughputBenchConfig(context=8, budget=8)
+    assert main(["bench", "kv", "--model", str(task_model_dir), "--throughput", "--contexts", "40", "--budget", "8",
+                 "--steps", "2", "--rounds", "1", "--full-batch", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["variant"] for r in out["rows"]] == ["full", "tova@8"] and out["rows"][0]["batch"] == 1
+    # Throughput flags without --throughput, two contexts, or both sizings are refused, not ignored.
+    assert main(["bench", "kv", "--model", str(task_model_dir), "--memory-mib", "1"]) == 2
+    assert main(["bench", "kv", "--model", str(task_model_dir), "--throughput", "--contexts", "40,80"]) == 2
+    assert main(["bench", "kv", "--model", str(task_model_dir), "--throughput", "--contexts", "40",
+                 "--memory-mib", "1", "--full-batch", "2"]) == 2
+    assert "only applies with --throughput" in capsys.readouterr().err

@@ -8,6 +8,10 @@ Prefill (:func:`run_kv_prefill_bench`): the same prompt fed in fixed chunks from
 cache and through bounded caches with each prefill mode (``exact`` is the token-by-token protocol, ``oneshot``
 TOVA's one eviction per chunk), optionally also through the exact prefill's slow readable twin.
 
+Throughput (:func:`run_kv_throughput_bench`): at one KV memory budget, the largest batch of full caches and the
+largest batch of bounded caches that fit, each prefilled to the same context, then batched decode steps timed:
+generated tokens/s of the whole batch, the quantity behind TOVA's "4.8x higher throughput".
+
 Variants are measured in interleaved rounds and the median kept, so the ratios compare like with like on a
 noisy machine.
 """
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from msrnn.errors import ConfigError
+from msrnn.errors import ConfigError, MsrnnError
 from msrnn.protocol import prefill
 
 
@@ -151,4 +155,116 @@ def run_kv_prefill_bench(model: Any, cfg: KVPrefillBenchConfig, progress: Any = 
         tps = cfg.tokens / statistics.median(ts)
         rows.append({"variant": name, "tok/s": tps, "vs full": tps / full_tps, "rounds": len(ts)})
     return {"tokens": cfg.tokens, "chunk": cfg.chunk, "budget": cfg.budget, "rounds": cfg.rounds, "rows": rows,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+@dataclass
+class KVThroughputBenchConfig:
+    """A KV memory budget, a context, a bounded budget and decode steps of ``bench kv --throughput``.
+
+    ``memory_bytes`` None sizes the budget for ``full_batch`` full-cache sequences, so the full cache's batch is
+    exactly that and the bounded cache's is whatever fits in the same bytes."""
+
+    context: int = 4096
+    budget: int = 512
+    policy: str = "tova"
+    steps: int = 32
+    rounds: int = 3
+    memory_bytes: int | None = None
+    full_batch: int = 4
+    max_batch: int = 64
+    prefill_chunk: int = 1024  # full cache; bounded caches prefill in budget // 8 chunks (see the peak below)
+
+    def __post_init__(self) -> None:
+        if min(self.context, self.budget, self.steps, self.rounds, self.full_batch, self.max_batch) < 1:
+            raise ConfigError("context, budget, steps, rounds, full batch and max batch must be >= 1")
+        if self.budget >= self.context:
+            raise ConfigError(f"budget ({self.budget}) must be below the context ({self.context}), or the bounded "
+                              "cache holds as much as the full one; raise --contexts or lower --budget")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise ConfigError("the KV memory budget must be > 0 bytes")
+
+    @property
+    def bounded_chunk(self) -> int:
+        """Prefill chunk of the bounded cache: small, so its in-forward peak (budget + chunk slots) stays close
+        to the budget."""
+        return max(1, self.budget // 8)
+
+
+_WARMUP = 2  # untimed decode steps before each timed round
+
+
+@torch.inference_mode()
+def _throughput_time(lm, state, steps: int, vocab: int) -> float:
+    import copy
+
+    state = copy.deepcopy(state)  # every round decodes from the same prefilled state, so the peak stays known
+    batch = state.batch_size
+    tok = torch.zeros(batch, 1, dtype=torch.long)
+    for _ in range(_WARMUP):
+        _, state = lm.forward_chunk(tok, state)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        tok.fill_(i % vocab)
+        _, state = lm.forward_chunk(tok, state)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: Any = None) -> dict[str, Any]:
+    """Generated tokens/s at a fixed KV memory budget: the largest batch of full caches against the largest batch
+    of bounded caches that fit in the same bytes (TOVA's throughput claim: 4.8x at 1/8 of the cache).
+
+    Memory is counted as KV slots held at the peak of the run, bookkeeping included: a full-cache sequence holds
+    ``context + warm-up + steps`` slots at its last step; a bounded one holds ``budget + chunk`` slots inside a
+    prefill forward (``budget + 1`` while decoding). Allocator transients (the concatenation copy of a layer,
+    activations) are not counted, for either. Each variant's peak is measured on one sequence first, and the
+    batch's state after the run is checked against the budget."""
+    from msrnn.kv import KVSettings, apply_kv
+    from msrnn.models import HFCausalLM
+
+    vocab = model.config.vocab_size
+    full = HFCausalLM(model)
+    name = f"{cfg.policy}@{cfg.budget}"
+    bounded = apply_kv(full, KVSettings(cfg.policy, cfg.budget, prefill="oneshot"))
+    g = torch.Generator().manual_seed(0)
+    probe_ids = torch.randint(0, vocab, (1, cfg.budget + cfg.bounded_chunk), generator=g)
+    held = cfg.context + _WARMUP + cfg.steps  # slots a full-cache sequence holds at its last decode step
+    per_token = full.state_nbytes(prefill(full, probe_ids, cfg.prefill_chunk)[1]) / probe_ids.shape[1]
+    per_slot = bounded.state_nbytes(prefill(bounded, probe_ids, cfg.bounded_chunk)[1]) / cfg.budget
+    peak = {"full": int(per_token * held), name: int(per_slot * (cfg.budget + cfg.bounded_chunk))}
+    memory = cfg.memory_bytes if cfg.memory_bytes is not None else cfg.full_batch * peak["full"]
+    batch = {k: min(cfg.max_batch, memory // v) for k, v in peak.items()}
+    if batch["full"] < 1:
+        raise ConfigError(f"one full-cache sequence of {cfg.context} tokens needs {peak['full']:,} KV bytes, more "
+                          f"than the {memory:,}-byte budget; raise --memory-mib or lower --contexts")
+    variants = {"full": (full, cfg.prefill_chunk), name: (bounded, cfg.bounded_chunk)}
+    states = {}
+    for k, (lm, chunk) in variants.items():
+        ids = torch.randint(0, vocab, (batch[k], cfg.context), generator=g)
+        states[k] = prefill(lm, ids, chunk)[1]
+        if progress:
+            progress(f"prefilled {k}: batch {batch[k]} x {cfg.context} tokens")
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(cfg.rounds):
+        for k, (lm, _chunk) in variants.items():
+            times[k].append(_throughput_time(lm, states[k], cfg.steps, vocab))
+    rows = []
+    for k, (lm, _chunk) in variants.items():
+        t = statistics.median(times[k])
+        held_now = lm.state_nbytes(states[k])  # after prefill; full grows by warm-up + steps inside a round
+        if k == "full":
+            held_now = int(held_now / cfg.context * held)
+        else:
+            held_now = int(held_now / cfg.budget * (cfg.budget + cfg.bounded_chunk))
+        rows.append({"variant": k, "batch": batch[k], "capped": batch[k] == cfg.max_batch and memory // peak[k] >
+                     cfg.max_batch, "peak KV bytes per sequence": peak[k], "peak KV bytes": held_now,
+                     "tok/s per sequence": cfg.steps / t, "tok/s": batch[k] * cfg.steps / t})
+    for r in rows:
+        if r["peak KV bytes"] > memory:
+            raise MsrnnError(f"{r['variant']}: the batch holds {r['peak KV bytes']:,} KV bytes, over the "
+                             f"{memory:,}-byte budget it was sized for (a bug in the sizing; please report it)")
+    return {"context": cfg.context, "budget": cfg.budget, "policy": cfg.policy, "steps": cfg.steps,
+            "rounds": cfg.rounds, "memory bytes": memory, "cache fraction": cfg.budget / cfg.context,
+            "throughput ratio": rows[1]["tok/s"] / rows[0]["tok/s"], "rows": rows,
             "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -17,6 +17,16 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=positive_int, default=512)
     p.add_argument("--steps", type=positive_int, default=32)
     p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--throughput", action="store_true",
+                   help="generated tokens/s at a fixed KV memory budget: the largest batch of full caches vs of "
+                        "bounded caches that fit (one context; --steps decode steps per round)")
+    p.add_argument("--policy", default=None, help="with --throughput: the bounded cache's policy (default tova)")
+    p.add_argument("--memory-mib", type=float, default=None,
+                   help="with --throughput: the KV memory budget (default: what --full-batch full caches hold)")
+    p.add_argument("--full-batch", type=positive_int, default=None,
+                   help="with --throughput and no --memory-mib: full-cache sequences the budget holds (default 4)")
+    p.add_argument("--max-batch", type=positive_int, default=None,
+                   help="with --throughput: cap on either batch, to bound the run time (default 64)")
     p.add_argument("--out", default=None, help="write results.json here")
     p.add_argument("--device", default="auto")
     add_output_flags(p)
@@ -57,15 +67,20 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 def run_bench_kv(args: argparse.Namespace) -> int:
     from msrnn.bench.kv import KVBenchConfig, run_kv_bench
+    from msrnn.errors import ConfigError
     from msrnn.models.loading import load_hf_causal_lm
     from msrnn.ui import err_console, out_console, print_json, table
 
     try:
         contexts = [int(x) for x in args.contexts.split(",") if x]
     except ValueError:
-        from msrnn.errors import ConfigError
-
         raise ConfigError(f"bad --contexts {args.contexts!r}; write e.g. 1024,4096,16384") from None
+    if args.throughput:
+        return _run_bench_kv_throughput(args, contexts)
+    given = [f for f in ("policy", "memory_mib", "full_batch", "max_batch") if getattr(args, f) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --throughput; add --throughput or "
+                          "drop it")
     cfg = KVBenchConfig(contexts=contexts, budget=args.budget, steps=args.steps, rounds=args.rounds)
     model = load_hf_causal_lm(args.model, device=resolve_device(args.device))
 
@@ -87,6 +102,45 @@ def run_bench_kv(args: argparse.Namespace) -> int:
              r["full bytes"] / 2**20, r[f"tova@{b} bytes"] / 2**20] for r in result["rows"]]
     out_console.print(table(f"decode speed (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps)",
                             cols, body))
+    return 0
+
+
+def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> int:
+    from msrnn.bench.kv import KVThroughputBenchConfig, run_kv_throughput_bench
+    from msrnn.errors import ConfigError
+    from msrnn.kv import KVSettings
+    from msrnn.models.loading import load_hf_causal_lm
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    if len(contexts) != 1:
+        raise ConfigError(f"--throughput measures one context; give one, e.g. --contexts {contexts[-1]}")
+    if args.memory_mib is not None and args.full_batch is not None:
+        raise ConfigError("give --memory-mib or --full-batch, not both (--full-batch sizes the memory budget)")
+    policy = args.policy or "tova"
+    KVSettings(policy, args.budget)  # an unknown policy is refused before the model loads
+    memory = None if args.memory_mib is None else int(args.memory_mib * 2**20)
+    cfg = KVThroughputBenchConfig(context=contexts[0], budget=args.budget, policy=policy, steps=args.steps,
+                                  rounds=args.rounds, memory_bytes=memory, full_batch=args.full_batch or 4,
+                                  max_batch=args.max_batch or 64)
+    model = load_hf_causal_lm(args.model, device=resolve_device(args.device))
+
+    def progress(msg):
+        if not (args.quiet or args.json):
+            err_console.print(f"  {msg}")
+
+    result = run_kv_throughput_bench(model, cfg, progress=progress)
+    result["model"] = str(args.model)
+    save_results(args.out, "results.json", result)
+    if args.json:
+        print_json(result)
+        return 0
+    body = [[r["variant"], f"{r['batch']}{' (capped)' if r['capped'] else ''}",
+             r["peak KV bytes per sequence"] / 2**20, r["peak KV bytes"] / 2**20, r["tok/s per sequence"],
+             r["tok/s"]] for r in result["rows"]]
+    out_console.print(table(
+        f"throughput at a {result['memory bytes'] / 2**20:.1f} MiB KV budget, context {cfg.context} "
+        f"(median of {cfg.rounds} interleaved rounds of {cfg.steps} steps): {result['throughput ratio']:.2f}x",
+        ["variant", "batch", "KV MiB / seq", "KV MiB", "tok/s / seq", "tok/s"], body))
     return 0
 
 
