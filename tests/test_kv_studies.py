@@ -95,8 +95,49 @@ def test_kv_bench_shapes_and_bytes():
     assert r48["full bytes"] > r16["full bytes"]
     assert r48["tova@8 bytes"] == r16["tova@8 bytes"] < r16["full bytes"]
     assert r16["full tok/s"] > 0 and r48["tova/full speed"] > 0
+    # The plain cache holds the budget's tokens at every context (+ warm-up and steps of one round, not more).
+    per_token = r48["full bytes"] / (48 + 2 + 2)
+    assert r16["plain@8 bytes"] == r48["plain@8 bytes"] == per_token * (8 + 2 + 2)
+    for r in (r16, r48):
+        assert r["ceiling"] == pytest.approx(r["plain@8 tok/s"] / r["full tok/s"])
+        assert r["tova/full of ceiling"] == pytest.approx(r["tova/full speed"] / r["ceiling"])
+        # The physical limit: copy bandwidth over the bytes a step reads (all weights + the held KV).
+        assert r["full limit tok/s"] == pytest.approx(res["copy bandwidth GB/s"] * 1e9
+                                                      / (res["weight bytes"] + r["full bytes"]), rel=1e-2)
+    model = tiny("llama")
+    assert res["weight bytes"] == sum(p.numel() * 4 for p in model.parameters())
     with pytest.raises(ConfigError):
         KVBenchConfig(contexts=[])
+
+
+def test_real_model_shapes_are_selectable_by_name(task_model_dir, capsys):
+    import json
+
+    from transformers import AutoConfig
+
+    from msrnn.cli.main import main
+    from msrnn.models.presets import preset_config
+
+    qwen = preset_config("qwen2.5-0.5b", 151936)
+    assert (qwen.num_hidden_layers, qwen.hidden_size, qwen.num_attention_heads, qwen.num_key_value_heads,
+            qwen.intermediate_size) == (24, 896, 14, 2, 4864)
+    llama = preset_config("llama-3.2-1b", 128256)
+    assert (llama.num_hidden_layers, llama.hidden_size, llama.num_attention_heads, llama.num_key_value_heads,
+            llama.intermediate_size, llama.head_dim) == (16, 2048, 32, 8, 8192, 64)
+    assert isinstance(AutoConfig.for_model("llama"), type(llama))
+    assert main(["bench", "kv", "--shape", "tiny", "--vocab", "300", "--contexts", "24", "--budget", "8",
+                 "--steps", "2", "--rounds", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "shape tiny (random weights)" and out["rows"][0]["context"] == 24
+    assert main(["bench", "kv-prefill", "--shape", "tiny", "--dtype", "bfloat16", "--tokens", "20", "--chunk", "7",
+                 "--budget", "6", "--policies", "tova", "--rounds", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["variant"] == "full"
+    # --model and --shape exclude each other; --vocab belongs to --shape.
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(["bench", "kv", "--shape", "tiny", "--model", str(task_model_dir)])
+    assert e.value.code == 2
+    assert main(["bench", "kv", "--model", str(task_model_dir), "--vocab", "300"]) == 2
+    assert main(["bench", "kv", "--shape", "huge"]) == 2
 
 
 def test_kv_prefill_bench_and_cli(task_model_dir, tmp_path, capsys):

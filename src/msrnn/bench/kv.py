@@ -18,6 +18,7 @@ noisy machine.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -53,48 +54,95 @@ def _prefill(lm, ctx: int, vocab: int, chunk: int, seed: int):
     return prefill(lm, ids, chunk)[1]
 
 
+def _sync(lm) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def _decode_time(lm, state, steps: int, vocab: int) -> float:
     tok = torch.zeros(1, 1, dtype=torch.long)
     for _ in range(2):  # warm-up
         _, state = lm.forward_chunk(tok, state)
+    _sync(lm)
     t0 = time.perf_counter()
     for i in range(steps):
         tok.fill_(i % vocab)
         _, state = lm.forward_chunk(tok, state)
+    _sync(lm)
     return (time.perf_counter() - t0) / steps
 
 
+def copy_bandwidth(device: torch.device | str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s of a plain tensor copy (bytes read + bytes written, best of ``repeats``): the
+    physical limit a memory-bound decode step is held against."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy also faults the pages in
+        if src.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if src.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of every parameter (tied tensors once): what one decode step reads at least once."""
+    return sum(p.nbytes for p in {id(p): p for p in model.parameters()}.values())
+
+
 def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[str, Any]:
-    """Decode tokens/s and KV bytes, full cache vs window and TOVA, interleaved rounds."""
+    """Decode tokens/s and KV bytes, full cache vs window and TOVA, interleaved rounds.
+
+    Next to them, in the same rounds: a plain full cache holding only ``budget`` tokens (what a bounded cache
+    would cost with no eviction bookkeeping) and the physical limit of a memory-bound step, ``bandwidth / (weight
+    bytes + KV bytes)`` with the bandwidth of a tensor copy measured in the same run. The ceiling of bounded vs
+    full at a context is ``plain@budget / full`` tok/s: what a free eviction would give."""
     from msrnn.kv import KVSettings, apply_kv
     from msrnn.models import HFCausalLM
 
     vocab = model.config.vocab_size
+    device = next(model.parameters()).device
     full = HFCausalLM(model)
-    variants = {"full": full, **{f"{p}@{cfg.budget}": apply_kv(full, KVSettings(p, cfg.budget, prefill="oneshot"))
-                                 for p in ("window", "tova")}}
+    b = cfg.budget
+    bounded = {f"{p}@{b}": apply_kv(full, KVSettings(p, b, prefill="oneshot")) for p in ("window", "tova")}
+    plain = _prefill(full, b, vocab, cfg.prefill_chunk, seed=1)
+    weights = weight_bytes(model)
+    bandwidth = [copy_bandwidth(device)]
     rows = []
     for ctx in cfg.contexts:
-        states = {name: _prefill(lm, ctx, vocab, cfg.prefill_chunk, seed=ctx) for name, lm in variants.items()}
+        variants = {"full": full, f"plain@{b}": full, **bounded}
+        states = {name: _prefill(lm, ctx, vocab, cfg.prefill_chunk, seed=ctx) for name, lm in variants.items()
+                  if name != f"plain@{b}"}
+        states[f"plain@{b}"] = copy.deepcopy(plain)  # the same `budget` tokens at every context
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(cfg.rounds):
             for name, lm in variants.items():
-                # Decoding grows the full cache by `steps` tokens per round: negligible next to `ctx`.
+                # Decoding grows a full cache by `steps` (+2 warm-up) tokens per round: small next to `ctx`.
                 times[name].append(_decode_time(lm, states[name], cfg.steps, vocab))
+        bandwidth.append(copy_bandwidth(device))
         row: dict[str, Any] = {"context": ctx}
         for name, lm in variants.items():
-            t = statistics.median(times[name])
-            row[f"{name} tok/s"] = 1.0 / t
+            row[f"{name} tok/s"] = 1.0 / statistics.median(times[name])
             row[f"{name} bytes"] = lm.state_nbytes(states[name])
-        row["tova/full speed"] = row[f"tova@{cfg.budget} tok/s"] / row["full tok/s"]
-        row["tova overhead vs window"] = row[f"window@{cfg.budget} tok/s"] / row[f"tova@{cfg.budget} tok/s"] - 1
+            row[f"{name} limit tok/s"] = max(bandwidth) / (weights + row[f"{name} bytes"])
+        row["tova/full speed"] = row[f"tova@{b} tok/s"] / row["full tok/s"]
+        row["tova overhead vs window"] = row[f"window@{b} tok/s"] / row[f"tova@{b} tok/s"] - 1
+        row["tova/window"] = row[f"tova@{b} tok/s"] / row[f"window@{b} tok/s"]
+        row["tova/plain"] = row[f"tova@{b} tok/s"] / row[f"plain@{b} tok/s"]
+        row["ceiling"] = row[f"plain@{b} tok/s"] / row["full tok/s"]
+        row["tova/full of ceiling"] = row["tova/full speed"] / row["ceiling"]
         rows.append(row)
         if progress:
             progress(row)
         del states
-    return {"budget": cfg.budget, "steps": cfg.steps, "rounds": cfg.rounds, "rows": rows,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"budget": b, "steps": cfg.steps, "rounds": cfg.rounds, "rows": rows, "weight bytes": weights,
+            "copy bandwidth GB/s": max(bandwidth) / 1e9, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device)}
 
 
 @dataclass
@@ -120,8 +168,10 @@ class KVPrefillBenchConfig:
 
 @torch.inference_mode()
 def _prefill_time(lm, ids: torch.Tensor, chunk: int) -> float:
+    _sync(lm)
     t0 = time.perf_counter()
     prefill(lm, ids, chunk)
+    _sync(lm)
     return time.perf_counter() - t0
 
 
@@ -196,17 +246,17 @@ _WARMUP = 2  # untimed decode steps before each timed round
 
 @torch.inference_mode()
 def _throughput_time(lm, state, steps: int, vocab: int) -> float:
-    import copy
-
     state = copy.deepcopy(state)  # every round decodes from the same prefilled state, so the peak stays known
     batch = state.batch_size
     tok = torch.zeros(batch, 1, dtype=torch.long)
     for _ in range(_WARMUP):
         _, state = lm.forward_chunk(tok, state)
+    _sync(lm)
     t0 = time.perf_counter()
     for i in range(steps):
         tok.fill_(i % vocab)
         _, state = lm.forward_chunk(tok, state)
+    _sync(lm)
     return time.perf_counter() - t0
 
 

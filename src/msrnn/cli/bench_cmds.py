@@ -12,7 +12,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     bs = b.add_subparsers(dest="bench_cmd", required=True, metavar="WHAT")
     p = bs.add_parser("kv", help="decode tokens/s and KV bytes vs context: full cache vs window/TOVA at a budget")
-    p.add_argument("--model", required=True)
+    add_bench_model(p)
     p.add_argument("--contexts", default="1024,2048,4096,8192,16384")
     p.add_argument("--budget", type=positive_int, default=512)
     p.add_argument("--steps", type=positive_int, default=32)
@@ -33,7 +33,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_bench_kv)
     p = bs.add_parser("kv-prefill", help="prefill tokens/s: full cache vs bounded caches with exact and oneshot "
                                          "prefill")
-    p.add_argument("--model", required=True)
+    add_bench_model(p)
     p.add_argument("--tokens", type=positive_int, default=8192, help="prompt length (default 8192)")
     p.add_argument("--chunk", type=positive_int, default=512, help="tokens per forward call (default 512)")
     p.add_argument("--budget", type=positive_int, default=512)
@@ -65,10 +65,38 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_bench_costs)
 
 
+def add_bench_model(p: argparse.ArgumentParser) -> None:
+    """--model DIR or --shape PRESET (a real model's shape with random weights, e.g. qwen2.5-0.5b)."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model directory (or a hub id you name)")
+    g.add_argument("--shape", help="a preset's shape with random weights: tiny, small, base, qwen2.5-0.5b, "
+                                   "llama-3.2-1b")
+    p.add_argument("--vocab", type=positive_int, default=None, help="with --shape: vocabulary size (default 4096)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="with --shape: parameter dtype (default float32)")
+
+
+def load_bench_model(args: argparse.Namespace):
+    """The model a bench command measures: loaded from --model, or built from --shape."""
+    import torch
+
+    from msrnn.errors import ConfigError
+    from msrnn.models.loading import load_hf_causal_lm
+
+    device = resolve_device(args.device)
+    if args.model:
+        if args.vocab is not None or args.dtype != "float32":
+            raise ConfigError("--vocab and --dtype apply to --shape models; a --model keeps its own")
+        return load_hf_causal_lm(args.model, device=device)
+    from msrnn.models.presets import build_model
+
+    model = build_model(args.shape, args.vocab or 4096)
+    return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+
+
 def run_bench_kv(args: argparse.Namespace) -> int:
     from msrnn.bench.kv import KVBenchConfig, run_kv_bench
     from msrnn.errors import ConfigError
-    from msrnn.models.loading import load_hf_causal_lm
     from msrnn.ui import err_console, out_console, print_json, table
 
     try:
@@ -82,26 +110,33 @@ def run_bench_kv(args: argparse.Namespace) -> int:
         raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --throughput; add --throughput or "
                           "drop it")
     cfg = KVBenchConfig(contexts=contexts, budget=args.budget, steps=args.steps, rounds=args.rounds)
-    model = load_hf_causal_lm(args.model, device=resolve_device(args.device))
+    model = load_bench_model(args)
 
     def progress(row):
         if not (args.quiet or args.json):
             err_console.print(f"  context {row['context']}: tova/full speed {row['tova/full speed']:.2f}x")
 
     result = run_kv_bench(model, cfg, progress=progress)
-    result["model"] = str(args.model)
+    result["model"] = str(args.model or f"shape {args.shape} (random weights)")
     save_results(args.out, "results.json", result)
     if args.json:
         print_json(result)
         return 0
     b = cfg.budget
-    cols = ["context", "full tok/s", f"window@{b} tok/s", f"tova@{b} tok/s", "tova/full", "tova vs window",
-            "full KV MiB", f"tova@{b} KV MiB"]
-    body = [[r["context"], r["full tok/s"], r[f"window@{b} tok/s"], r[f"tova@{b} tok/s"],
-             f"{r['tova/full speed']:.2f}x", f"{100 * r['tova overhead vs window']:+.1f}%",
-             r["full bytes"] / 2**20, r[f"tova@{b} bytes"] / 2**20] for r in result["rows"]]
-    out_console.print(table(f"decode speed (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps)",
-                            cols, body))
+    cols = ["context", "full", f"plain@{b}", f"window@{b}", f"tova@{b}", "tova/full", "ceiling", "of ceiling",
+            "tova/window", "tova/plain"]
+    body = [[r["context"], r["full tok/s"], r[f"plain@{b} tok/s"], r[f"window@{b} tok/s"], r[f"tova@{b} tok/s"],
+             f"{r['tova/full speed']:.2f}x", f"{r['ceiling']:.2f}x", f"{100 * r['tova/full of ceiling']:.0f}%",
+             f"{r['tova/window']:.2f}x", f"{r['tova/plain']:.2f}x"] for r in result["rows"]]
+    out_console.print(table(f"decode tok/s (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps; ceiling "
+                            f"= plain@{b} / full)", cols, body))
+    cols = ["context", "full KV MiB", f"tova@{b} KV MiB", "full limit tok/s", "full / limit", f"tova@{b} limit tok/s",
+            "tova / limit"]
+    body = [[r["context"], r["full bytes"] / 2**20, r[f"tova@{b} bytes"] / 2**20, r["full limit tok/s"],
+             f"{100 * r['full tok/s'] / r['full limit tok/s']:.0f}%", r[f"tova@{b} limit tok/s"],
+             f"{100 * r[f'tova@{b} tok/s'] / r[f'tova@{b} limit tok/s']:.0f}%"] for r in result["rows"]]
+    out_console.print(table(f"physical limit: copy bandwidth {result['copy bandwidth GB/s']:.1f} GB/s over weights "
+                            f"({result['weight bytes'] / 2**20:.1f} MiB) + KV bytes per step", cols, body))
     return 0
 
 
@@ -109,7 +144,6 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
     from msrnn.bench.kv import KVThroughputBenchConfig, run_kv_throughput_bench
     from msrnn.errors import ConfigError
     from msrnn.kv import KVSettings
-    from msrnn.models.loading import load_hf_causal_lm
     from msrnn.ui import err_console, out_console, print_json, table
 
     if len(contexts) != 1:
@@ -122,14 +156,14 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
     cfg = KVThroughputBenchConfig(context=contexts[0], budget=args.budget, policy=policy, steps=args.steps,
                                   rounds=args.rounds, memory_bytes=memory, full_batch=args.full_batch or 4,
                                   max_batch=args.max_batch or 64)
-    model = load_hf_causal_lm(args.model, device=resolve_device(args.device))
+    model = load_bench_model(args)
 
     def progress(msg):
         if not (args.quiet or args.json):
             err_console.print(f"  {msg}")
 
     result = run_kv_throughput_bench(model, cfg, progress=progress)
-    result["model"] = str(args.model)
+    result["model"] = str(args.model or f"shape {args.shape} (random weights)")
     save_results(args.out, "results.json", result)
     if args.json:
         print_json(result)
@@ -147,7 +181,6 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
 def run_bench_kv_prefill(args: argparse.Namespace) -> int:
     from msrnn.bench.kv import KVPrefillBenchConfig, run_kv_prefill_bench
     from msrnn.kv import KVSettings
-    from msrnn.models.loading import load_hf_causal_lm
     from msrnn.ui import err_console, out_console, print_json, table
 
     policies = [p for p in args.policies.split(",") if p]
@@ -155,14 +188,14 @@ def run_bench_kv_prefill(args: argparse.Namespace) -> int:
         KVSettings(p, args.budget)  # an unknown policy is refused before the model loads
     cfg = KVPrefillBenchConfig(tokens=args.tokens, chunk=args.chunk, budget=args.budget, policies=policies,
                                rounds=args.rounds, reference=args.reference)
-    model = load_hf_causal_lm(args.model, device=resolve_device(args.device))
+    model = load_bench_model(args)
 
     def progress(name, tps):
         if not (args.quiet or args.json):
             err_console.print(f"  {name}: {tps:,.0f} tok/s")
 
     result = run_kv_prefill_bench(model, cfg, progress=progress)
-    result["model"] = str(args.model)
+    result["model"] = str(args.model or f"shape {args.shape} (random weights)")
     save_results(args.out, "results.json", result)
     if args.json:
         print_json(result)

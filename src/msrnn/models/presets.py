@@ -56,6 +56,23 @@ def base() -> Preset:
     return Preset(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2816)
 
 
+# Real models' shapes, for benchmarks of speed and memory (random weights; a reduced vocabulary is enough there).
+# Deviations: the Llama architecture throughout (Qwen2's QKV biases and Llama 3.2's RoPE scaling are left out:
+# neither changes the bytes moved or the FLOPs of a step measurably).
+@PRESETS.register("qwen2.5-0.5b", "Qwen2.5-0.5B's shape: 24 layers, d=896, 14/2 heads, FFN 4864 (benchmarks)")
+def qwen25_05b() -> Preset:
+    """The layer, width and head shape of Qwen2.5-0.5B (config.json of Qwen/Qwen2.5-0.5B)."""
+    return Preset(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                  max_positions=32768, rope_theta=1e6)
+
+
+@PRESETS.register("llama-3.2-1b", "Llama-3.2-1B's shape: 16 layers, d=2048, 32/8 heads, FFN 8192 (benchmarks)")
+def llama32_1b() -> Preset:
+    """The layer, width and head shape of Llama-3.2-1B (config.json of meta-llama/Llama-3.2-1B)."""
+    return Preset(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+                  max_positions=131072, rope_theta=5e5)
+
+
 def preset_config(name: str, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None,
                   attn_implementation: str = "sdpa") -> LlamaConfig:
     """The ``LlamaConfig`` of preset ``name`` for a tokenizer of ``vocab_size`` tokens."""
