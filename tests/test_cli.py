@@ -166,6 +166,7 @@ def test_eval_ppl_with_kv_policy_bounds_state(trained_dir, tiny_corpus, capsys):
 
 @pytest.mark.parametrize("flags,msg", [
     (["--budget", "8"], "need --policy"),
+    (["--storage", "fixed"], "need --policy"),
     (["--policy", "sink", "--budget", "4", "--sinks", "4"], "sinks (4) must be < budget (4)"),
     (["--policy", "tova"], "needs a budget"),
     (["--policy", "lru", "--budget", "8"], "unknown KV policy 'lru'"),

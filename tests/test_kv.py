@@ -45,8 +45,8 @@ def test_matches_independent_dense_reference(arch, policy):
     ref_logits, ref_kept = dense_stream(model, ids, name, k, sinks=opts.get("sinks", default_sinks), recent=None,
                                         per_head=opts.get("per_head", name == "h2o"),
                                         keep_newest=opts.get("keep_newest", False))
-    lm = KVEvictionLM(model, make_policy(name, k, **opts))
-    for chunks in (1, [5, 13, 1, 18]):
+    for chunks, storage in ((1, "naive"), ([5, 13, 1, 18], "naive"), (1, "fixed"), ([12, 1, 1, 1, 9, 1], "fixed")):
+        lm = KVEvictionLM(model, make_policy(name, k, **opts), storage=storage)
         state = lm.init_state(1)
         outs, pos = [], 0
         sizes = [chunks] if isinstance(chunks, int) else chunks
@@ -56,7 +56,7 @@ def test_matches_independent_dense_reference(arch, policy):
             logits, state = lm.forward_chunk(torch.tensor([ids[pos : pos + n]]), state)
             outs.append(logits[0])
             pos, i = pos + n, i + 1
-        assert_close(f"{arch}/{pid(policy)}/chunks={chunks}", ref_logits, torch.cat(outs), atol=1e-4)
+        assert_close(f"{arch}/{pid(policy)}/chunks={chunks}/{storage}", ref_logits, torch.cat(outs), atol=1e-4)
         for li, layer in enumerate(state.cache.layers):
             got = layer.kept_positions()[0]  # [G, k]
             want = torch.tensor(ref_kept[li])
@@ -98,6 +98,88 @@ def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeyp
                           **cache_kwargs(make_cache(model, make_policy(name, 11, **opts), reference=r), model))
            for r in (False, True)]
     assert torch.equal(gen[0], gen[1])
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa")])
+def test_fixed_storage_equals_its_naive_twin(arch, attn, policy):
+    """Decoding in place in a budget + 1 slot buffer (slots out of chronological order, positions travelling with
+    them) keeps the same tokens, H2O sums and logits as the naive layout: a batch of 2 whose rows evict different
+    slots, GQA (GPT-2 has none), eager and SDPA, 25 single-token steps, a multi-token chunk (back to the naive
+    layout), then decoding in place again."""
+    name, opts = policy
+    model = tiny(arch, attn, seed=2)
+    x = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(8))
+    sizes = [11] + [1] * 25 + [9] + [1] * 25
+    runs = {}
+    for storage in ("naive", "fixed"):
+        lm = KVEvictionLM(model, make_policy(name, 8, **opts), storage=storage)
+        state, logits, kept, in_place, pos = lm.init_state(2), [], [], [], 0
+        with torch.no_grad():
+            for n in sizes:
+                out, state = lm.forward_chunk(x[:, pos : pos + n], state)
+                pos += n
+                logits.append(out)
+                kept.append([layer.kept_positions().clone() for layer in state.cache.layers])
+                in_place.append(all(layer.free is not None for layer in state.cache.layers))
+                assert max(layer.num_slots() for layer in state.cache.layers) <= 8
+        runs[storage] = (torch.cat(logits, 1), kept, in_place, [_kept_acc(layer) for layer in state.cache.layers])
+    assert not any(runs["naive"][2])
+    # The fixed buffer is used exactly where it can be: single-token steps into full layers.
+    assert runs["fixed"][2] == [False] + [True] * 25 + [False] + [True] * 25
+    assert_close(f"{arch}/{attn}/{pid(policy)}", runs["naive"][0], runs["fixed"][0], atol=1e-5)
+    for step, (a, b) in enumerate(zip(runs["naive"][1], runs["fixed"][1], strict=True)):
+        for la, lb in zip(a, b, strict=True):
+            assert torch.equal(la, lb), f"step {step}: kept {lb.tolist()} != naive {la.tolist()}"
+    for aa, ab in zip(runs["naive"][3], runs["fixed"][3], strict=True):
+        assert (aa is None) == (ab is None) and (aa is None or torch.allclose(aa, ab, atol=1e-5))
+
+
+def _kept_acc(layer):
+    """H2O sums of the live slots in chronological order (a fixed buffer's are in slot order, one slot free)."""
+    if layer.acc is None or layer.free is None:
+        return layer.acc
+    return layer.acc.gather(2, layer._live_order())
+
+
+@pytest.mark.parametrize("policy", [("tova", {}), ("h2o", {}), ("sink", {"sinks": 2})], ids=pid)
+def test_fixed_storage_generate_and_state_bytes(policy):
+    """generate() through a fixed cache equals the naive cache, for a batch and a left-padded batch (which keeps
+    padding slots, so it stays naive); the buffer's extra slot is counted in the state bytes, and the peak is
+    profiled token by token because the state is no longer monotone."""
+    name, opts = policy
+    model = tiny("llama", "sdpa", seed=4)
+    prepare_model(model)
+    x = torch.randint(1, V, (2, 30), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(x)
+    for m in (None, mask.clone().index_fill_(1, torch.arange(5), 0)):
+        xm = x if m is None else x.masked_fill(m == 0, 0)
+        gen = [model.generate(xm, attention_mask=mask if m is None else m, max_new_tokens=12, do_sample=False,
+                              pad_token_id=0, **cache_kwargs(make_cache(model, make_policy(name, 10, **opts),
+                                                                        storage=s), model))
+               for s in ("naive", "fixed")]
+        assert torch.equal(gen[0], gen[1])
+    naive, fixed = (KVEvictionLM(model, make_policy(name, 10, **opts), storage=s) for s in ("naive", "fixed"))
+    with torch.no_grad():
+        sn = stream_logits_state(naive, x[:1], [20, 1, 1])
+        sf = stream_logits_state(fixed, x[:1], [20, 1, 1])
+    layer = sf.cache.layers[0]
+    assert layer.free is not None and layer.keys.shape[2] == 11 and layer.num_slots() == 10
+    one_slot = sum(sum(t.nbytes for t in (lr.keys, lr.values, lr.positions, lr.valid, lr.acc) if t is not None)
+                   // lr.keys.shape[2] for lr in sn.cache.layers)
+    free = sum(lr.free.nbytes for lr in sf.cache.layers)
+    assert fixed.state_nbytes(sf) == naive.state_nbytes(sn) + one_slot + free  # budget + 1 slots, honestly
+    assert naive.monotone_state and not fixed.monotone_state
+    with pytest.raises(ConfigError, match="unknown storage"):
+        make_cache(model, make_policy("tova", 4), storage="ring")
+
+
+def stream_logits_state(lm, x, sizes):
+    state, pos = lm.init_state(x.shape[0]), 0
+    for n in sizes:
+        _, state = lm.forward_chunk(x[:, pos : pos + n], state)
+        pos += n
+    return state
 
 
 def _stream_kept(lm, x, sizes):
@@ -449,20 +531,21 @@ def test_kv_settings_carry_every_flag_to_the_cache():
     p = argparse.ArgumentParser()
     add_model_flags(p)
     args = p.parse_args(["--model", "m", "--policy", "tova", "--budget", "16", "--sinks", "2", "--keep-newest",
-                         "--no-per-head", "--prefill", "oneshot", "--positions", "rolling"])
+                         "--no-per-head", "--prefill", "oneshot", "--positions", "rolling", "--storage", "fixed"])
     s = kv_settings(args)
     assert s == KVSettings("tova", 16, sinks=2, keep_newest=True, per_head=False, prefill="oneshot",
-                           positions="rolling")
+                           positions="rolling", storage="fixed")
     layer = apply_kv(HFCausalLM(tiny("llama")), s).init_state(1).cache.layers[0]
     assert (layer.policy.budget, layer.policy.sinks, layer.policy.keep_newest, layer.policy.per_head) == (16, 2, True,
                                                                                                          False)
-    assert layer.prefill == "oneshot" and layer.rolling
+    assert layer.prefill == "oneshot" and layer.rolling and layer.storage == "fixed"
     h2o = apply_kv(HFCausalLM(tiny("llama")), KVSettings.from_spec("h2o:per_head=false,recent=5", 12))
     hp = h2o.init_state(1).cache.layers[0].policy
     assert (hp.budget, hp.recent, hp.per_head) == (12, 5, False)
     for bad, match in [(dict(policy="window", budget=8, sinks=2), "takes no option sinks"),
                        (dict(policy="tova", budget=8, prefill="lazy"), "unknown prefill"),
                        (dict(policy="tova", budget=8, positions="cache"), "unknown positions"),
+                       (dict(policy="tova", budget=8, storage="ring"), "unknown storage"),
                        (dict(policy="tova"), "needs a budget"),
                        (dict(policy="tova", budget=8, per_head=True, positions="rolling"), "one selection per layer")]:
         with pytest.raises(ConfigError, match=match):

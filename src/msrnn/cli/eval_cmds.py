@@ -25,6 +25,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                          "scored by its last query; chunked:C = evict once per C tokens, scored by those C queries")
     kv.add_argument("--positions", default="original", choices=["original", "rolling"],
                     help="original positions (TOVA) or positions inside the cache (StreamingLLM; RoPE models)")
+    kv.add_argument("--storage", default="naive", choices=["naive", "fixed"],
+                    help="naive = rebuild the kept slots every step; fixed = decode in place in a preallocated "
+                         "budget + 1 slot buffer (the same tokens kept)")
 
 
 def load_for_cli(args: argparse.Namespace, stream: bool = True):
@@ -38,8 +41,10 @@ def load_for_cli(args: argparse.Namespace, stream: bool = True):
         raise ConfigError(f"{args.model} is a classifier without next-token logits (an encoder RMT); score it with "
                           "'msrnn eval task'")
     if args.policy is None:
-        if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head, args.keep_newest)):
-            raise ConfigError("--budget/--sinks/--recent/--per-head need --policy (window, sink, h2o or tova)")
+        if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head, args.keep_newest)) or (
+                (args.prefill, args.positions, args.storage) != ("exact", "original", "naive")):
+            raise ConfigError("--budget/--sinks/--recent/--per-head/--keep-newest/--prefill/--positions/--storage "
+                              "need --policy (window, sink, h2o or tova)")
         return lm
     from msrnn.kv import apply_kv
 
@@ -51,7 +56,8 @@ def kv_settings(args: argparse.Namespace):
     from msrnn.kv import KVSettings
 
     return KVSettings(args.policy, args.budget, sinks=args.sinks, recent=args.recent, per_head=args.per_head,
-                      keep_newest=args.keep_newest, prefill=args.prefill, positions=args.positions)
+                      keep_newest=args.keep_newest, prefill=args.prefill, positions=args.positions,
+                      storage=args.storage)
 
 
 def add_eval_ppl(ev: argparse._SubParsersAction) -> None:
@@ -165,7 +171,8 @@ def run_eval_harness(args: argparse.Namespace) -> int:
                                                  ("--per-head", args.per_head, None),
                                                  ("--keep-newest", args.keep_newest, None),
                                                  ("--prefill", args.prefill, "exact"),
-                                                 ("--positions", args.positions, "original")) if value != default]
+                                                 ("--positions", args.positions, "original"),
+                                                 ("--storage", args.storage, "naive")) if value != default]
     if ignored:
         raise ConfigError(f"eval harness supports --policy and --budget only, not {', '.join(ignored)}; drop "
                           "them (or score with 'msrnn eval ppl', which takes every KV flag)")

@@ -111,6 +111,8 @@ def evicting_attention(base_name: str):
 
 
 def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value, mask, scaling, dropout, kwargs):
+    if layer.free is not None:
+        return _decode_in_place(layer, base_name, module, query, key, value, mask, scaling, dropout, kwargs)
     B, Hq, T, _ = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     S0 = S - T
@@ -143,6 +145,30 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
         out, keep = _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling)
         weights = None
     layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1) if not layer.all_valid else T)
+    return out, weights
+
+
+def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value, mask, scaling, dropout, kwargs):
+    """One decode step on a fixed buffer: the new token is already written into the free slot, so the query attends
+    all budget + 1 slots (every one real and in its past: no mask), the policy scores them, and the lowest-scoring
+    slot becomes the free one. The same rule as the naive step, which keeps the top ``budget``: one slot goes, the
+    older one on ties (slots are not chronological here, so ties are broken by original position)."""
+    B = query.shape[0]
+    if not bool(_new_validity(mask, B, 1, key.shape[2] - 1, query.device).all()):
+        raise MsrnnError("a padding token arrived while decoding in place; only left padding is supported")
+    G = layer.positions.shape[1]
+    out, weights = _base(base_name)(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)
+    policy = layer.policy
+    p = None
+    if policy.needs != "none":
+        p = weights[:, :, -1].float() if weights is not None else _probs(query, key, None, scaling)[:, :, 0]
+    if layer.acc is not None:
+        layer.acc += _group(p, G, "sum")
+    last = _group(p, G, "mean") if policy.needs == "last" else None
+    scores = policy.score(Candidates(layer.positions, layer.valid, layer.acc, last))  # [B, G, k + 1]
+    lowest = scores == scores.min(dim=-1, keepdim=True).values
+    evict = layer.positions.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1)  # [B, G] oldest
+    layer.commit_in_place(evict)
     return out, weights
 
 

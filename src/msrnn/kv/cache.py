@@ -4,7 +4,9 @@ Mechanics live here; policies only score (see :mod:`msrnn.kv.policies`). Per lay
 values, each slot's original token position (``-1`` for padding), a validity flag and, for H2O, the
 accumulated attention. ``update`` appends the new tokens and returns every slot; the msrnn attention function
 (:mod:`msrnn.kv.attention`) then attends, scores and calls :meth:`EvictionLayer.commit` with the slots to keep,
-so between forwards a layer holds at most ``budget`` slots.
+so between forwards a layer holds at most ``budget`` slots (with ``storage='fixed'``, ``budget`` tokens in a
+``budget + 1`` slot buffer once decoding in place: the new token is written into the free slot and the evicted
+slot becomes the free one, so a decode step copies nothing and its tensor shapes stay constant).
 
 Conventions (Oren et al., 2024, official code): keys keep their original RoPE positions; ``get_seq_length``
 returns tokens seen, not slots kept, because transformers uses it as the query offset of the causal mask.
@@ -26,6 +28,10 @@ ACTIVE_LAYER: contextvars.ContextVar[EvictionLayer | None] = contextvars.Context
                                                                                      default=None)
 
 POSITION_MODES = ("original", "rolling")
+# naive: keys/values rebuilt chronologically at every step (the readable twin). fixed: once a layer is full, decode
+# steps write into a preallocated budget + 1 slot buffer in place and evict by marking a slot free (no copies).
+STORAGE_MODES = ("naive", "fixed")
+_NO_POSITION = torch.iinfo(torch.long).max  # sorts after every real position
 
 
 def parse_prefill(mode: str) -> int | None:
@@ -56,9 +62,10 @@ class EvictionLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 inv_freq: torch.Tensor | None = None, reference: bool = False) -> None:
+                 inv_freq: torch.Tensor | None = None, reference: bool = False, storage: str = "naive") -> None:
         super().__init__()
         self.policy = policy
+        self.storage = storage
         self.prefill = prefill
         self.prefill_chunk = parse_prefill(prefill)
         self.reference = reference  # exact prefill through the slow readable twin (tests compare the two)
@@ -72,6 +79,9 @@ class EvictionLayer(DynamicLayer):
         self.counter: torch.Tensor | None = None  # [B] valid tokens seen (next original position)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.all_valid = True  # no padding slot was ever added (lets decoding skip masks)
+        # Fixed storage only: [B, G] the slot the next token is written into; None while the layout is the naive,
+        # chronological one (before the layer is full, with padding, rolling positions, or for a multi-token chunk).
+        self.free: torch.Tensor | None = None
 
     @property
     def budget(self) -> int | None:
@@ -111,12 +121,72 @@ class EvictionLayer(DynamicLayer):
                 f"this cache holds {self.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}; "
                 "make a new cache for a different batch size"
             )
+        if self._fixed_step(key_states):
+            return self._write_in_place(key_states, value_states)
+        if self.free is not None:
+            self._to_naive()  # a multi-token chunk after fixed decoding: back to the chronological layout
         full_k = torch.cat([self.keys, key_states], dim=-2)
         full_v = torch.cat([self.values, value_states], dim=-2)
         self.pending = (full_k, full_v)
         self._awaiting_commit = True
         ACTIVE_LAYER.set(self)
         return full_k, full_v
+
+    # -- fixed storage ----------------------------------------------------------------------------------------
+    def _fixed_step(self, key_states: torch.Tensor) -> bool:
+        """Whether this update is an in-place decode step: one token into a full layer with no padding slots."""
+        return (self.storage == "fixed" and key_states.shape[-2] == 1 and self.budget is not None
+                and not self.rolling and self.all_valid and (self.free is not None
+                                                             or self.keys.shape[-2] >= self.budget))
+
+    def _to_fixed(self) -> None:
+        """Chronological k slots -> a k + 1 slot buffer whose extra slot is free (one copy, once)."""
+        B, H, _, D = self.keys.shape
+        G = self.positions.shape[1]
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(B, H, 1, D)], dim=2)
+        self.values = torch.cat([self.values, self.values.new_zeros(B, H, 1, self.values.shape[-1])], dim=2)
+        self.positions = torch.cat([self.positions, self.positions.new_full((B, G, 1), _NO_POSITION)], dim=2)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(B, G, 1)], dim=2)
+        if self.acc is not None:
+            self.acc = torch.cat([self.acc, self.acc.new_zeros(B, G, 1)], dim=2)
+        self.free = torch.full((B, G), self.budget, dtype=torch.long, device=self.keys.device)
+
+    def _write_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.free is None:
+            self._to_fixed()
+        B, H = key_states.shape[:2]
+        idx = self.free if self.free.shape[1] == H else self.free.expand(B, H)  # [B, H] one slot per KV head
+        self.keys.scatter_(2, idx[:, :, None, None].expand(B, H, 1, self.keys.shape[-1]), key_states)
+        self.values.scatter_(2, idx[:, :, None, None].expand(B, H, 1, self.values.shape[-1]), value_states)
+        self.positions.scatter_(2, self.free[..., None], self.counter[:, None, None].expand_as(self.free[..., None]))
+        if self.acc is not None:
+            self.acc.scatter_(2, self.free[..., None], 0.0)
+        self.pending = (self.keys, self.values)
+        self._awaiting_commit = True
+        ACTIVE_LAYER.set(self)
+        return self.keys, self.values
+
+    def commit_in_place(self, evict: torch.Tensor) -> None:
+        """Fixed storage: slot ``evict`` [B, G] is the next free one (its contents are dropped, nothing moves)."""
+        self.free = evict
+        self.seen += 1
+        self.counter = self.counter + 1
+        self.pending = None
+        self._awaiting_commit = False
+
+    def _live_order(self) -> torch.Tensor:
+        """[B, G, k] indices of the live slots of a fixed buffer in chronological order."""
+        pos = self.positions.scatter(2, self.free[..., None], _NO_POSITION)
+        return pos.argsort(dim=-1)[..., : self.budget]
+
+    def _to_naive(self) -> None:
+        """A fixed buffer -> the k live slots in chronological order (the naive layout)."""
+        keep = self._live_order()
+        self.keys, self.values = _select_slots(self.keys, keep), _select_slots(self.values, keep)
+        self.positions, self.valid = self.positions.gather(2, keep), self.valid.gather(2, keep)
+        self.acc = self.acc.gather(2, keep) if self.acc is not None else None
+        self.free = None
 
     def commit(self, keep: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor,
                acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor | int) -> None:
@@ -140,8 +210,8 @@ class EvictionLayer(DynamicLayer):
         return self.seen
 
     def num_slots(self) -> int:
-        """Slots physically held now."""
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+        """Slots holding a token now (a fixed buffer's free slot is not one)."""
+        return 0 if not self.is_initialized else self.keys.shape[-2] - (self.free is not None)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Mask columns = kept slots + new tokens; the offset makes the new tokens' columns line up with their
@@ -159,7 +229,7 @@ class EvictionLayer(DynamicLayer):
         super().reset()
         self.seen = 0
         self._awaiting_commit = False
-        self.positions = self.valid = self.acc = self.counter = self.pending = None
+        self.positions = self.valid = self.acc = self.counter = self.pending = self.free = None
         self.all_valid = True
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -168,6 +238,8 @@ class EvictionLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every sequence's slots ``repeats`` times (beam search / sampling)."""
+        if self.free is not None:
+            self._to_naive()
         for name in ("keys", "values", "positions", "valid", "acc", "counter"):
             t = getattr(self, name)
             if t is not None:
@@ -175,6 +247,8 @@ class EvictionLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the sequences at ``indices``."""
+        if self.free is not None:
+            self._to_naive()
         for name in ("keys", "values", "positions", "valid", "acc", "counter"):
             t = getattr(self, name)
             if t is not None:
@@ -185,7 +259,9 @@ class EvictionLayer(DynamicLayer):
         self.batch_select_indices(beam_idx.to(self.device))
 
     def kept_positions(self) -> torch.Tensor:
-        """Original positions of the tokens this layer holds, [B, G, S] (-1 = padding)."""
+        """Original positions of the tokens this layer holds, [B, G, S] (-1 = padding), in chronological order."""
+        if self.free is not None:
+            return self.positions.gather(2, self._live_order())
         return self.positions
 
 
@@ -195,11 +271,16 @@ class KVEvictionCache(Cache):
 
     The model must use msrnn's attention function (:func:`msrnn.kv.prepare_model`) so layers receive scores.
     ``reference=True`` runs the exact prefill through its slow, readable twin (the same results; for tests).
+    ``storage='fixed'`` decodes in place in a preallocated ``budget + 1`` slot buffer per layer once a layer is full
+    (the same kept tokens as ``'naive'``; slots are then not in chronological order, and positions travel with
+    them); ``'naive'`` rebuilds the kept slots at every step.
     """
 
     def __init__(self, num_layers: int, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 inv_freq: torch.Tensor | None = None, reference: bool = False) -> None:
+                 inv_freq: torch.Tensor | None = None, reference: bool = False, storage: str = "naive") -> None:
         parse_prefill(prefill)
+        if storage not in STORAGE_MODES:
+            raise ConfigError(f"unknown storage {storage!r}; use naive or fixed")
         if positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {positions!r}; use original or rolling")
         if positions == "rolling":
@@ -209,7 +290,7 @@ class KVEvictionCache(Cache):
             if policy.per_head:
                 raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
         self.policy = policy
-        super().__init__(layers=[EvictionLayer(policy, prefill, positions, inv_freq, reference)
+        super().__init__(layers=[EvictionLayer(policy, prefill, positions, inv_freq, reference, storage)
                                  for _ in range(num_layers)])
 
     def max_slots(self) -> int:

@@ -74,10 +74,11 @@ def prepare_model(model: Any) -> Any:
 
 
 def make_cache(model: Any, policy: Policy, prefill: str = "exact", positions: str = "original",
-               reference: bool = False) -> KVEvictionCache:
-    """A fresh bounded cache for ``model`` (call :func:`prepare_model` first); ``reference`` as in the cache."""
+               reference: bool = False, storage: str = "naive") -> KVEvictionCache:
+    """A fresh bounded cache for ``model`` (call :func:`prepare_model` first); ``reference`` and ``storage`` as in
+    :class:`~msrnn.kv.cache.KVEvictionCache`."""
     return KVEvictionCache(model.config.num_hidden_layers, policy, prefill=prefill, positions=positions,
-                           inv_freq=find_inv_freq(model), reference=reference)
+                           inv_freq=find_inv_freq(model), reference=reference, storage=storage)
 
 
 class KVEvictionLM(HFCausalLM):
@@ -86,16 +87,21 @@ class KVEvictionLM(HFCausalLM):
     With ``prefill='exact'`` (default) any chunk size gives the token-by-token result of the TOVA/StreamingLLM
     evaluation protocol; ``'oneshot'`` evicts once per chunk, scoring with the chunk's last query.
     ``reference=True`` runs the exact prefill through its slow readable twin (tests check the two agree).
+    ``storage='fixed'`` decodes in place in a ``budget + 1`` slot buffer (the same kept tokens; tests check it).
     """
 
     def __init__(self, model: Any, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 tokenizer: Any = None, reference: bool = False) -> None:
+                 tokenizer: Any = None, reference: bool = False, storage: str = "naive") -> None:
         prepare_model(model)
-        make_cache(model, policy, prefill, positions)  # validate the options now, not at the first chunk
+        make_cache(model, policy, prefill, positions, storage=storage)  # validate the options now
         super().__init__(model, tokenizer,
-                         cache_factory=lambda: make_cache(model, policy, prefill, positions, reference))
+                         cache_factory=lambda: make_cache(model, policy, prefill, positions, reference, storage))
         self.positions = positions
         self.policy = policy
+        self.storage = storage
+        # A fixed buffer holds budget + 1 slots while decoding and budget again after a multi-token chunk, so its
+        # state is not monotone: peaks are profiled token by token (msrnn.protocol.peak_state_bytes).
+        self.monotone_state = storage == "naive"
 
     def rotates_past_limit(self) -> bool:
         """Whether keys are rotated by their original positions (so past the RoPE limit)."""
@@ -106,5 +112,5 @@ class KVEvictionLM(HFCausalLM):
         total = 0
         for layer in state.cache.layers:
             total += tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc,
-                                    layer.counter])
+                                    layer.counter, layer.free])
         return total

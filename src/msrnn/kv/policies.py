@@ -76,16 +76,19 @@ def _is_int(value: object) -> bool:
 
 
 def _recency(c: Candidates) -> torch.Tensor:
-    """Scores increasing with the slot index (slots are chronological, so newer scores higher)."""
-    n = c.valid.shape[-1]
-    return torch.arange(n, dtype=torch.float64, device=c.valid.device).expand(c.valid.shape)
+    """Scores increasing with the original position: newer scores higher. (Positions, not slot indices: a fixed
+    buffer's slots are not chronological. Padding, at -1, is masked out by the caller.)"""
+    return c.positions.double()
 
 
 def _newest(c: Candidates, r: int) -> torch.Tensor:
-    """[B, G, N] bool: the ``r`` newest candidates (padding included: it sits at the front, so the tail is real)."""
-    n = c.valid.shape[-1]
+    """[B, G, N] bool: the ``r`` newest candidates by original position (members only, when marked)."""
+    if r <= 0:
+        return torch.zeros_like(c.valid)
     if c.member is None:
-        return torch.arange(n, device=c.valid.device).expand(c.valid.shape) >= n - r
+        if r >= c.positions.shape[-1]:
+            return torch.ones_like(c.valid)
+        return c.positions >= c.positions.topk(r, dim=-1).values[..., -1:]
     from_end = c.member.flip(-1).long().cumsum(-1).flip(-1)  # members at or after each slot
     return c.member & (from_end <= r)
 

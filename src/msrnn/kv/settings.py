@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from msrnn.errors import ConfigError
-from msrnn.kv.cache import POSITION_MODES, parse_prefill
+from msrnn.kv.cache import POSITION_MODES, STORAGE_MODES, parse_prefill
 from msrnn.kv.policies import KV_POLICIES, Policy, make_policy
 
 OPTION_NAMES = ("sinks", "recent", "per_head", "keep_newest")
@@ -30,9 +30,12 @@ class KVSettings:
     keep_newest: bool | None = None
     prefill: str = "exact"
     positions: str = "original"
+    storage: str = "naive"
 
     def __post_init__(self) -> None:
         parse_prefill(self.prefill)
+        if self.storage not in STORAGE_MODES:
+            raise ConfigError(f"unknown storage {self.storage!r}; use {' or '.join(STORAGE_MODES)}")
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {self.positions!r}; use {' or '.join(POSITION_MODES)}")
         policy = self.make_policy()  # every option is checked now, not at the first chunk
@@ -81,4 +84,4 @@ def apply_kv(lm: Any, settings: KVSettings) -> Any:
     if type(lm) is not HFCausalLM:  # a SUPRA model is an HFCausalLM too, but has no KV cache to bound
         raise ConfigError(f"KV eviction applies to plain HF causal LMs (family 'hf'), not to {type(lm).__name__}")
     return KVEvictionLM(lm.model, settings.make_policy(), settings.prefill, settings.positions,
-                        tokenizer=lm.tokenizer)
+                        tokenizer=lm.tokenizer, storage=settings.storage)
