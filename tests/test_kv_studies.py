@@ -104,8 +104,14 @@ def test_kv_bench_shapes_and_bytes():
         # The physical limit: copy bandwidth over the bytes a step reads (all weights + the held KV).
         assert r["full limit tok/s"] == pytest.approx(res["copy bandwidth GB/s"] * 1e9
                                                       / (res["weight bytes"] + r["full bytes"]), rel=1e-2)
+        # Bounded caches decode in place by default; TOVA on the naive twin is timed beside it.
+        assert r["tova fixed/naive"] == pytest.approx(r["tova@8 tok/s"] / r["tova@8 naive tok/s"])
+    assert res["storage"] == "fixed"
+    assert r48["tova@8 bytes"] > r48["tova@8 naive bytes"]  # the buffer's free slot is counted
     model = tiny("llama")
     assert res["weight bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    naive = run_kv_bench(model, KVBenchConfig(contexts=[16], budget=8, steps=1, rounds=1, storage="naive"))
+    assert "tova@8 naive tok/s" not in naive["rows"][0]
     with pytest.raises(ConfigError):
         KVBenchConfig(contexts=[])
 
@@ -182,10 +188,16 @@ def test_kv_throughput_bench_sizes_batches_from_bytes(task_model_dir, capsys):
         want_full = HFCausalLM(model).state_nbytes(prefill(HFCausalLM(model), ids, 16)[1])
         bounded = apply_kv(HFCausalLM(model), KVSettings("tova", 8, prefill="oneshot"))
         want_slot = bounded.state_nbytes(prefill(bounded, ids, 1)[1]) / 8
+        fixed = apply_kv(HFCausalLM(model), KVSettings("tova", 8, prefill="oneshot", storage="fixed"))
+        want_decode = fixed.state_nbytes(prefill(fixed, ids[:, :10], 1)[1])  # in place: 8 + 1 slots + free index
     assert full["peak KV bytes per sequence"] == want_full and full["batch"] == 2
     assert res["memory bytes"] == 2 * want_full
-    # The bounded cache holds budget + chunk (8 + 1) slots at its peak, so ~48/9 times more sequences fit.
-    assert bnd["peak KV bytes per sequence"] == int(want_slot * 9)
+    # The bounded cache holds budget + chunk (8 + 1) slots at its peak, so ~48/9 times more sequences fit; in place
+    # it also holds the free slot's index, measured, not assumed.
+    assert want_decode > int(want_slot * 9)
+    assert bnd["peak KV bytes per sequence"] == want_decode
+    assert bnd["KV bytes at the last step"] == bnd["batch"] * want_decode
+    assert full["KV bytes at the last step"] == full["peak KV bytes"] == 2 * want_full
     assert bnd["batch"] == res["memory bytes"] // bnd["peak KV bytes per sequence"] > 4 * full["batch"]
     assert bnd["peak KV bytes"] <= res["memory bytes"] and full["peak KV bytes"] <= res["memory bytes"]
     assert res["throughput ratio"] == pytest.approx(bnd["tok/s"] / full["tok/s"])

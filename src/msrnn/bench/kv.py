@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,12 +39,15 @@ class KVBenchConfig:
     steps: int = 32
     rounds: int = 3
     prefill_chunk: int = 1024
+    storage: str = "fixed"  # of the bounded caches; "fixed" also times TOVA on the naive twin ("tova@k naive")
 
     def __post_init__(self) -> None:
         if not self.contexts or min(self.contexts) < 2:
             raise ConfigError("contexts must be >= 2 tokens")
         if self.budget < 1 or self.steps < 1 or self.rounds < 1:
             raise ConfigError("budget, steps and rounds must be >= 1")
+        if self.storage not in ("naive", "fixed"):
+            raise ConfigError(f"unknown storage {self.storage!r}; use naive or fixed")
 
 
 @torch.inference_mode()
@@ -109,7 +112,10 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
     device = next(model.parameters()).device
     full = HFCausalLM(model)
     b = cfg.budget
-    bounded = {f"{p}@{b}": apply_kv(full, KVSettings(p, b, prefill="oneshot")) for p in ("window", "tova")}
+    bounded = {f"{p}@{b}": apply_kv(full, KVSettings(p, b, prefill="oneshot", storage=cfg.storage))
+               for p in ("window", "tova")}
+    if cfg.storage == "fixed":
+        bounded[f"tova@{b} naive"] = apply_kv(full, KVSettings("tova", b, prefill="oneshot"))
     plain = _prefill(full, b, vocab, cfg.prefill_chunk, seed=1)
     weights = weight_bytes(model)
     bandwidth = [copy_bandwidth(device)]
@@ -129,18 +135,23 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
         for name, lm in variants.items():
             row[f"{name} tok/s"] = 1.0 / statistics.median(times[name])
             row[f"{name} bytes"] = lm.state_nbytes(states[name])
-            row[f"{name} limit tok/s"] = max(bandwidth) / (weights + row[f"{name} bytes"])
         row["tova/full speed"] = row[f"tova@{b} tok/s"] / row["full tok/s"]
         row["tova overhead vs window"] = row[f"window@{b} tok/s"] / row[f"tova@{b} tok/s"] - 1
         row["tova/window"] = row[f"tova@{b} tok/s"] / row[f"window@{b} tok/s"]
         row["tova/plain"] = row[f"tova@{b} tok/s"] / row[f"plain@{b} tok/s"]
         row["ceiling"] = row[f"plain@{b} tok/s"] / row["full tok/s"]
         row["tova/full of ceiling"] = row["tova/full speed"] / row["ceiling"]
+        if cfg.storage == "fixed":
+            row["tova fixed/naive"] = row[f"tova@{b} tok/s"] / row[f"tova@{b} naive tok/s"]
         rows.append(row)
         if progress:
             progress(row)
         del states
-    return {"budget": b, "steps": cfg.steps, "rounds": cfg.rounds, "rows": rows, "weight bytes": weights,
+    for row in rows:  # the best copy of the run: the bandwidth the machine showed it can reach
+        for name in variants:
+            row[f"{name} limit tok/s"] = max(bandwidth) / (weights + row[f"{name} bytes"])
+    return {"budget": b, "steps": cfg.steps, "rounds": cfg.rounds, "storage": cfg.storage, "rows": rows,
+            "weight bytes": weights,
             "copy bandwidth GB/s": max(bandwidth) / 1e9, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(device)}
 
@@ -224,8 +235,11 @@ class KVThroughputBenchConfig:
     full_batch: int = 4
     max_batch: int = 64
     prefill_chunk: int = 1024  # full cache; bounded caches prefill in budget // 8 chunks (see the peak below)
+    storage: str = "fixed"  # the bounded cache's (decoding holds budget + 1 slots either way)
 
     def __post_init__(self) -> None:
+        if self.storage not in ("naive", "fixed"):
+            raise ConfigError(f"unknown storage {self.storage!r}; use naive or fixed")
         if min(self.context, self.budget, self.steps, self.rounds, self.full_batch, self.max_batch) < 1:
             raise ConfigError("context, budget, steps, rounds, full batch and max batch must be >= 1")
         if self.budget >= self.context:
@@ -245,7 +259,7 @@ _WARMUP = 2  # untimed decode steps before each timed round
 
 
 @torch.inference_mode()
-def _throughput_time(lm, state, steps: int, vocab: int) -> float:
+def _throughput_time(lm, state, steps: int, vocab: int) -> tuple[float, int]:
     state = copy.deepcopy(state)  # every round decodes from the same prefilled state, so the peak stays known
     batch = state.batch_size
     tok = torch.zeros(batch, 1, dtype=torch.long)
@@ -257,7 +271,7 @@ def _throughput_time(lm, state, steps: int, vocab: int) -> float:
         tok.fill_(i % vocab)
         _, state = lm.forward_chunk(tok, state)
     _sync(lm)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, lm.state_nbytes(state)
 
 
 @torch.inference_mode()
@@ -276,13 +290,20 @@ def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: 
     vocab = model.config.vocab_size
     full = HFCausalLM(model)
     name = f"{cfg.policy}@{cfg.budget}"
-    bounded = apply_kv(full, KVSettings(cfg.policy, cfg.budget, prefill="oneshot"))
+    settings = KVSettings(cfg.policy, cfg.budget, prefill="oneshot", storage=cfg.storage)
+    bounded = apply_kv(full, settings)
     g = torch.Generator().manual_seed(0)
     probe_ids = torch.randint(0, vocab, (1, cfg.budget + cfg.bounded_chunk), generator=g)
     held = cfg.context + _WARMUP + cfg.steps  # slots a full-cache sequence holds at its last decode step
     per_token = full.state_nbytes(prefill(full, probe_ids, cfg.prefill_chunk)[1]) / probe_ids.shape[1]
-    per_slot = bounded.state_nbytes(prefill(bounded, probe_ids, cfg.bounded_chunk)[1]) / cfg.budget
-    peak = {"full": int(per_token * held), name: int(per_slot * (cfg.budget + cfg.bounded_chunk))}
+    # Bytes of one kept slot, from the chronological layout (exactly `budget` slots after a chunked prefill)...
+    naive = apply_kv(full, replace(settings, storage="naive"))
+    per_slot = naive.state_nbytes(prefill(naive, probe_ids, max(2, cfg.bounded_chunk))[1]) / cfg.budget
+    # ... and what the cache really holds while decoding (budget + 1 slots in place for fixed storage).
+    probe = prefill(bounded, probe_ids, cfg.bounded_chunk)[1]
+    decode_bytes = bounded.state_nbytes(bounded.forward_chunk(probe_ids[:, :1], probe)[1])
+    peak = {"full": int(per_token * held),
+            name: max(int(per_slot * (cfg.budget + cfg.bounded_chunk)), decode_bytes)}
     memory = cfg.memory_bytes if cfg.memory_bytes is not None else cfg.full_batch * peak["full"]
     batch = {k: min(cfg.max_batch, memory // v) for k, v in peak.items()}
     if batch["full"] < 1:
@@ -296,25 +317,28 @@ def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: 
         if progress:
             progress(f"prefilled {k}: batch {batch[k]} x {cfg.context} tokens")
     times: dict[str, list[float]] = {k: [] for k in variants}
+    last_bytes: dict[str, int] = {}
     for _ in range(cfg.rounds):
         for k, (lm, _chunk) in variants.items():
-            times[k].append(_throughput_time(lm, states[k], cfg.steps, vocab))
+            t, last_bytes[k] = _throughput_time(lm, states[k], cfg.steps, vocab)
+            times[k].append(t)
     rows = []
-    for k, (lm, _chunk) in variants.items():
+    for k in variants:
         t = statistics.median(times[k])
-        held_now = lm.state_nbytes(states[k])  # after prefill; full grows by warm-up + steps inside a round
-        if k == "full":
-            held_now = int(held_now / cfg.context * held)
-        else:
-            held_now = int(held_now / cfg.budget * (cfg.budget + cfg.bounded_chunk))
         rows.append({"variant": k, "batch": batch[k], "capped": batch[k] == cfg.max_batch and memory // peak[k] >
-                     cfg.max_batch, "peak KV bytes per sequence": peak[k], "peak KV bytes": held_now,
-                     "tok/s per sequence": cfg.steps / t, "tok/s": batch[k] * cfg.steps / t})
+                     cfg.max_batch, "peak KV bytes per sequence": peak[k], "peak KV bytes": batch[k] * peak[k],
+                     "KV bytes at the last step": last_bytes[k], "tok/s per sequence": cfg.steps / t,
+                     "tok/s": batch[k] * cfg.steps / t})
     for r in rows:
-        if r["peak KV bytes"] > memory:
-            raise MsrnnError(f"{r['variant']}: the batch holds {r['peak KV bytes']:,} KV bytes, over the "
-                             f"{memory:,}-byte budget it was sized for (a bug in the sizing; please report it)")
+        # The batch's real state at its last step, measured, must be what the sizing assumed (the full cache is at
+        # its peak then; a bounded one holds its decode-time slots).
+        assumed = r["batch"] * (r["peak KV bytes per sequence"] if r["variant"] == "full" else decode_bytes)
+        if r["KV bytes at the last step"] != assumed or r["peak KV bytes"] > memory:
+            raise MsrnnError(f"{r['variant']}: the batch holds {r['KV bytes at the last step']:,} KV bytes where "
+                             f"the sizing assumed {assumed:,} within {memory:,} (a bug in the sizing; please "
+                             "report it)")
     return {"context": cfg.context, "budget": cfg.budget, "policy": cfg.policy, "steps": cfg.steps,
-            "rounds": cfg.rounds, "memory bytes": memory, "cache fraction": cfg.budget / cfg.context,
+            "rounds": cfg.rounds, "storage": cfg.storage, "memory bytes": memory,
+            "cache fraction": cfg.budget / cfg.context,
             "throughput ratio": rows[1]["tok/s"] / rows[0]["tok/s"], "rows": rows,
             "torch": torch.__version__, "threads": torch.get_num_threads()}

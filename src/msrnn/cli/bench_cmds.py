@@ -17,6 +17,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=positive_int, default=512)
     p.add_argument("--steps", type=positive_int, default=32)
     p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--storage", default="fixed", choices=["fixed", "naive"],
+                   help="bounded caches' storage (default fixed: in place; TOVA on the naive twin is timed beside it)")
     p.add_argument("--throughput", action="store_true",
                    help="generated tokens/s at a fixed KV memory budget: the largest batch of full caches vs of "
                         "bounded caches that fit (one context; --steps decode steps per round)")
@@ -109,7 +111,8 @@ def run_bench_kv(args: argparse.Namespace) -> int:
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --throughput; add --throughput or "
                           "drop it")
-    cfg = KVBenchConfig(contexts=contexts, budget=args.budget, steps=args.steps, rounds=args.rounds)
+    cfg = KVBenchConfig(contexts=contexts, budget=args.budget, steps=args.steps, rounds=args.rounds,
+                        storage=args.storage)
     model = load_bench_model(args)
 
     def progress(row):
@@ -127,7 +130,10 @@ def run_bench_kv(args: argparse.Namespace) -> int:
             "tova/window", "tova/plain"]
     body = [[r["context"], r["full tok/s"], r[f"plain@{b} tok/s"], r[f"window@{b} tok/s"], r[f"tova@{b} tok/s"],
              f"{r['tova/full speed']:.2f}x", f"{r['ceiling']:.2f}x", f"{100 * r['tova/full of ceiling']:.0f}%",
-             f"{r['tova/window']:.2f}x", f"{r['tova/plain']:.2f}x"] for r in result["rows"]]
+             f"{r['tova/window']:.2f}x", f"{r['tova/plain']:.2f}x"]
+            + ([f"{r['tova fixed/naive']:.2f}x"] if "tova fixed/naive" in r else []) for r in result["rows"]]
+    if cfg.storage == "fixed":
+        cols.append("fixed/naive")
     out_console.print(table(f"decode tok/s (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps; ceiling "
                             f"= plain@{b} / full)", cols, body))
     cols = ["context", "full KV MiB", f"tova@{b} KV MiB", "full limit tok/s", "full / limit", f"tova@{b} limit tok/s",
@@ -155,7 +161,7 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
     memory = None if args.memory_mib is None else int(args.memory_mib * 2**20)
     cfg = KVThroughputBenchConfig(context=contexts[0], budget=args.budget, policy=policy, steps=args.steps,
                                   rounds=args.rounds, memory_bytes=memory, full_batch=args.full_batch or 4,
-                                  max_batch=args.max_batch or 64)
+                                  max_batch=args.max_batch or 64, storage=args.storage)
     model = load_bench_model(args)
 
     def progress(msg):

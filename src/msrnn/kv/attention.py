@@ -157,11 +157,21 @@ def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value,
     if not bool(_new_validity(mask, B, 1, key.shape[2] - 1, query.device).all()):
         raise MsrnnError("a padding token arrived while decoding in place; only left padding is supported")
     G = layer.positions.shape[1]
-    out, weights = _base(base_name)(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)
     policy = layer.policy
     p = None
-    if policy.needs != "none":
-        p = weights[:, :, -1].float() if weights is not None else _probs(query, key, None, scaling)[:, :, 0]
+    if policy.needs == "none" or base_name == "eager" or module.training:
+        out, weights = _base(base_name)(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)
+        if policy.needs != "none":
+            p = weights[:, :, -1].float()
+    else:
+        # The policy needs the query's probabilities, which SDPA does not return: compute them once in fp32 and
+        # attend with them, rather than running SDPA and then recomputing the same row (one q.K instead of two).
+        B, Hq, _, D = query.shape
+        Hkv = key.shape[1]
+        p = _probs(query, key, None, scaling)[:, :, 0]  # [B, Hq, S]
+        pv = torch.matmul(p.view(B, Hkv, Hq // Hkv, -1), value.float())  # [B, Hkv, Hq/Hkv, Dv]
+        out = pv.view(B, Hq, 1, -1).transpose(1, 2).to(query.dtype)  # [B, 1, Hq, Dv]
+        weights = None
     if layer.acc is not None:
         layer.acc += _group(p, G, "sum")
     last = _group(p, G, "mean") if policy.needs == "last" else None
