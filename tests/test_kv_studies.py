@@ -155,17 +155,20 @@ def test_kv_prefill_bench_and_cli(task_model_dir, tmp_path, capsys):
     res = run_kv_prefill_bench(tiny("llama"), KVPrefillBenchConfig(tokens=40, chunk=9, budget=8, policies=["tova"],
                                                                    rounds=2, reference=True))
     rows = {r["variant"]: r for r in res["rows"]}
-    assert set(rows) == {"full", "tova@8 exact", "tova@8 oneshot", "tova@8 exact (reference twin)"}
+    assert set(rows) == {"full", "tova@8 exact", "tova@8 chunked:64", "tova@8 oneshot", "tova@8 exact (reference twin)"}
     assert rows["full"]["vs full"] == 1.0 and rows["tova@8 exact (reference twin)"]["rounds"] == 1
     assert all(r["tok/s"] > 0 for r in rows.values())
     with pytest.raises(ConfigError, match="below the prompt length"):
         KVPrefillBenchConfig(tokens=8, budget=8)
     assert main(["bench", "kv-prefill", "--model", str(task_model_dir), "--tokens", "30", "--chunk", "7",
-                 "--budget", "6", "--policies", "window,h2o", "--rounds", "1", "--json"]) == 0
+                 "--budget", "6", "--policies", "window,h2o", "--modes", "exact,oneshot", "--rounds", "1",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in out["rows"]] == ["full", "window@6 exact", "window@6 oneshot", "h2o@6 exact",
                                                    "h2o@6 oneshot"]
     assert main(["bench", "kv-prefill", "--model", str(task_model_dir), "--policies", "nope"]) == 2
+    with pytest.raises(ConfigError, match="unknown prefill mode"):
+        KVPrefillBenchConfig(modes=["lazy"])
 
 
 def test_kv_throughput_bench_sizes_batches_from_bytes(task_model_dir, capsys):

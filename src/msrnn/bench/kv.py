@@ -164,10 +164,17 @@ class KVPrefillBenchConfig:
     chunk: int = 512
     budget: int = 512
     policies: list[str] = field(default_factory=lambda: ["tova", "h2o", "window"])
+    modes: list[str] = field(default_factory=lambda: ["exact", "chunked:64", "oneshot"])
     rounds: int = 3
     reference: bool = False  # also time the exact prefill's readable twin (slow: one query at a time)
 
     def __post_init__(self) -> None:
+        from msrnn.kv.cache import parse_prefill
+
+        if not self.modes:
+            raise ConfigError("give at least one prefill mode, e.g. --modes exact,oneshot")
+        for mode in self.modes:
+            parse_prefill(mode)
         if self.tokens < 2 or self.chunk < 1 or self.budget < 1 or self.rounds < 1:
             raise ConfigError("tokens must be >= 2 and chunk, budget and rounds >= 1")
         if not self.policies:
@@ -194,7 +201,7 @@ def run_kv_prefill_bench(model: Any, cfg: KVPrefillBenchConfig, progress: Any = 
     full = HFCausalLM(model)
     variants: dict[str, Any] = {"full": full}
     for p in cfg.policies:
-        for mode in ("exact", "oneshot"):
+        for mode in cfg.modes:
             variants[f"{p}@{cfg.budget} {mode}"] = apply_kv(full, KVSettings(p, cfg.budget, prefill=mode))
         if cfg.reference:
             variants[f"{p}@{cfg.budget} exact (reference twin)"] = KVEvictionLM(

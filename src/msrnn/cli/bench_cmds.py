@@ -33,13 +33,15 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     add_output_flags(p)
     p.set_defaults(func=run_bench_kv)
-    p = bs.add_parser("kv-prefill", help="prefill tokens/s: full cache vs bounded caches with exact and oneshot "
-                                         "prefill")
+    p = bs.add_parser("kv-prefill", help="prefill tokens/s: full cache vs bounded caches per prefill mode (exact, "
+                                         "chunked:C, oneshot)")
     add_bench_model(p)
     p.add_argument("--tokens", type=positive_int, default=8192, help="prompt length (default 8192)")
     p.add_argument("--chunk", type=positive_int, default=512, help="tokens per forward call (default 512)")
     p.add_argument("--budget", type=positive_int, default=512)
     p.add_argument("--policies", default="tova,h2o,window")
+    p.add_argument("--modes", default="exact,chunked:64,oneshot",
+                   help="prefill modes (default exact,chunked:64,oneshot)")
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--reference", action="store_true",
                    help="also time the exact prefill's slow readable twin (one round)")
@@ -193,7 +195,8 @@ def run_bench_kv_prefill(args: argparse.Namespace) -> int:
     for p in policies:
         KVSettings(p, args.budget)  # an unknown policy is refused before the model loads
     cfg = KVPrefillBenchConfig(tokens=args.tokens, chunk=args.chunk, budget=args.budget, policies=policies,
-                               rounds=args.rounds, reference=args.reference)
+                               modes=[m for m in args.modes.split(",") if m], rounds=args.rounds,
+                               reference=args.reference)
     model = load_bench_model(args)
 
     def progress(name, tps):
