@@ -135,6 +135,28 @@ def test_fixed_storage_equals_its_naive_twin(arch, attn, policy):
         assert (aa is None) == (ab is None) and (aa is None or torch.allclose(aa, ab, atol=1e-5))
 
 
+@pytest.mark.parametrize("prefill,carried", [("exact", 8), ("chunked:5", 8 + 4), ("chunked:1", 8),
+                                             ("oneshot", 8 + 15)])
+def test_in_chunk_peak_counts_the_slots_a_prefill_carries(prefill, carried):
+    """oneshot and chunked:C evict once per chunk or group, so the tokens before the eviction are carried on top of
+    the budget (a late query attends them all); the peak state reports those slots, exact never exceeds k."""
+    from msrnn.protocol import chunk_held_nbytes
+
+    lm = KVEvictionLM(tiny("llama"), make_policy("h2o", 8), prefill=prefill)
+    state = lm.init_state(1)
+    with torch.no_grad():
+        _, state = lm.forward_chunk(torch.randint(0, V, (1, 10)), state)  # full: 8 slots kept
+        _, state = lm.forward_chunk(torch.randint(0, V, (1, 16)), state)
+    assert {layer.chunk_peak_slots for layer in state.cache.layers} == {carried}
+    layer = state.cache.layers[0]
+    per_slot = sum(t.nbytes for t in (layer.keys, layer.values, layer.positions, layer.valid, layer.acc)) // 8
+    extra = len(state.cache.layers) * per_slot * (carried - 8)
+    assert chunk_held_nbytes(lm, state) == lm.state_nbytes(state) + extra
+    with torch.no_grad():
+        _, state = lm.forward_chunk(torch.randint(0, V, (1, 1)), state)  # a decode step carries k again
+    assert chunk_held_nbytes(lm, state) == lm.state_nbytes(state)
+
+
 def _kept_acc(layer):
     """H2O sums of the live slots in chronological order (a fixed buffer's are in slot order, one slot free)."""
     if layer.acc is None or layer.free is None:

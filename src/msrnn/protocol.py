@@ -164,12 +164,25 @@ def stream_logits(lm: StatefulLM, input_ids: torch.Tensor, chunk_sizes: Iterable
 _PROFILES: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
 
+def chunk_held_nbytes(lm: StatefulLM, state: Any) -> int:
+    """The most bytes the state held at any offset during the chunk that produced ``state`` (all sequences).
+
+    For most families that is the state at the chunk's end. A model whose state grows inside a chunk and shrinks
+    at its end (KV eviction with ``oneshot`` or ``chunked:C`` prefill, which evict once per chunk or group, so a
+    query late in the chunk attends the chunk's earlier tokens on top of the budget) reports the larger figure
+    through an optional ``chunk_peak_nbytes(state)``; evaluations take the peak through this function."""
+    held = lm.state_nbytes(state)
+    extra = getattr(lm, "chunk_peak_nbytes", None)
+    return max(held, extra(state)) if extra is not None else held
+
+
 def peak_state_bytes(lm: StatefulLM, tokens: int, chunk_end_peak: int) -> int:
     """The peak state of one sequence over its first ``tokens`` tokens, given the most seen between chunks.
 
     A family whose state never shrinks from one token to the next declares ``monotone_state = True`` (the full
     cache, KV eviction, SUPRA): its peak is at the last offset, which a chunked stream sees, so the chunk-end
-    figure is exact and costs nothing. Every other family (BST, RMT drop keys at boundaries) is profiled token by
+    figure (taken with :func:`chunk_held_nbytes`, which also sees a KV prefill's in-chunk slots) is exact and
+    costs nothing. Every other family (BST, RMT drop keys at boundaries) is profiled token by
     token (:func:`state_bytes_profile`)."""
     if getattr(lm, "monotone_state", False):
         return chunk_end_peak
@@ -210,4 +223,4 @@ def measure_state_bytes(lm: StatefulLM, tokens: int = 2048, chunk: int = 1) -> i
     g = torch.Generator().manual_seed(0)
     chunks = (torch.randint(0, lm.vocab_size, (1, chunk), generator=g) for _ in range(0, tokens, chunk))
     with torch.inference_mode():
-        return max((lm.state_nbytes(step.state) for step in stream_chunks(lm, chunks)), default=0)
+        return max((chunk_held_nbytes(lm, step.state) for step in stream_chunks(lm, chunks)), default=0)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from msrnn.errors import ConfigError, DataError, NumericsError
-from msrnn.protocol import StatefulLM, peak_state_bytes, split, stream_chunks
+from msrnn.protocol import StatefulLM, chunk_held_nbytes, peak_state_bytes, split, stream_chunks
 from msrnn.ui import err_console
 
 
@@ -119,7 +119,7 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
     max_len = max(len(d) for d in docs)
     nll_sum = np.zeros(max_len, dtype=np.float64)
     count = np.zeros(max_len, dtype=np.int64)
-    peak, nonfinite, fed, busy = 0, 0, 0, 0.0
+    peak, held, nonfinite, fed, busy = 0, 0, 0, 0, 0.0
     total = sum(len(d) for d in docs)
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                   TimeElapsedColumn(), disable=not progress, console=err_console) as bar:
@@ -132,6 +132,7 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
                 busy += step.seconds
                 fed += n
                 peak = max(peak, lm.state_nbytes(step.state))
+                held = max(held, chunk_held_nbytes(lm, step.state))  # + a KV prefill's in-chunk slots
                 logits = step.logits[0].float().cpu()  # [T, V]
                 # Row t predicts token pos + t + 1; the previous chunk's last row predicts token pos.
                 rows = logits if prev_last is None else torch.cat([prev_last[None], logits])
@@ -152,7 +153,7 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
                             "loss (the model's logits are not finite), so there is no honest perplexity; the weights "
                             "are broken, most often by a diverged training run")
     scored = int(count.sum())
-    true_peak = peak_state_bytes(lm, max_len, peak)
+    true_peak = peak_state_bytes(lm, max_len, held)
     mean = float(nll_sum.sum() / max(scored, 1))
     edges = list(cfg.bucket_edges) if cfg.bucket_edges else default_edges(max_len)
     return StreamEvalResult(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError
-from msrnn.protocol import peak_state_bytes, split, stream_chunks, tensor_nbytes
+from msrnn.protocol import chunk_held_nbytes, peak_state_bytes, split, stream_chunks, tensor_nbytes
 from msrnn.tasks.samples import TaskGenerator, TaskSample, collate
 from msrnn.ui import err_console
 
@@ -50,7 +50,7 @@ def _answer_stream(lm: Any, batch: list[TaskSample], label_ids: list[int], chunk
     peak, last = 0, None
     for step in stream_chunks(lm, split(ids, chunk)):
         last = step.logits[:, -1]
-        peak = max(peak, lm.state_nbytes(step.state))
+        peak = max(peak, chunk_held_nbytes(lm, step.state))
     return last[:, label_ids].argmax(-1).tolist(), peak // len(batch)
 
 

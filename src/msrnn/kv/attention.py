@@ -132,11 +132,15 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
         acc = torch.cat([layer.acc, layer.acc.new_zeros(B, G, T)], dim=2)
     k = policy.budget
     # One new token: "exact" and "oneshot" coincide, and the one-shot path avoids the per-query gathers.
+    carried = None  # exact: the token-by-token state never exceeds the budget
     if k is None or S <= k or layer.prefill == "oneshot" or T == 1:
         out, weights, keep = _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
                                       S0, scaling, dropout, kwargs)
+        if keep is not None and T > 1:
+            carried = S - 1  # one eviction at the end: the chunk's tokens pile up on the kept slots until then
     elif layer.prefill_chunk is not None:
-        out, keep = _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, layer.prefill_chunk)
+        out, keep, carried = _chunked(layer, query, key, value, positions, valid, acc, S0, scaling,
+                                      layer.prefill_chunk)
         weights = None
     elif layer.reference or layer.rolling or S0 > k:
         out, keep = _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling)
@@ -144,7 +148,7 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
     else:
         out, keep = _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling)
         weights = None
-    layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1) if not layer.all_valid else T)
+    layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1) if not layer.all_valid else T, carried)
     return out, weights
 
 
@@ -284,7 +288,7 @@ def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c):
     policy, k = layer.policy, layer.policy.budget
     dev = query.device
     cur = torch.arange(S0, device=dev).expand(B, G, S0)  # [B, G, n] indices into the S slots
-    outs = []
+    outs, carried = [], S0
     for lo in range(0, T, c):
         n = min(c, T - lo)
         new = torch.arange(S0 + lo, S0 + lo + n, device=dev).expand(B, G, n)
@@ -310,10 +314,12 @@ def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c):
             last = _group(p.mean(2), G, "mean") if policy.needs == "last" else None
             cacc = acc.gather(2, cand) if acc is not None else None
             cur = cand.gather(2, _select(policy, positions.gather(2, cand), cvalid, cacc, last, k))
+            carried = max(carried, m - 1 if n > 1 else k)  # the group's tokens pile up until its eviction
         else:
             cur = cand
+            carried = max(carried, m)
     out = torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2).contiguous()  # [B, T, Hq, Dv]
-    return out, cur
+    return out, cur, carried
 
 
 _QUERY_BLOCK = 256  # queries whose logits are computed at once: bounds memory at B * Hq * 256 * S floats

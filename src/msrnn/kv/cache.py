@@ -82,6 +82,9 @@ class EvictionLayer(DynamicLayer):
         # Fixed storage only: [B, G] the slot the next token is written into; None while the layout is the naive,
         # chronological one (before the layer is full, with padding, rolling positions, or for a multi-token chunk).
         self.free: torch.Tensor | None = None
+        # The most slots carried from one token to the next during the last forward (per sequence): the budget, or
+        # less, for exact prefill and decoding; more for oneshot/chunked:C, which evict once per chunk or group.
+        self.chunk_peak_slots = 0
 
     @property
     def budget(self) -> int | None:
@@ -170,6 +173,7 @@ class EvictionLayer(DynamicLayer):
     def commit_in_place(self, evict: torch.Tensor) -> None:
         """Fixed storage: slot ``evict`` [B, G] is the next free one (its contents are dropped, nothing moves)."""
         self.free = evict
+        self.chunk_peak_slots = self.budget
         self.seen += 1
         self.counter = self.counter + 1
         self.pending = None
@@ -189,9 +193,13 @@ class EvictionLayer(DynamicLayer):
         self.free = None
 
     def commit(self, keep: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor,
-               acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor | int) -> None:
-        """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending); None keeps all."""
+               acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor | int,
+               carried: int | None = None) -> None:
+        """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending); None keeps all.
+        ``carried``: the most slots held between two of this forward's tokens (default: what is kept)."""
         full_k, full_v = self.pending
+        kept = full_k.shape[-2] if keep is None else keep.shape[-1]
+        self.chunk_peak_slots = max(kept, carried or 0)
         if keep is None:
             self.keys, self.values, self.positions, self.valid, self.acc = full_k, full_v, positions, valid, acc
         else:
@@ -231,6 +239,7 @@ class EvictionLayer(DynamicLayer):
         self._awaiting_commit = False
         self.positions = self.valid = self.acc = self.counter = self.pending = self.free = None
         self.all_valid = True
+        self.chunk_peak_slots = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Refused: evicted tokens cannot be restored (no assisted decoding)."""

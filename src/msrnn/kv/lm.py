@@ -114,3 +114,18 @@ class KVEvictionLM(HFCausalLM):
             total += tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc,
                                     layer.counter, layer.free])
         return total
+
+    def chunk_peak_nbytes(self, state) -> int:
+        """The most bytes carried from one token to the next during the last chunk: with ``oneshot`` or
+        ``chunked:C`` prefill a late query of the chunk attends up to budget + chunk - 1 slots (the chunk's
+        earlier tokens before the eviction), which the state after the chunk no longer shows."""
+        total = 0
+        for layer in state.cache.layers:
+            slots = layer.num_slots()
+            per_slot = tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc])
+            fixed = tensor_nbytes([layer.counter, layer.free])
+            if layer.free is not None or slots == 0 or layer.chunk_peak_slots <= slots:
+                total += per_slot + fixed
+            else:
+                total += per_slot // slots * layer.chunk_peak_slots + fixed
+        return total
