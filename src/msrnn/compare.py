@@ -98,7 +98,14 @@ class CompareConfig:
     def eval_key(self) -> str:
         """What an entry's results depend on besides the entry itself (changing any of it re-runs entries)."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("base", "models", "budgets", "policies")}
+        keep["kv_prefill"] = KV_PREFILL  # entries scored under the earlier oneshot protocol re-run
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# KV entries prefill exactly (the token-by-token result): the state holds the fitted slots at every offset, so
+# "equal state bytes" holds inside chunks too. oneshot (used before) evicted once per chunk, so a chunk's late
+# queries attended up to slots + chunk - 1 slots, more than the budget the entry was fitted to.
+KV_PREFILL = "exact"
 
 
 @dataclass
@@ -187,12 +194,12 @@ def _task_tuned(cfg: CompareConfig, entries: list[Entry], progress: bool) -> lis
 
 def fit_slots(base: Any, policy: str, budget: int, per_slot: int) -> tuple[int, int]:
     """(slots, measured bytes): the most KV slots whose measured state (keys, values and the policy's
-    bookkeeping) fits ``budget``. Chunks of 7 tokens: the oneshot prefill holds a chunk's keys before evicting."""
+    bookkeeping) fits ``budget``, at every offset (exact prefill: see ``KV_PREFILL``)."""
     from msrnn.kv import KVSettings, apply_kv
 
     slots = budget // per_slot
     while slots >= 8:
-        nbytes = measure_state_bytes(apply_kv(base, KVSettings(policy, int(slots), prefill="oneshot")),
+        nbytes = measure_state_bytes(apply_kv(base, KVSettings(policy, int(slots), prefill=KV_PREFILL)),
                                      tokens=4 * slots + 64, chunk=7)
         if nbytes <= budget:
             return int(slots), nbytes
@@ -207,7 +214,7 @@ def _load(entry: Entry) -> Any:
     if entry.family == "kv":
         from msrnn.kv import KVSettings, apply_kv
 
-        lm = apply_kv(lm, KVSettings(entry.policy, entry.slots, prefill="oneshot"))
+        lm = apply_kv(lm, KVSettings(entry.policy, entry.slots, prefill=KV_PREFILL))
     return lm
 
 
