@@ -15,16 +15,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from msrnn.bst.config import BSTConfig
 from msrnn.bst.layers import BSTLayer
+from msrnn.compat import model_output, take_cache
+from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
+from msrnn.models.state_cache import StateCache
 
 
-class BSTForCausalLM(PreTrainedModel):
-    """A Block-State Transformer language model (a ``PreTrainedModel``): parallel forward and streaming step."""
+class BSTForCausalLM(PreTrainedModel, GenerationMixin):
+    """A Block-State Transformer language model (a ``PreTrainedModel``): parallel forward and streaming step.
+
+    ``generate()`` (and ``pipeline("text-generation")``) run the streaming step with its constant-size state
+    carried in a :class:`~msrnn.models.state_cache.StateCache`; a forward without a cache is the parallel form."""
     config_class = BSTConfig
     base_model_prefix = "bst"
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
@@ -66,9 +72,24 @@ class BSTForCausalLM(PreTrainedModel):
         """Tokens per block; None for full attention (one block that never ends)."""
         return None if self.config.variant == "full" else self.config.block_size
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_: Any) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
         """Parallel form: the sequence is padded at the end to whole blocks (causal, so padding changes nothing
-        before it), all blocks run at once and the SSM convolves the whole sequence by FFT."""
+        before it), all blocks run at once and the SSM convolves the whole sequence by FFT.
+
+        With a cache (``generate`` passes ``use_cache=True``) the tokens go through the streaming step instead,
+        continuing the cache's state: the same code as ``BSTLM.forward_chunk``."""
+        cache = take_cache(kwargs)
+        if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
+            cache = None  # generate() makes an empty DynamicCache; BST carries its own state
+        if cache is not None and not isinstance(cache, StateCache):
+            raise ConfigError("BST models carry SSM states, not keys and values: pass no cache, or the one a "
+                              "previous call returned")
+        if cache is None and use_cache and labels is None:
+            cache = StateCache(self.config.num_hidden_layers)
+        if cache is not None:
+            return self._forward_stateful(input_ids, attention_mask, cache)
         B, L = input_ids.shape
         W = self.block or L
         pad = (-L) % W
@@ -79,7 +100,18 @@ class BSTForCausalLM(PreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        return CausalLMOutput(loss=loss, logits=logits)
+        return model_output(CausalLMOutputWithPast, loss=loss, logits=logits)
+
+    def _forward_stateful(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          cache: StateCache) -> CausalLMOutputWithPast:
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            raise ConfigError("BST models do not support padding (pad tokens would enter the SSM state); generate "
+                              "for sequences of different lengths one at a time")
+        if cache.state is None:
+            cache.state = self.init_state(input_ids.shape[0])
+        logits = self.step(input_ids, cache.state)
+        cache.seen = cache.state["pos"]
+        return model_output(CausalLMOutputWithPast, logits=logits, cache=cache)
 
     # ------------------------------------------------------------------ streaming
     def init_state(self, batch_size: int) -> dict[str, Any]:
