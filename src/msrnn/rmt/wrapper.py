@@ -24,10 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from msrnn.compat import model_output, take_cache
 from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
+from msrnn.models.state_cache import StateCache
 from msrnn.rmt.config import RMTConfig
 
 
@@ -36,7 +39,7 @@ def max_positions(config: Any) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-class MemoryWrapper(PreTrainedModel):
+class MemoryWrapper(PreTrainedModel, GenerationMixin):
     """A decoder with memory tokens read at each segment's start and written at its end (RMT)."""
     config_class = RMTConfig
     base_model_prefix = "rmt"
@@ -161,9 +164,25 @@ class MemoryWrapper(PreTrainedModel):
         return self.model.get_output_embeddings()(h).float()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                labels_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
-                ) -> dict[str, Any]:
-        """Language modelling over all segments (or, with ``labels_mask``, only where it is true: answer-only)."""
+                labels_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                use_cache: bool | None = None, **kwargs: Any) -> Any:
+        """Language modelling over all segments (or, with ``labels_mask``, only where it is true: answer-only).
+
+        With a cache (``generate`` passes ``use_cache=True``) the tokens stream through the memory instead,
+        continuing the cache's state (``RMTLM.forward_chunk``: segments cut from the start, the memory updated
+        at each segment's end), so ``generate()`` and ``pipeline("text-generation")`` work with a constant state."""
+        cache = take_cache(kwargs)
+        if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
+            cache = None  # generate() makes an empty DynamicCache; an RMT carries its memory instead
+        if cache is not None and not isinstance(cache, StateCache):
+            raise ConfigError("an RMT carries a memory, not keys and values: pass no cache, or the one a previous "
+                              "call returned")
+        if cache is None and use_cache and labels is None:
+            cache = StateCache(1)
+        if cache is not None:
+            return self._forward_stateful(input_ids, attention_mask, cache)
+        if kwargs:
+            raise TypeError(f"MemoryWrapper.forward() got unexpected arguments {sorted(kwargs)}")
         out = self.run(input_ids, attention_mask, keep_logits=True, align="left")
         if labels is not None:
             shift_logits = out["logits"][:, :-1].float()
@@ -174,6 +193,27 @@ class MemoryWrapper(PreTrainedModel):
             nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none")  # [B, T-1]
             out["loss"] = (nll * mask).sum() / mask.sum().clamp(min=1)
         return out
+
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """generate() must not build a DynamicCache from this config (it has no layer count of its own): the
+        first stateful forward makes the StateCache and returns it (transformers' hook for custom caches)."""
+        return False
+
+    def _forward_stateful(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          cache: StateCache) -> CausalLMOutputWithPast:
+        from msrnn.rmt.lm import RMTLM  # the streaming driver (it imports this module)
+
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            raise ConfigError("streaming an RMT does not support padding (pad tokens would enter the memory); "
+                              "generate for sequences of different lengths one at a time")
+        lm = RMTLM(self)
+        if cache.state is None:
+            cache.state = lm.init_state(input_ids.shape[0])
+        logits, cache.state = lm.forward_chunk(input_ids, cache.state)
+        cache.seen = cache.state.seen
+        return model_output(CausalLMOutputWithPast, logits=logits, cache=cache)
 
 
 register_auto("msrnn_rmt", RMTConfig, MemoryWrapper, ("AutoModel", "AutoModelForCausalLM"))
