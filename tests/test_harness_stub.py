@@ -19,6 +19,7 @@ def harness(monkeypatch, task_model_dir):
         registry = types.ModuleType("lm_eval.api.registry")
         registry.register_model = lambda *names: (lambda cls: cls)
         for name, mod in {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.api": types.ModuleType("lm_eval.api"),
+                          "lm_eval.models": types.ModuleType("lm_eval.models"),
                           "lm_eval.api.model": model, "lm_eval.api.registry": registry}.items():
             monkeypatch.setitem(sys.modules, name, mod)
         monkeypatch.delitem(sys.modules, "msrnn.harness", raising=False)
@@ -61,3 +62,22 @@ def test_loglikelihood_rolling_equals_the_streamed_sum(harness):
     lp = harness._logprobs(ids)[:-1]
     want = float(lp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
     assert harness.loglikelihood_rolling([_req(text)]) == [pytest.approx(want)]
+
+
+def test_model_arguments_are_honoured_or_refused(harness, task_model_dir):
+    """Every KV option in --model_args reaches the cache; an argument the model does not know is refused, not
+    dropped (lm-eval's own batch_size keys are accepted)."""
+    from msrnn.errors import ConfigError
+
+    cls = type(harness)
+    h = cls(str(task_model_dir), policy="tova", budget="16", sinks="2", keep_newest="true", prefill="chunked:4",
+            storage="fixed", batch_size=1)
+    layer = h.lm.init_state(1).cache.layers[0]
+    assert (layer.policy.budget, layer.policy.sinks, layer.policy.keep_newest) == (16, 2, True)
+    assert layer.prefill == "chunked:4" and layer.storage == "fixed"
+    with pytest.raises(ConfigError, match="takes no argument poliy"):
+        cls(str(task_model_dir), poliy="tova")
+    with pytest.raises(ConfigError, match="need policy"):
+        cls(str(task_model_dir), sinks=4)
+    with pytest.raises(ConfigError, match="true or false"):
+        cls(str(task_model_dir), policy="h2o", budget=8, per_head="maybe")

@@ -7,8 +7,10 @@ fresh state, so a KV policy, SUPRA, BST or RMT is scored with exactly the state 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval fills its own model names only into an empty registry: load them first)
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
@@ -18,21 +20,59 @@ from msrnn.errors import ConfigError
 from msrnn.generate import generate
 from msrnn.protocol import stream_logits
 
+log = logging.getLogger(__name__)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_bool(value: Any) -> bool | None:
+    """lm-eval passes ``key=true`` through as a string or a bool, depending on its version."""
+    if value is None or isinstance(value, bool):
+        return value
+    low = str(value).lower()
+    if low not in ("true", "false"):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return low == "true"
+
 
 @register_model("msrnn")
 class MsrnnHarnessLM(LM):
     """Any msrnn model as an lm-evaluation-harness ``LM`` (``--model msrnn``)."""
 
+    # Keys lm-eval itself adds to every model's arguments; a batch of one sequence at a time is what streaming
+    # scoring does, so they are accepted (batch sizes are not honoured: scoring is per request either way).
+    _LM_EVAL_EXTRAS = ("batch_size", "max_batch_size")
+
     def __init__(self, pretrained: str, policy: str | None = None, budget: int | None = None,
-                 chunk_size: int = 512, max_gen_toks: int = 64, device: str = "cpu", **_: Any) -> None:
+                 chunk_size: int = 512, max_gen_toks: int = 64, device: str = "cpu", sinks: int | None = None,
+                 recent: int | None = None, per_head: bool | str | None = None, keep_newest: bool | str | None = None,
+                 prefill: str = "exact", positions: str = "original", storage: str = "naive", **extra: Any) -> None:
         super().__init__()
         from msrnn.models import load_lm
 
+        unknown = sorted(k for k in extra if k not in self._LM_EVAL_EXTRAS)
+        if unknown:
+            raise ConfigError(f"msrnn's harness model takes no argument {', '.join(unknown)}; it takes pretrained, "
+                              "policy, budget, sinks, recent, per_head, keep_newest, prefill, positions, storage, "
+                              "chunk_size, max_gen_toks and device")
+        kv = dict(sinks=_opt_int(sinks), recent=_opt_int(recent), per_head=_opt_bool(per_head),
+                  keep_newest=_opt_bool(keep_newest), prefill=prefill, positions=positions, storage=storage)
+        if not policy and (any(v is not None for k, v in kv.items() if k in ("sinks", "recent", "per_head",
+                                                                               "keep_newest"))
+                           or (prefill, positions, storage) != ("exact", "original", "naive")):
+            raise ConfigError("KV options (sinks, recent, per_head, keep_newest, prefill, positions, storage) need "
+                              "policy=window|sink|h2o|tova")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line defaults to cuda; its own hf model falls back the same way, saying so.
+            log.warning("device %s asked for but no CUDA GPU is visible: running on cpu", device)
+            device = "cpu"
         self.lm = load_lm(pretrained, device=device)
         if policy:
             from msrnn.kv import KVSettings, apply_kv
 
-            self.lm = apply_kv(self.lm, KVSettings(policy, int(budget) if budget else None))
+            self.lm = apply_kv(self.lm, KVSettings(policy, int(budget) if budget else None, **kv))
         self.tok = self.lm.tokenizer
         self.chunk_size, self.max_gen_toks = int(chunk_size), int(max_gen_toks)
 
@@ -94,3 +134,12 @@ class MsrnnHarnessLM(LM):
                 text = text.split(stop)[0]
             out.append(text)
         return out
+
+
+if __name__ == "__main__":
+    # `python -m msrnn.harness run --model msrnn --model_args pretrained=DIR,policy=tova,budget=512 --tasks ...` is
+    # lm-eval's own command line with the `msrnn` model registered (lm-eval releases before model plugins need
+    # this import; newer ones also find `--model msrnn` through the `lm_eval.models` entry point).
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

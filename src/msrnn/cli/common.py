@@ -58,8 +58,9 @@ def check_output_paths(args: argparse.Namespace) -> None:
     import os
     from pathlib import Path
 
-    for flag, want_dir in (("plot", False), ("out", True)):
-        value = getattr(args, flag, None)
+    for attr, want_dir in (("plot", False), ("out", True), ("output_path", False)):
+        value = getattr(args, attr, None)
+        flag = attr.replace("_", "-")
         if not value:
             continue
         path = Path(value).expanduser()

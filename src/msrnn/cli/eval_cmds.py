@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from msrnn.cli.common import add_output_flags, add_seed, int_list, positive_int, resolve_device
 
@@ -156,8 +157,12 @@ def add_eval_harness(ev: argparse._SubParsersAction) -> None:
     p = ev.add_parser("harness", help="lm-evaluation-harness tasks for any family (pip install 'msrnn[harness]')")
     add_model_flags(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None,
+                   help="a folder of extra lm-eval task YAMLs (local tasks: no download needed)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (lm-eval's)")
     p.add_argument("--limit", type=positive_int, default=None, help="samples per task")
     p.add_argument("--chunk-size", type=positive_int, default=512)
+    p.add_argument("--output-path", default=None, help="also write the results JSON to this file")
     add_output_flags(p)
     p.set_defaults(func=run_eval_harness)
 
@@ -166,24 +171,36 @@ def run_eval_harness(args: argparse.Namespace) -> int:
     from msrnn.errors import ConfigError
     from msrnn.ui import print_json
 
-    # The harness model takes a policy and a budget only; refuse the other KV flags rather than drop them.
-    ignored = [flag for flag, value, default in (("--sinks", args.sinks, None), ("--recent", args.recent, None),
-                                                 ("--per-head", args.per_head, None),
-                                                 ("--keep-newest", args.keep_newest, None),
-                                                 ("--prefill", args.prefill, "exact"),
-                                                 ("--positions", args.positions, "original"),
-                                                 ("--storage", args.storage, "naive")) if value != default]
-    if ignored:
-        raise ConfigError(f"eval harness supports --policy and --budget only, not {', '.join(ignored)}; drop "
-                          "them (or score with 'msrnn eval ppl', which takes every KV flag)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise ConfigError(f"--include-path {args.include_path} is not a folder of task YAMLs")
+    settings = kv_settings(args) if args.policy else None
+    if settings is None and any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head,
+                                                        args.keep_newest)) or (
+            settings is None and (args.prefill, args.positions, args.storage) != ("exact", "original", "naive")):
+        raise ConfigError("--budget/--sinks/--recent/--per-head/--keep-newest/--prefill/--positions/--storage need "
+                          "--policy (window, sink, h2o or tova)")
     try:
         import lm_eval
 
         from msrnn.harness import MsrnnHarnessLM
     except ImportError:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'msrnn[harness]'") from None
-    lm = MsrnnHarnessLM(args.model, policy=args.policy, budget=args.budget, chunk_size=args.chunk_size,
-                        device=resolve_device(args.device))
-    res = lm_eval.simple_evaluate(model=lm, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit)
-    print_json({"model": args.model, "tasks": args.tasks, "results": res["results"]})  # lm-eval's nested metrics
+    kv = {} if settings is None else {"policy": settings.policy, "budget": settings.budget, "prefill": settings.prefill,
+                                      "positions": settings.positions, "storage": settings.storage,
+                                      **settings.options()}
+    lm = MsrnnHarnessLM(args.model, chunk_size=args.chunk_size, device=resolve_device(args.device), **kv)
+    from lm_eval.tasks import TaskManager
+
+    res = lm_eval.simple_evaluate(model=lm, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
+                                  num_fewshot=args.num_fewshot,
+                                  task_manager=TaskManager(include_path=args.include_path))
+    report = {"model": args.model, "tasks": args.tasks, "kv": kv or None, "num_fewshot": args.num_fewshot,
+              "results": res["results"]}  # lm-eval's nested metrics
+    if args.output_path:
+        from msrnn.io import write_json
+
+        write_json(args.output_path, report)
+    print_json(report)
     return 0
