@@ -145,6 +145,31 @@ def test_generate_sampling_is_seeded(tiny_model):
         generate(lm, p, 3, top_p=0.0)
 
 
+def test_sampling_draws_from_the_distribution_transformers_generate_uses():
+    """msrnn's sampler warps with transformers' warpers, and they keep what the definitions say: temperature
+    scales, top-k keeps the k largest, top-p the smallest prefix (by probability) whose mass reaches p."""
+    from msrnn.generate import warp
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, generator=g) * 3
+    t, k, p = 0.7, 12, 0.8
+    got = warp(logits, t, k, p)
+    for row, out in zip(logits, got, strict=True):
+        z = row / t
+        keep = set(z.topk(k).indices.tolist())
+        probs = z.masked_fill(~torch.isin(torch.arange(40), torch.tensor(sorted(keep))), float("-inf")).softmax(-1)
+        order = probs.argsort(descending=True)
+        mass, nucleus = 0.0, []
+        for i in order.tolist():
+            if mass >= p:
+                break
+            nucleus.append(i)
+            mass += float(probs[i])
+        assert set(torch.isfinite(out).nonzero()[:, 0].tolist()) == set(nucleus)
+        assert torch.allclose(out[nucleus], z[nucleus])
+    assert torch.equal(warp(logits, 1.0), logits)
+
+
 def test_min_tokens_selects_by_full_length_before_truncation(tiny_model):
     docs = [list(range(1, 101)), list(range(1, 31))]
     res = evaluate_stream(HFCausalLM(tiny_model), docs, StreamEvalConfig(chunk_size=16, max_tokens=20, min_tokens=50))

@@ -51,15 +51,22 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Greedy at temperature 0; otherwise sample from the logits warped by transformers' own temperature, top-k and
+    top-p warpers, in the order ``generate(do_sample=True)`` applies them (so sampling here and there agree)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    return torch.multinomial(warp(logits, temperature, top_k, top_p).softmax(-1), 1, generator=gen)[:, 0]
+
+
+def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [B, V] -> the logits sampling draws from: transformers' ``TemperatureLogitsWarper``,
+    ``TopKLogitsWarper`` and ``TopPLogitsWarper`` (masked tokens at -inf)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    steps = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        steps.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+        steps.append(TopPLogitsWarper(top_p))
+    no_ids = torch.zeros(logits.shape[0], 0, dtype=torch.long)  # the warpers used here do not read past tokens
+    return steps(no_ids, logits.float())
