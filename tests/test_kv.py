@@ -157,6 +157,37 @@ def test_in_chunk_peak_counts_the_slots_a_prefill_carries(prefill, carried):
     assert chunk_held_nbytes(lm, state) == lm.state_nbytes(state)
 
 
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fixed_storage_with_a_left_padded_batch_equals_its_naive_twin(attn, policy):
+    """A left-padded prompt leaves padding slots in the cache: in place they are masked and evicted first, exactly
+    as the naive layout does; kept tokens and logits agree at every decode step."""
+    name, opts = policy
+    model = tiny("qwen2", attn, seed=6)
+    prepare_model(model)
+    x = torch.randint(1, V, (2, 14), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    x[1, :9], mask[1, :9] = 0, 0  # row 1: 9 padding tokens, more than the budget's real slots at first
+    steps = torch.randint(1, V, (2, 20), generator=torch.Generator().manual_seed(11))
+    runs = {}
+    for storage in ("naive", "fixed"):
+        cache = make_cache(model, make_policy(name, 8, **opts), storage=storage)
+        logits, kept, m = [], [], mask
+        with torch.no_grad():
+            logits.append(model(input_ids=x, attention_mask=m, use_cache=True, **cache_kwargs(cache, model)).logits)
+            for t in range(steps.shape[1]):
+                m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+                logits.append(model(input_ids=steps[:, t : t + 1], attention_mask=m, use_cache=True,
+                                    **cache_kwargs(cache, model)).logits)
+                kept.append([layer.kept_positions().clone() for layer in cache.layers])
+        runs[storage] = (torch.cat(logits, 1), kept, all(layer.free is not None for layer in cache.layers))
+    assert runs["fixed"][2] and not runs["naive"][2]
+    assert_close(f"{attn}/{pid(policy)}", runs["naive"][0], runs["fixed"][0], atol=1e-5)
+    for step, (a, b) in enumerate(zip(runs["naive"][1], runs["fixed"][1], strict=True)):
+        for la, lb in zip(a, b, strict=True):
+            assert torch.equal(la, lb), f"step {step}: kept {lb.tolist()} != naive {la.tolist()}"
+
+
 def _kept_acc(layer):
     """H2O sums of the live slots in chronological order (a fixed buffer's are in slot order, one slot free)."""
     if layer.acc is None or layer.free is None:

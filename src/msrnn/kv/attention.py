@@ -154,25 +154,31 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
 
 def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value, mask, scaling, dropout, kwargs):
     """One decode step on a fixed buffer: the new token is already written into the free slot, so the query attends
-    all budget + 1 slots (every one real and in its past: no mask), the policy scores them, and the lowest-scoring
-    slot becomes the free one. The same rule as the naive step, which keeps the top ``budget``: one slot goes, the
-    older one on ties (slots are not chronological here, so ties are broken by original position)."""
+    all budget + 1 slots (all in its past), the policy scores them, and the lowest-scoring slot becomes the free
+    one. The same rule as the naive step, which keeps the top ``budget``: one slot goes, the
+    older one on ties (slots are not chronological here, so ties are broken by original position). Padding slots
+    of a left-padded prompt are masked and scored -inf, so they go first, as in the naive layout."""
     B = query.shape[0]
     if not bool(_new_validity(mask, B, 1, key.shape[2] - 1, query.device).all()):
         raise MsrnnError("a padding token arrived while decoding in place; only left padding is supported")
     G = layer.positions.shape[1]
+    Hq = query.shape[1]
     policy = layer.policy
     p = None
+    allowed_q = None  # every slot real: no mask (the common case)
+    if not layer.all_valid:  # padding slots from a left-padded prompt: masked until they are evicted
+        allowed = layer.valid[:, :, None, :]  # [B, G, 1, S]
+        allowed_q = allowed if G == 1 else _repeat_heads(allowed, Hq // G)
     if policy.needs == "none" or base_name == "eager" or module.training:
-        out, weights = _base(base_name)(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)
+        out, weights = _base(base_name)(module, query, key, value, allowed_q, scaling=scaling, dropout=dropout,
+                                        **kwargs)
         if policy.needs != "none":
             p = weights[:, :, -1].float()
     else:
         # The policy needs the query's probabilities, which SDPA does not return: compute them once in fp32 and
         # attend with them, rather than running SDPA and then recomputing the same row (one q.K instead of two).
-        B, Hq, _, D = query.shape
         Hkv = key.shape[1]
-        p = _probs(query, key, None, scaling)[:, :, 0]  # [B, Hq, S]
+        p = _probs(query, key, allowed_q, scaling)[:, :, 0]  # [B, Hq, S]
         pv = torch.matmul(p.view(B, Hkv, Hq // Hkv, -1), value.float())  # [B, Hkv, Hq/Hkv, Dv]
         out = pv.view(B, Hq, 1, -1).transpose(1, 2).to(query.dtype)  # [B, 1, Hq, Dv]
         weights = None
@@ -180,6 +186,8 @@ def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value,
         layer.acc += _group(p, G, "sum")
     last = _group(p, G, "mean") if policy.needs == "last" else None
     scores = policy.score(Candidates(layer.positions, layer.valid, layer.acc, last))  # [B, G, k + 1]
+    if not layer.all_valid:
+        scores = scores.masked_fill(~layer.valid, float("-inf"))
     lowest = scores == scores.min(dim=-1, keepdim=True).values
     evict = layer.positions.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1)  # [B, G] oldest
     layer.commit_in_place(evict)

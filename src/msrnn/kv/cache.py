@@ -137,10 +137,10 @@ class EvictionLayer(DynamicLayer):
 
     # -- fixed storage ----------------------------------------------------------------------------------------
     def _fixed_step(self, key_states: torch.Tensor) -> bool:
-        """Whether this update is an in-place decode step: one token into a full layer with no padding slots."""
+        """Whether this update is an in-place decode step: one token into a full layer (padding slots included:
+        they are masked and evicted first, as in the naive layout)."""
         return (self.storage == "fixed" and key_states.shape[-2] == 1 and self.budget is not None
-                and not self.rolling and self.all_valid and (self.free is not None
-                                                             or self.keys.shape[-2] >= self.budget))
+                and not self.rolling and (self.free is not None or self.keys.shape[-2] >= self.budget))
 
     def _to_fixed(self) -> None:
         """Chronological k slots -> a k + 1 slot buffer whose extra slot is free (one copy, once)."""
@@ -163,6 +163,7 @@ class EvictionLayer(DynamicLayer):
         self.keys.scatter_(2, idx[:, :, None, None].expand(B, H, 1, self.keys.shape[-1]), key_states)
         self.values.scatter_(2, idx[:, :, None, None].expand(B, H, 1, self.values.shape[-1]), value_states)
         self.positions.scatter_(2, self.free[..., None], self.counter[:, None, None].expand_as(self.free[..., None]))
+        self.valid.scatter_(2, self.free[..., None], True)  # the slot may have held padding
         if self.acc is not None:
             self.acc.scatter_(2, self.free[..., None], 0.0)
         self.pending = (self.keys, self.values)
