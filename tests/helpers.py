@@ -47,3 +47,35 @@ def tiny(arch: str, attn: str = "sdpa", seed: int = 0):
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     return cls(cfg).eval()
+
+
+def assert_pipeline_generates(model, tokenizer, folder) -> None:
+    """Save ``model`` with ``tokenizer`` and run transformers' text-generation pipeline on the directory."""
+    from transformers import pipeline
+
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(str(folder))
+    out = pipeline("text-generation", model=str(folder), device="cpu")("def f(x):", max_new_tokens=6, do_sample=False)
+    assert out[0]["generated_text"].startswith("def f(x):")
+
+
+def assert_generate_follows_protocol(model, lm, x, new_tokens: int = 12) -> None:
+    """``model.generate`` (greedy) gives the tokens of ``msrnn.generate`` on the protocol adapter ``lm``, returns
+    its state in a StateCache, and refuses a padded batch (pad tokens would enter the recurrent state)."""
+    import pytest
+
+    from msrnn.compat import output_cache
+    from msrnn.errors import ConfigError
+    from msrnn.generate import generate
+    from msrnn.models.state_cache import StateCache
+
+    T = x.shape[1]
+    with torch.no_grad():
+        want = generate(lm, x, max_new_tokens=new_tokens)
+        got = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)
+        out = model(x, use_cache=True)
+    assert torch.equal(got[:, T:], want)
+    assert isinstance(output_cache(out), StateCache) and output_cache(out).get_seq_length() == T
+    with pytest.raises(ConfigError, match="padding"):
+        model.generate(x, attention_mask=torch.ones_like(x).index_fill_(1, torch.tensor([0]), 0), max_new_tokens=2)

@@ -3,7 +3,7 @@ variant says it does, the state is constant, save/load round-trips, bad configs 
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_generate_follows_protocol, assert_pipeline_generates
 
 from msrnn.bst import BSTLM, BSTConfig, BSTForCausalLM
 from msrnn.errors import ConfigError
@@ -271,29 +271,12 @@ def test_grouped_query_streaming_and_parallel_gradients_agree(variant):
 def test_generate_and_pipeline_follow_msrnn_generate(variant, tmp_path, task_tokenizer):
     """generate() carries the streaming state in a StateCache (prefill, then one token per step, across block
     boundaries); greedy output equals `msrnn generate` on the protocol, and pipeline("text-generation") runs."""
-    from transformers import pipeline
-
-    from msrnn.compat import output_cache
-    from msrnn.generate import generate
-    from msrnn.models.state_cache import StateCache
-
     m = make(variant)
     x = torch.randint(0, V, (2, 13))
-    with torch.no_grad():
-        want = generate(BSTLM(m), x, max_new_tokens=12)
-        got = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0)
-        out = m(x, use_cache=True)
-    assert torch.equal(got[:, 13:], want)
-    assert isinstance(output_cache(out), StateCache) and output_cache(out).get_seq_length() == 13
-    with pytest.raises(ConfigError, match="padding"):
-        m.generate(x, attention_mask=torch.ones_like(x).index_fill_(1, torch.tensor([0]), 0), max_new_tokens=2)
+    assert_generate_follows_protocol(m, BSTLM(m), x)
     with pytest.raises(ConfigError, match="beam search"):
         m.generate(x[:1], num_beams=2, max_new_tokens=3, do_sample=False)
     big = BSTForCausalLM(BSTConfig(vocab_size=len(task_tokenizer), hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=4, intermediate_size=64, block_size=8, state_size=4,
                                    ssm_layers=[1], variant=variant)).eval()
-    big.save_pretrained(tmp_path / "m")
-    task_tokenizer.save_pretrained(str(tmp_path / "m"))
-    text = pipeline("text-generation", model=str(tmp_path / "m"), device="cpu")("def f(x):", max_new_tokens=6,
-                                                                                 do_sample=False)
-    assert text[0]["generated_text"].startswith("def f(x):")
+    assert_pipeline_generates(big, task_tokenizer, tmp_path / "m")

@@ -3,7 +3,7 @@ wrapper, memory bytes stay constant."""
 
 import pytest
 import torch
-from helpers import V, assert_close, tiny
+from helpers import V, assert_close, assert_generate_follows_protocol, assert_pipeline_generates, tiny
 
 from msrnn.errors import ConfigError
 from msrnn.protocol import stream_logits
@@ -208,30 +208,11 @@ def test_stream_bench_plumbing():
 def test_decoder_rmt_generate_and_pipeline_follow_msrnn_generate(arch, tmp_path, task_tokenizer):
     """generate() streams through the memory in a StateCache (segments of 8 tokens, so the 13-token prompt and the
     12 new tokens cross three segment ends); greedy output equals `msrnn generate`; pipeline runs on a saved dir."""
-    from transformers import pipeline
-
-    from msrnn.compat import output_cache
-    from msrnn.errors import ConfigError
-    from msrnn.generate import generate
-    from msrnn.models.state_cache import StateCache
-    from msrnn.rmt.lm import RMTLM
-
     m = MemoryWrapper.wrap(tiny(arch, seed=2), num_memory_tokens=3, segment_length=8).eval()
     x = torch.randint(1, V, (2, 13))
-    with torch.no_grad():
-        want = generate(RMTLM(m), x, max_new_tokens=12)
-        got = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0)
-        out = m(x, use_cache=True)
-    assert torch.equal(got[:, 13:], want)
-    assert isinstance(output_cache(out), StateCache) and output_cache(out).get_seq_length() == 13
-    with pytest.raises(ConfigError, match="padding"):
-        m.generate(x, attention_mask=torch.ones_like(x).index_fill_(1, torch.tensor([0]), 0), max_new_tokens=2)
+    assert_generate_follows_protocol(m, RMTLM(m), x)
     with pytest.raises(TypeError, match="unexpected"):
         m(x, position_ids=torch.arange(13)[None])  # the parallel form takes no stray arguments
     assert len(task_tokenizer) <= V
     big = MemoryWrapper.wrap(tiny(arch, seed=3), num_memory_tokens=2, segment_length=8)
-    big.eval().save_pretrained(tmp_path / "m")
-    task_tokenizer.save_pretrained(str(tmp_path / "m"))
-    text = pipeline("text-generation", model=str(tmp_path / "m"), device="cpu")("def f(x):", max_new_tokens=6,
-                                                                                 do_sample=False)
-    assert text[0]["generated_text"].startswith("def f(x):")
+    assert_pipeline_generates(big, task_tokenizer, tmp_path / "m")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import V, assert_close, tiny
+from helpers import V, assert_close, assert_pipeline_generates, tiny
 
 from msrnn.compat import cache_kwargs
 from msrnn.errors import ConfigError, ModelLoadError
@@ -168,8 +168,6 @@ def test_feature_rope_equals_the_models_rope_at_head_dim():
 def test_generate_and_pipeline_follow_msrnn_generate(tmp_path, task_tokenizer):
     """SUPRA's generate() (its SupraCache) gives the greedy tokens of `msrnn generate`; pipeline runs on a saved
     directory."""
-    from transformers import pipeline
-
     from msrnn.generate import generate
 
     model = convert(tiny("llama", seed=3)).eval()
@@ -178,8 +176,4 @@ def test_generate_and_pipeline_follow_msrnn_generate(tmp_path, task_tokenizer):
         want = generate(SupraLM(model), x, max_new_tokens=10)
         got = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(got[:, 11:], want)
-    model.save_pretrained(tmp_path / "m")
-    task_tokenizer.save_pretrained(str(tmp_path / "m"))
-    text = pipeline("text-generation", model=str(tmp_path / "m"), device="cpu")("def f(x):", max_new_tokens=6,
-                                                                                 do_sample=False)
-    assert text[0]["generated_text"].startswith("def f(x):")
+    assert_pipeline_generates(model, task_tokenizer, tmp_path / "m")

@@ -57,15 +57,20 @@ def _prefill(lm, ctx: int, vocab: int, chunk: int, seed: int):
     return prefill(lm, ids, chunk)[1]
 
 
+_WARMUP = 2  # untimed decode steps before each timed round
+
+
 def _sync(lm) -> None:
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
 
 
 @torch.inference_mode()
-def _decode_time(lm, state, steps: int, vocab: int) -> float:
-    tok = torch.zeros(1, 1, dtype=torch.long)
-    for _ in range(2):  # warm-up
+def _timed_decode(lm, state, steps: int, vocab: int) -> tuple[float, Any]:
+    """Seconds for ``steps`` single-token steps of the state's whole batch (after ``_WARMUP`` untimed ones), and the
+    state after them."""
+    tok = torch.zeros(state.batch_size, 1, dtype=torch.long)
+    for _ in range(_WARMUP):
         _, state = lm.forward_chunk(tok, state)
     _sync(lm)
     t0 = time.perf_counter()
@@ -73,7 +78,7 @@ def _decode_time(lm, state, steps: int, vocab: int) -> float:
         tok.fill_(i % vocab)
         _, state = lm.forward_chunk(tok, state)
     _sync(lm)
-    return (time.perf_counter() - t0) / steps
+    return time.perf_counter() - t0, state
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -129,7 +134,7 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
         for _ in range(cfg.rounds):
             for name, lm in variants.items():
                 # Decoding grows a full cache by `steps` (+2 warm-up) tokens per round: small next to `ctx`.
-                times[name].append(_decode_time(lm, states[name], cfg.steps, vocab))
+                times[name].append(_timed_decode(lm, states[name], cfg.steps, vocab)[0] / cfg.steps)
         bandwidth.append(copy_bandwidth(device))
         row: dict[str, Any] = {"context": ctx}
         for name, lm in variants.items():
@@ -262,25 +267,6 @@ class KVThroughputBenchConfig:
         return max(1, self.budget // 8)
 
 
-_WARMUP = 2  # untimed decode steps before each timed round
-
-
-@torch.inference_mode()
-def _throughput_time(lm, state, steps: int, vocab: int) -> tuple[float, int]:
-    state = copy.deepcopy(state)  # every round decodes from the same prefilled state, so the peak stays known
-    batch = state.batch_size
-    tok = torch.zeros(batch, 1, dtype=torch.long)
-    for _ in range(_WARMUP):
-        _, state = lm.forward_chunk(tok, state)
-    _sync(lm)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        tok.fill_(i % vocab)
-        _, state = lm.forward_chunk(tok, state)
-    _sync(lm)
-    return time.perf_counter() - t0, lm.state_nbytes(state)
-
-
 @torch.inference_mode()
 def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: Any = None) -> dict[str, Any]:
     """Generated tokens/s at a fixed KV memory budget: the largest batch of full caches against the largest batch
@@ -327,8 +313,10 @@ def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: 
     last_bytes: dict[str, int] = {}
     for _ in range(cfg.rounds):
         for k, (lm, _chunk) in variants.items():
-            t, last_bytes[k] = _throughput_time(lm, states[k], cfg.steps, vocab)
+            # Every round decodes from a copy of the same prefilled state, so the peak stays known.
+            t, end = _timed_decode(lm, copy.deepcopy(states[k]), cfg.steps, vocab)
             times[k].append(t)
+            last_bytes[k] = lm.state_nbytes(end)
     rows = []
     for k in variants:
         t = statistics.median(times[k])

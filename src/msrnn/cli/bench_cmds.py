@@ -98,10 +98,22 @@ def load_bench_model(args: argparse.Namespace):
     return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
 
 
+def _saved_or_printed(args: argparse.Namespace, result: dict) -> bool:
+    """Name the model in ``result``, write ``--out``, and print it for ``--json``: True when that is all the command
+    shows."""
+    from msrnn.ui import print_json
+
+    result["model"] = str(args.model or f"shape {args.shape} (random weights)")
+    save_results(args.out, "results.json", result)
+    if args.json:
+        print_json(result)
+    return bool(args.json)
+
+
 def run_bench_kv(args: argparse.Namespace) -> int:
     from msrnn.bench.kv import KVBenchConfig, run_kv_bench
     from msrnn.errors import ConfigError
-    from msrnn.ui import err_console, out_console, print_json, table
+    from msrnn.ui import err_console, out_console, table
 
     try:
         contexts = [int(x) for x in args.contexts.split(",") if x]
@@ -122,10 +134,7 @@ def run_bench_kv(args: argparse.Namespace) -> int:
             err_console.print(f"  context {row['context']}: tova/full speed {row['tova/full speed']:.2f}x")
 
     result = run_kv_bench(model, cfg, progress=progress)
-    result["model"] = str(args.model or f"shape {args.shape} (random weights)")
-    save_results(args.out, "results.json", result)
-    if args.json:
-        print_json(result)
+    if _saved_or_printed(args, result):
         return 0
     b = cfg.budget
     # "of ceiling" is (tova/full) / (plain/full) = tova/plain: one column for both.
@@ -153,7 +162,7 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
     from msrnn.bench.kv import KVThroughputBenchConfig, run_kv_throughput_bench
     from msrnn.errors import ConfigError
     from msrnn.kv import KVSettings
-    from msrnn.ui import err_console, out_console, print_json, table
+    from msrnn.ui import err_console, out_console, table
 
     if len(contexts) != 1:
         raise ConfigError(f"--throughput measures one context; give one, e.g. --contexts {contexts[-1]}")
@@ -172,10 +181,7 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
             err_console.print(f"  {msg}")
 
     result = run_kv_throughput_bench(model, cfg, progress=progress)
-    result["model"] = str(args.model or f"shape {args.shape} (random weights)")
-    save_results(args.out, "results.json", result)
-    if args.json:
-        print_json(result)
+    if _saved_or_printed(args, result):
         return 0
     body = [[r["variant"], f"{r['batch']}{' (capped)' if r['capped'] else ''}",
              r["peak KV bytes per sequence"] / 2**20, r["peak KV bytes"] / 2**20, r["tok/s per sequence"],
@@ -190,7 +196,7 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
 def run_bench_kv_prefill(args: argparse.Namespace) -> int:
     from msrnn.bench.kv import KVPrefillBenchConfig, run_kv_prefill_bench
     from msrnn.kv import KVSettings
-    from msrnn.ui import err_console, out_console, print_json, table
+    from msrnn.ui import err_console, out_console, table
 
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
@@ -205,10 +211,7 @@ def run_bench_kv_prefill(args: argparse.Namespace) -> int:
             err_console.print(f"  {name}: {tps:,.0f} tok/s")
 
     result = run_kv_prefill_bench(model, cfg, progress=progress)
-    result["model"] = str(args.model or f"shape {args.shape} (random weights)")
-    save_results(args.out, "results.json", result)
-    if args.json:
-        print_json(result)
+    if _saved_or_printed(args, result):
         return 0
     body = [[r["variant"], r["tok/s"], f"{r['vs full']:.2f}x", r["rounds"]] for r in result["rows"]]
     out_console.print(table(f"prefill of {cfg.tokens} tokens in {cfg.chunk}-token chunks (median of interleaved "
