@@ -70,3 +70,32 @@ def test_schedule_warmup_then_cosine_to_floor():
 def test_bad_train_config(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**kwargs)
+
+
+def test_a_multi_process_cpu_launch_that_runs_one_process_is_refused(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` starts one process with MASTER_ADDR set and no WORLD_SIZE:
+    refused, naming the launchers that do run N processes; a plain run and a real torchrun rank pass."""
+    from msrnn.errors import ConfigError
+    from msrnn.train.trainer import check_launch
+
+    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(ConfigError, match="runs one process"):
+        check_launch(1, simple)
+    check_launch(1, {"ACCELERATE_USE_CPU": "True"})  # accelerate launch --cpu, one process asked for
+    check_launch(1, {})  # a plain run
+    check_launch(2, {**simple, "WORLD_SIZE": "2", "RANK": "0"})  # torchrun
+    monkeypatch.setattr("os.environ", {**simple})
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
+        check_launch(1)
+
+
+def test_only_rank_zero_prints_results():
+    """Under torchrun every rank runs the CLI; results print once (rank 0), not once per rank."""
+    import subprocess
+    import sys
+
+    code = "from msrnn.ui import print_json, out_console; print_json({'a': 1}); out_console.print('table')"
+    for rank, want in (("0", True), ("1", False)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "RANK": rank}).stdout
+        assert ('"a": 1' in out and "table" in out) == want, (rank, out)

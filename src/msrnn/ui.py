@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,10 @@ from rich.table import Table
 
 # Progress and logs go to stderr so `--json` output on stdout stays parseable.
 err_console = Console(stderr=True)
-out_console = Console()
+# Under a multi-process launcher (torchrun sets RANK) only rank 0 prints results: the others hold the same reduced
+# figures, and N copies of a table would read as N runs. Errors and progress still show on every rank.
+MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
+out_console = Console(quiet=not MAIN_PROCESS)
 
 
 def fmt(v: Any) -> str:
@@ -37,8 +41,9 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 
 
 def print_json(obj: Any) -> None:
-    """One JSON object on stdout."""
-    print(json.dumps(obj, indent=2, default=_default))
+    """One JSON object on stdout (rank 0 only under a multi-process launcher)."""
+    if MAIN_PROCESS:
+        print(json.dumps(obj, indent=2, default=_default))
 
 
 def _default(o: Any) -> Any:

@@ -42,6 +42,20 @@ ValFn = Callable[[torch.nn.Module], dict[str, float]]
 STATE_FILE = "trainer_state.pt"
 
 
+def check_launch(num_processes: int, env: Any = None) -> None:
+    """Refuse a launch that asked for several processes but got one: ``accelerate launch --cpu --num_processes N``
+    starts a single process (accelerate's simple launcher only exports MASTER_ADDR for N > 1), which would train
+    1/N of the tokens per step while looking like a distributed run."""
+    import os
+
+    env = os.environ if env is None else env
+    asked = "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "RANK" not in env
+    if num_processes == 1 and asked and str(env.get("ACCELERATE_USE_CPU", "")).lower() == "true":
+        raise ConfigError("accelerate launch --cpu --num_processes N runs one process, not N; for N CPU processes "
+                          "use `torchrun --nproc_per_node N -m msrnn.cli.main ...` (gloo DDP), for N GPUs "
+                          "`accelerate launch --multi_gpu --num_processes N ...`")
+
+
 def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Causal LM loss of a HF model (it shifts labels itself)."""
     return model(**batch)["loss"]  # ModelOutput or a plain dict (MemoryWrapper)
@@ -142,6 +156,7 @@ class Trainer:
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        check_launch(self.accelerator.num_processes)
         torch.manual_seed(config.seed)
         optimizer = torch.optim.AdamW(
             _param_groups(model, config.weight_decay, config.lr), lr=config.lr, betas=(config.beta1, config.beta2),
