@@ -1,7 +1,11 @@
 """One trainer for every family, on Hugging Face Accelerate.
 
-``accelerate launch`` gives DDP/FSDP on many GPUs with no code change; on CPU it runs single-process (or gloo
-DDP under a launcher). The trainer knows nothing about the model family: it takes a model, a batch function
+Multi-process runs are DDP: ``torchrun --nproc_per_node N`` (gloo on CPU, tested against a single-process step in
+``tests/test_ddp.py``) or ``accelerate launch --multi_gpu`` on GPUs; ``accelerate launch --cpu --num_processes N``
+starts one process and is refused (:func:`check_launch`). FSDP is not supported: checkpoints save the unwrapped
+model and the optimizer from rank 0, which is only right when every rank holds the whole model.
+
+The trainer knows nothing about the model family: it takes a model, a batch function
 ``batch_fn(step, micro_step, rank) -> dict`` that is deterministic in its arguments, and a loss function.
 
 Checkpoints hold the model (``save_pretrained``, safetensors), optimizer, scheduler, RNG states and the log;
