@@ -57,22 +57,19 @@ class MsrnnHarnessLM(LM):
             raise ConfigError(f"msrnn's harness model takes no argument {', '.join(unknown)}; it takes pretrained, "
                               "policy, budget, sinks, recent, per_head, keep_newest, prefill, positions, storage, "
                               "chunk_size, max_gen_toks and device")
-        kv = dict(sinks=_opt_int(sinks), recent=_opt_int(recent), per_head=_opt_bool(per_head),
-                  keep_newest=_opt_bool(keep_newest), prefill=prefill, positions=positions, storage=storage)
-        if not policy and (any(v is not None for k, v in kv.items() if k in ("sinks", "recent", "per_head",
-                                                                               "keep_newest"))
-                           or (prefill, positions, storage) != ("exact", "original", "naive")):
-            raise ConfigError("KV options (sinks, recent, per_head, keep_newest, prefill, positions, storage) need "
-                              "policy=window|sink|h2o|tova")
+        from msrnn.kv import apply_kv, settings_or_none
+
+        settings = settings_or_none(policy, "policy", budget=_opt_int(budget) or None, sinks=_opt_int(sinks),
+                                    recent=_opt_int(recent), per_head=_opt_bool(per_head),
+                                    keep_newest=_opt_bool(keep_newest), prefill=prefill, positions=positions,
+                                    storage=storage)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line defaults to cuda; its own hf model falls back the same way, saying so.
             log.warning("device %s asked for but no CUDA GPU is visible: running on cpu", device)
             device = "cpu"
         self.lm = load_lm(pretrained, device=device)
-        if policy:
-            from msrnn.kv import KVSettings, apply_kv
-
-            self.lm = apply_kv(self.lm, KVSettings(policy, int(budget) if budget else None, **kv))
+        if settings is not None:
+            self.lm = apply_kv(self.lm, settings)
         self.tok = self.lm.tokenizer
         self.chunk_size, self.max_gen_toks = int(chunk_size), int(max_gen_toks)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError, MsrnnError
+from msrnn.kv.cache import STORAGE_MODES, parse_prefill
 from msrnn.protocol import prefill
 
 
@@ -46,8 +47,8 @@ class KVBenchConfig:
             raise ConfigError("contexts must be >= 2 tokens")
         if self.budget < 1 or self.steps < 1 or self.rounds < 1:
             raise ConfigError("budget, steps and rounds must be >= 1")
-        if self.storage not in ("naive", "fixed"):
-            raise ConfigError(f"unknown storage {self.storage!r}; use naive or fixed")
+        if self.storage not in STORAGE_MODES:
+            raise ConfigError(f"unknown storage {self.storage!r}; use {' or '.join(STORAGE_MODES)}")
 
 
 @torch.inference_mode()
@@ -174,8 +175,6 @@ class KVPrefillBenchConfig:
     reference: bool = False  # also time the exact prefill's readable twin (slow: one query at a time)
 
     def __post_init__(self) -> None:
-        from msrnn.kv.cache import parse_prefill
-
         if not self.modes:
             raise ConfigError("give at least one prefill mode, e.g. --modes exact,oneshot")
         for mode in self.modes:
@@ -250,8 +249,8 @@ class KVThroughputBenchConfig:
     storage: str = "fixed"  # the bounded cache's (decoding holds budget + 1 slots either way)
 
     def __post_init__(self) -> None:
-        if self.storage not in ("naive", "fixed"):
-            raise ConfigError(f"unknown storage {self.storage!r}; use naive or fixed")
+        if self.storage not in STORAGE_MODES:
+            raise ConfigError(f"unknown storage {self.storage!r}; use {' or '.join(STORAGE_MODES)}")
         if min(self.context, self.budget, self.steps, self.rounds, self.full_batch, self.max_batch) < 1:
             raise ConfigError("context, budget, steps, rounds, full batch and max batch must be >= 1")
         if self.budget >= self.context:

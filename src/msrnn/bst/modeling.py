@@ -15,15 +15,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from msrnn.bst.config import BSTConfig
 from msrnn.bst.layers import BSTLayer
-from msrnn.compat import model_output, take_cache
-from msrnn.errors import ConfigError
+from msrnn.compat import model_output
 from msrnn.models.auto import register_auto
-from msrnn.models.state_cache import StateCache
+from msrnn.models.state_cache import StateCache, refuse_padding, stateful_forward_cache
 
 
 class BSTForCausalLM(PreTrainedModel, GenerationMixin):
@@ -80,14 +79,7 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
 
         With a cache (``generate`` passes ``use_cache=True``) the tokens go through the streaming step instead,
         continuing the cache's state: the same code as ``BSTLM.forward_chunk``."""
-        cache = take_cache(kwargs)
-        if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
-            cache = None  # generate() makes an empty DynamicCache; BST carries its own state
-        if cache is not None and not isinstance(cache, StateCache):
-            raise ConfigError("BST models carry SSM states, not keys and values: pass no cache, or the one a "
-                              "previous call returned")
-        if cache is None and use_cache and labels is None:
-            cache = StateCache(self.config.num_hidden_layers)
+        cache = stateful_forward_cache(kwargs, use_cache, labels, self.config.num_hidden_layers, "SSM states")
         if cache is not None:
             return self._forward_stateful(input_ids, attention_mask, cache)
         B, L = input_ids.shape
@@ -104,9 +96,7 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _forward_stateful(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           cache: StateCache) -> CausalLMOutputWithPast:
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            raise ConfigError("BST models do not support padding (pad tokens would enter the SSM state); generate "
-                              "for sequences of different lengths one at a time")
+        refuse_padding(attention_mask, "the SSM state")
         if cache.state is None:
             cache.state = self.init_state(input_ids.shape[0])
         logits = self.step(input_ids, cache.state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict
 
 from msrnn.cli.common import add_output_flags, add_seed, int_list, positive_int, resolve_device
 
@@ -41,24 +42,22 @@ def load_for_cli(args: argparse.Namespace, stream: bool = True):
     if stream and not hasattr(lm, "forward_chunk"):
         raise ConfigError(f"{args.model} is a classifier without next-token logits (an encoder RMT); score it with "
                           "'msrnn eval task'")
-    if args.policy is None:
-        if any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head, args.keep_newest)) or (
-                (args.prefill, args.positions, args.storage) != ("exact", "original", "naive")):
-            raise ConfigError("--budget/--sinks/--recent/--per-head/--keep-newest/--prefill/--positions/--storage "
-                              "need --policy (window, sink, h2o or tova)")
+    settings = kv_settings(args)
+    if settings is None:
         return lm
     from msrnn.kv import apply_kv
 
-    return apply_kv(lm, kv_settings(args))
+    return apply_kv(lm, settings)
 
 
 def kv_settings(args: argparse.Namespace):
-    """The one place the KV flags become a :class:`~msrnn.kv.KVSettings`."""
-    from msrnn.kv import KVSettings
+    """The one place the KV flags become a :class:`~msrnn.kv.KVSettings` (None without --policy, refusing any KV
+    flag given without one)."""
+    from msrnn.kv import settings_or_none
 
-    return KVSettings(args.policy, args.budget, sinks=args.sinks, recent=args.recent, per_head=args.per_head,
-                      keep_newest=args.keep_newest, prefill=args.prefill, positions=args.positions,
-                      storage=args.storage)
+    return settings_or_none(args.policy, "--policy", budget=args.budget, sinks=args.sinks, recent=args.recent,
+                            per_head=args.per_head, keep_newest=args.keep_newest, prefill=args.prefill,
+                            positions=args.positions, storage=args.storage)
 
 
 def add_eval_ppl(ev: argparse._SubParsersAction) -> None:
@@ -175,21 +174,14 @@ def run_eval_harness(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise ConfigError(f"--include-path {args.include_path} is not a folder of task YAMLs")
-    settings = kv_settings(args) if args.policy else None
-    if settings is None and any(v is not None for v in (args.budget, args.sinks, args.recent, args.per_head,
-                                                        args.keep_newest)) or (
-            settings is None and (args.prefill, args.positions, args.storage) != ("exact", "original", "naive")):
-        raise ConfigError("--budget/--sinks/--recent/--per-head/--keep-newest/--prefill/--positions/--storage need "
-                          "--policy (window, sink, h2o or tova)")
+    settings = kv_settings(args)
     try:
         import lm_eval
 
         from msrnn.harness import MsrnnHarnessLM
     except ImportError:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'msrnn[harness]'") from None
-    kv = {} if settings is None else {"policy": settings.policy, "budget": settings.budget, "prefill": settings.prefill,
-                                      "positions": settings.positions, "storage": settings.storage,
-                                      **settings.options()}
+    kv = {} if settings is None else asdict(settings)
     lm = MsrnnHarnessLM(args.model, chunk_size=args.chunk_size, device=resolve_device(args.device), **kv)
     from lm_eval.tasks import TaskManager
 

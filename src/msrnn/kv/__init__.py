@@ -10,7 +10,7 @@ Use it through :class:`KVSettings` and :func:`apply_kv`.
 from msrnn.kv.cache import KVEvictionCache
 from msrnn.kv.lm import KVEvictionLM, check_supported, make_cache, prepare_model
 from msrnn.kv.policies import H2O, KV_POLICIES, TOVA, Full, Policy, Sink, Window, make_policy
-from msrnn.kv.settings import KVSettings, apply_kv, parse_policy_spec
+from msrnn.kv.settings import KVSettings, apply_kv, parse_policy_spec, settings_or_none
 
 __all__ = [
     "H2O",
@@ -29,4 +29,5 @@ __all__ = [
     "make_policy",
     "parse_policy_spec",
     "prepare_model",
+    "settings_or_none",
 ]

@@ -155,9 +155,9 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
 def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value, mask, scaling, dropout, kwargs):
     """One decode step on a fixed buffer: the new token is already written into the free slot, so the query attends
     all budget + 1 slots (all in its past), the policy scores them, and the lowest-scoring slot becomes the free
-    one. The same rule as the naive step, which keeps the top ``budget``: one slot goes, the
-    older one on ties (slots are not chronological here, so ties are broken by original position). Padding slots
-    of a left-padded prompt are masked and scored -inf, so they go first, as in the naive layout."""
+    one. The same rule as the naive step, which keeps the top ``budget``: one slot goes, the older one on ties
+    (slots are not chronological here, so ties are broken by original position). Padding slots of a left-padded
+    prompt are masked and scored -inf, so they go first, as in the naive layout."""
     B = query.shape[0]
     if not bool(_new_validity(mask, B, 1, key.shape[2] - 1, query.device).all()):
         raise MsrnnError("a padding token arrived while decoding in place; only left padding is supported")

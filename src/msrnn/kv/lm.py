@@ -109,11 +109,7 @@ class KVEvictionLM(HFCausalLM):
 
     def state_nbytes(self, state) -> int:
         """Bytes the bounded cache holds: keys, values and the policy's bookkeeping."""
-        total = 0
-        for layer in state.cache.layers:
-            total += tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc,
-                                    layer.counter, layer.free])
-        return total
+        return sum(_slot_nbytes(layer) + _layer_nbytes(layer) for layer in state.cache.layers)
 
     def chunk_peak_nbytes(self, state) -> int:
         """The most bytes carried from one token to the next during the last chunk: with ``oneshot`` or
@@ -121,11 +117,18 @@ class KVEvictionLM(HFCausalLM):
         earlier tokens before the eviction), which the state after the chunk no longer shows."""
         total = 0
         for layer in state.cache.layers:
-            slots = layer.num_slots()
-            per_slot = tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc])
-            fixed = tensor_nbytes([layer.counter, layer.free])
-            if layer.free is not None or slots == 0 or layer.chunk_peak_slots <= slots:
-                total += per_slot + fixed
-            else:
-                total += per_slot // slots * layer.chunk_peak_slots + fixed
+            slots, slot_bytes = layer.num_slots(), _slot_nbytes(layer)
+            if layer.free is None and slots and layer.chunk_peak_slots > slots:
+                slot_bytes = slot_bytes // slots * layer.chunk_peak_slots
+            total += slot_bytes + _layer_nbytes(layer)
         return total
+
+
+def _slot_nbytes(layer) -> int:
+    """Bytes that scale with the slots a layer holds: keys, values, positions, validity, H2O sums."""
+    return tensor_nbytes([layer.keys, layer.values, layer.positions, layer.valid, layer.acc])
+
+
+def _layer_nbytes(layer) -> int:
+    """Bytes per layer that do not: the token counter and a fixed buffer's free-slot index."""
+    return tensor_nbytes([layer.counter, layer.free])

@@ -7,7 +7,7 @@ dropped in another.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from msrnn.errors import ConfigError
@@ -55,6 +55,18 @@ class KVSettings:
         """``tova`` / ``h2o:per_head=false,recent=16`` / ``sink:sinks=1`` (the ``kv sweep --policies`` syntax)."""
         name, opts = parse_policy_spec(spec)
         return cls(name, budget, **opts, **kwargs)
+
+
+def settings_or_none(policy: str | None, flag: str = "policy", **options: Any) -> KVSettings | None:
+    """The :class:`KVSettings` for ``policy`` and ``options``; None when no policy is named, refusing any option
+    given without one (``flag`` names the policy argument in the error: ``--policy`` or ``policy``)."""
+    if policy:
+        return KVSettings(policy, **options)
+    defaults = {f.name: f.default for f in fields(KVSettings)}
+    given = [name for name, value in options.items() if value != defaults[name]]
+    if given:
+        raise ConfigError(f"KV options ({', '.join(given)}) need {flag} (window, sink, h2o or tova)")
+    return None
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from msrnn.compat import take_cache
 from msrnn.errors import ConfigError
 
 _NO_BEAMS = ("beam search reorders sequences inside the recurrent state, which this model's cache does not "
@@ -82,3 +83,29 @@ class StateCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Refused (beam search)."""
         raise ConfigError(_NO_BEAMS)
+
+
+def stateful_forward_cache(kwargs: dict[str, Any], use_cache: bool | None, labels: Any, num_layers: int,
+                           carries: str) -> StateCache | None:
+    """The StateCache a forward continues, or None for the parallel form (the shared rule of BST and the RMT).
+
+    Pops the cache from ``kwargs`` under either name; ``generate``'s empty DynamicCache is replaced (these models
+    carry their own state); a key/value cache is refused; ``use_cache=True`` without labels starts a new one."""
+    from transformers import DynamicCache
+
+    cache = take_cache(kwargs)
+    if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
+        cache = None
+    if cache is not None and not isinstance(cache, StateCache):
+        raise ConfigError(f"this model carries {carries}, not keys and values: pass no cache, or the one a previous "
+                          "call returned")
+    if cache is None and use_cache and labels is None:
+        cache = StateCache(num_layers)
+    return cache
+
+
+def refuse_padding(attention_mask: torch.Tensor | None, what: str) -> None:
+    """Pad tokens would enter a recurrent state: refuse a mask with any padding, naming ``what`` it would enter."""
+    if attention_mask is not None and bool((attention_mask == 0).any()):
+        raise ConfigError(f"streaming does not support padding (pad tokens would enter {what}); generate for "
+                          "sequences of different lengths one at a time")

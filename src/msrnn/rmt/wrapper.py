@@ -24,13 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from msrnn.compat import model_output, take_cache
+from msrnn.compat import model_output
 from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
-from msrnn.models.state_cache import StateCache
+from msrnn.models.state_cache import StateCache, refuse_padding, stateful_forward_cache
 from msrnn.rmt.config import RMTConfig
 
 
@@ -171,14 +171,7 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
         With a cache (``generate`` passes ``use_cache=True``) the tokens stream through the memory instead,
         continuing the cache's state (``RMTLM.forward_chunk``: segments cut from the start, the memory updated
         at each segment's end), so ``generate()`` and ``pipeline("text-generation")`` work with a constant state."""
-        cache = take_cache(kwargs)
-        if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
-            cache = None  # generate() makes an empty DynamicCache; an RMT carries its memory instead
-        if cache is not None and not isinstance(cache, StateCache):
-            raise ConfigError("an RMT carries a memory, not keys and values: pass no cache, or the one a previous "
-                              "call returned")
-        if cache is None and use_cache and labels is None:
-            cache = StateCache(1)
+        cache = stateful_forward_cache(kwargs, use_cache, labels, 1, "a memory")
         if cache is not None:
             return self._forward_stateful(input_ids, attention_mask, cache)
         if kwargs:
@@ -194,7 +187,6 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
             out["loss"] = (nll * mask).sum() / mask.sum().clamp(min=1)
         return out
 
-
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         """generate() must not build a DynamicCache from this config (it has no layer count of its own): the
@@ -205,9 +197,7 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
                           cache: StateCache) -> CausalLMOutputWithPast:
         from msrnn.rmt.lm import RMTLM  # the streaming driver (it imports this module)
 
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            raise ConfigError("streaming an RMT does not support padding (pad tokens would enter the memory); "
-                              "generate for sequences of different lengths one at a time")
+        refuse_padding(attention_mask, "the memory")
         lm = RMTLM(self)
         if cache.state is None:
             cache.state = lm.init_state(input_ids.shape[0])
