@@ -48,7 +48,8 @@ class MsrnnHarnessLM(LM):
     def __init__(self, pretrained: str, policy: str | None = None, budget: int | None = None,
                  chunk_size: int = 512, max_gen_toks: int = 64, device: str = "cpu", sinks: int | None = None,
                  recent: int | None = None, per_head: bool | str | None = None, keep_newest: bool | str | None = None,
-                 prefill: str = "exact", positions: str = "original", storage: str = "naive", **extra: Any) -> None:
+                 prefill: str = "exact", positions: str = "original", storage: str = "naive",
+                 compile: bool | str | None = None, **extra: Any) -> None:
         super().__init__()
         from msrnn.models import load_lm
 
@@ -56,13 +57,13 @@ class MsrnnHarnessLM(LM):
         if unknown:
             raise ConfigError(f"msrnn's harness model takes no argument {', '.join(unknown)}; it takes pretrained, "
                               "policy, budget, sinks, recent, per_head, keep_newest, prefill, positions, storage, "
-                              "chunk_size, max_gen_toks and device")
+                              "compile, chunk_size, max_gen_toks and device")
         from msrnn.kv import apply_kv, settings_or_none
 
         settings = settings_or_none(policy, "policy", budget=_opt_int(budget) or None, sinks=_opt_int(sinks),
                                     recent=_opt_int(recent), per_head=_opt_bool(per_head),
                                     keep_newest=_opt_bool(keep_newest), prefill=prefill, positions=positions,
-                                    storage=storage)
+                                    storage=storage, compile=bool(_opt_bool(compile)))
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line defaults to cuda; its own hf model falls back the same way, saying so.
             log.warning("device %s asked for but no CUDA GPU is visible: running on cpu", device)

@@ -41,6 +41,7 @@ class KVBenchConfig:
     rounds: int = 3
     prefill_chunk: int = 1024
     storage: str = "fixed"  # of the bounded caches; "fixed" also times TOVA on the naive twin ("tova@k naive")
+    compile: bool = False  # also time TOVA with its in-place decode step compiled ("tova@k compiled")
 
     def __post_init__(self) -> None:
         if not self.contexts or min(self.contexts) < 2:
@@ -49,6 +50,8 @@ class KVBenchConfig:
             raise ConfigError("budget, steps and rounds must be >= 1")
         if self.storage not in STORAGE_MODES:
             raise ConfigError(f"unknown storage {self.storage!r}; use {' or '.join(STORAGE_MODES)}")
+        if self.compile and self.storage != "fixed":
+            raise ConfigError("compile times the in-place decode step of fixed storage; drop --storage naive")
 
 
 @torch.inference_mode()
@@ -122,6 +125,9 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
                for p in ("window", "tova")}
     if cfg.storage == "fixed":
         bounded[f"tova@{b} naive"] = apply_kv(full, KVSettings("tova", b, prefill="oneshot"))
+    if cfg.compile:  # compiled during the first round's untimed warm-up steps
+        bounded[f"tova@{b} compiled"] = apply_kv(full, KVSettings("tova", b, prefill="oneshot", storage="fixed",
+                                                                  compile=True))
     plain = _prefill(full, b, vocab, cfg.prefill_chunk, seed=1)
     weights = weight_bytes(model)
     bandwidth = [copy_bandwidth(device)]
@@ -149,6 +155,9 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
         row["tova/full of ceiling"] = row["tova/full speed"] / row["ceiling"]
         if cfg.storage == "fixed":
             row["tova fixed/naive"] = row[f"tova@{b} tok/s"] / row[f"tova@{b} naive tok/s"]
+        if cfg.compile:
+            row["tova compiled/eager"] = row[f"tova@{b} compiled tok/s"] / row[f"tova@{b} tok/s"]
+            row["tova compiled/plain"] = row[f"tova@{b} compiled tok/s"] / row[f"plain@{b} tok/s"]
         rows.append(row)
         if progress:
             progress(row)
@@ -156,7 +165,8 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
     for row in rows:  # the best copy of the run: the bandwidth the machine showed it can reach
         for name in variants:
             row[f"{name} limit tok/s"] = max(bandwidth) / (weights + row[f"{name} bytes"])
-    return {"budget": b, "steps": cfg.steps, "rounds": cfg.rounds, "storage": cfg.storage, "rows": rows,
+    return {"budget": b, "steps": cfg.steps, "rounds": cfg.rounds, "storage": cfg.storage, "compile": cfg.compile,
+            "rows": rows,
             "weight bytes": weights,
             "copy bandwidth GB/s": max(bandwidth) / 1e9, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(device)}

@@ -19,6 +19,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--storage", default="fixed", choices=["fixed", "naive"],
                    help="bounded caches' storage (default fixed: in place; TOVA on the naive twin is timed beside it)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time TOVA with its in-place decode step under torch.compile (fixed storage; the "
+                        "compile runs in the first round's untimed warm-up)")
     p.add_argument("--throughput", action="store_true",
                    help="generated tokens/s at a fixed KV memory budget: the largest batch of full caches vs of "
                         "bounded caches that fit (one context; --steps decode steps per round)")
@@ -120,13 +123,15 @@ def run_bench_kv(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"bad --contexts {args.contexts!r}; write e.g. 1024,4096,16384") from None
     if args.throughput:
+        if args.compile:
+            raise ConfigError("--compile times single-sequence decode; drop it with --throughput")
         return _run_bench_kv_throughput(args, contexts)
     given = [f for f in ("policy", "memory_mib", "full_batch", "max_batch") if getattr(args, f) is not None]
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --throughput; add --throughput or "
                           "drop it")
     cfg = KVBenchConfig(contexts=contexts, budget=args.budget, steps=args.steps, rounds=args.rounds,
-                        storage=args.storage)
+                        storage=args.storage, compile=args.compile)
     model = load_bench_model(args)
 
     def progress(row):
@@ -143,9 +148,13 @@ def run_bench_kv(args: argparse.Namespace) -> int:
     body = [[r["context"], r["full tok/s"], r[f"plain@{b} tok/s"], r[f"window@{b} tok/s"], r[f"tova@{b} tok/s"],
              f"{r['tova/full speed']:.2f}x", f"{r['ceiling']:.2f}x", f"{100 * r['tova/full of ceiling']:.0f}%",
              f"{r['tova/window']:.2f}x"]
-            + ([f"{r['tova fixed/naive']:.2f}x"] if "tova fixed/naive" in r else []) for r in result["rows"]]
+            + ([f"{r['tova fixed/naive']:.2f}x"] if "tova fixed/naive" in r else [])
+            + ([r[f"tova@{b} compiled tok/s"], f"{r['tova compiled/eager']:.2f}x", f"{r['tova compiled/plain']:.2f}x"]
+               if cfg.compile else []) for r in result["rows"]]
     if cfg.storage == "fixed":
         cols.append("fixed/naive")
+    if cfg.compile:
+        cols += [f"tova@{b} compiled", "compiled/eager", "compiled/plain"]
     out_console.print(table(f"decode tok/s (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps; ceiling "
                             f"= plain@{b} / full)", cols, body))
     cols = ["context", "full KV MiB", f"tova@{b} KV MiB", "full limit tok/s", "full / limit", f"tova@{b} limit tok/s",

@@ -30,6 +30,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--storage", default="naive", choices=["naive", "fixed"],
                     help="naive = rebuild the kept slots every step; fixed = decode in place in a preallocated "
                          "budget + 1 slot buffer (the same tokens kept)")
+    kv.add_argument("--compile", action="store_true",
+                    help="torch.compile the in-place decode step (needs --storage fixed; the first steps compile)")
 
 
 def load_for_cli(args: argparse.Namespace, stream: bool = True):
@@ -57,7 +59,7 @@ def kv_settings(args: argparse.Namespace):
 
     return settings_or_none(args.policy, "--policy", budget=args.budget, sinks=args.sinks, recent=args.recent,
                             per_head=args.per_head, keep_newest=args.keep_newest, prefill=args.prefill,
-                            positions=args.positions, storage=args.storage)
+                            positions=args.positions, storage=args.storage, compile=args.compile)
 
 
 def add_eval_ppl(ev: argparse._SubParsersAction) -> None:

@@ -23,15 +23,45 @@ from transformers.cache_utils import Cache, DynamicLayer
 from msrnn.errors import ConfigError, MsrnnError
 from msrnn.kv.policies import Policy
 
-# The layer whose `update` ran last in this thread: the attention call that follows belongs to it.
-ACTIVE_LAYER: contextvars.ContextVar[EvictionLayer | None] = contextvars.ContextVar("msrnn_active_kv_layer",
-                                                                                     default=None)
+
+class _ActiveLayer:
+    """The layer whose ``update`` ran last: the attention call that follows belongs to it.
+
+    Per thread (a ContextVar) when running eagerly. Under ``torch.compile`` a plain attribute instead, because
+    Dynamo cannot trace ``ContextVar.set`` (a graph break in every layer); Dynamo traces the attribute and
+    replays its writes, and a compiled graph runs in the thread that called it."""
+
+    def __init__(self) -> None:
+        self._var: contextvars.ContextVar[EvictionLayer | None] = contextvars.ContextVar("msrnn_active_kv_layer",
+                                                                                         default=None)
+        self._traced: EvictionLayer | None = None
+
+    def get(self) -> EvictionLayer | None:
+        return self._traced if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, layer: EvictionLayer | None) -> None:
+        if torch.compiler.is_compiling():
+            self._traced = layer
+        else:
+            self._var.set(layer)
+
+
+ACTIVE_LAYER = _ActiveLayer()
 
 POSITION_MODES = ("original", "rolling")
 # naive: keys/values rebuilt chronologically at every step (the readable twin). fixed: once a layer is full, decode
 # steps write into a preallocated budget + 1 slot buffer in place and evict by marking a slot free (no copies).
 STORAGE_MODES = ("naive", "fixed")
 _NO_POSITION = torch.iinfo(torch.long).max  # sorts after every real position
+
+
+def check_compile(policy: Policy, storage: str) -> None:
+    """Refuse ``compile=True`` where there is no constant-shape decode step to capture."""
+    if storage != "fixed":
+        raise ConfigError("compile captures the in-place decode step of fixed storage; add storage='fixed' "
+                          "(--storage fixed)")
+    if policy.budget is None:
+        raise ConfigError("compile captures the decode step of a bounded cache; name a policy with a budget")
 
 
 def parse_prefill(mode: str) -> int | None:

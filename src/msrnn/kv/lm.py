@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from msrnn.errors import ModelLoadError
 from msrnn.kv.attention import register
-from msrnn.kv.cache import KVEvictionCache
+from msrnn.kv.cache import KVEvictionCache, check_compile
 from msrnn.kv.policies import Policy
 from msrnn.kv.rope import find_inv_freq
 from msrnn.models.hf import HFCausalLM
@@ -88,12 +90,19 @@ class KVEvictionLM(HFCausalLM):
     evaluation protocol; ``'oneshot'`` evicts once per chunk, scoring with the chunk's last query.
     ``reference=True`` runs the exact prefill through its slow readable twin (tests check the two agree).
     ``storage='fixed'`` decodes in place in a ``budget + 1`` slot buffer (the same kept tokens; tests check it).
+    ``compile=True`` (fixed storage only) runs those in-place decode steps through ``torch.compile(model.forward)``:
+    once every layer decodes in place, a step's tensor shapes and Python branches no longer change, so one graph
+    serves every later step (no recompiles; on a GPU, CUDA graphs can replay it). Prefill chunks, and the step
+    that turns a full layer into a fixed buffer, run eagerly.
     """
 
     def __init__(self, model: Any, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 tokenizer: Any = None, reference: bool = False, storage: str = "naive") -> None:
+                 tokenizer: Any = None, reference: bool = False, storage: str = "naive",
+                 compile: bool = False) -> None:
         prepare_model(model)
         make_cache(model, policy, prefill, positions, storage=storage)  # validate the options now
+        if compile:
+            check_compile(policy, storage)
         super().__init__(model, tokenizer,
                          cache_factory=lambda: make_cache(model, policy, prefill, positions, reference, storage))
         self.positions = positions
@@ -102,6 +111,16 @@ class KVEvictionLM(HFCausalLM):
         # A fixed buffer holds budget + 1 slots while decoding and budget again after a multi-token chunk, so its
         # state is not monotone: peaks are profiled token by token (msrnn.protocol.peak_state_bytes).
         self.monotone_state = storage == "naive"
+        self.compile = compile
+        self._compiled: Any = None
+
+    def _forward_fn(self, state, tokens: int) -> Any:
+        """The compiled forward for an in-place decode step when ``compile`` is on; the model otherwise."""
+        if not (self.compile and tokens == 1 and all(layer.free is not None for layer in state.cache.layers)):
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model.forward, dynamic=True)
+        return self._compiled
 
     def rotates_past_limit(self) -> bool:
         """Whether keys are rotated by their original positions (so past the RoPE limit)."""

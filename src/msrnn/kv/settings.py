@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from msrnn.errors import ConfigError
-from msrnn.kv.cache import POSITION_MODES, STORAGE_MODES, parse_prefill
+from msrnn.kv.cache import POSITION_MODES, STORAGE_MODES, check_compile, parse_prefill
 from msrnn.kv.policies import KV_POLICIES, Policy, make_policy
 
 OPTION_NAMES = ("sinks", "recent", "per_head", "keep_newest")
@@ -31,6 +31,7 @@ class KVSettings:
     prefill: str = "exact"
     positions: str = "original"
     storage: str = "naive"
+    compile: bool = False  # torch.compile the in-place decode step (fixed storage)
 
     def __post_init__(self) -> None:
         parse_prefill(self.prefill)
@@ -39,6 +40,10 @@ class KVSettings:
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {self.positions!r}; use {' or '.join(POSITION_MODES)}")
         policy = self.make_policy()  # every option is checked now, not at the first chunk
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, not {self.compile!r}")
+        if self.compile:
+            check_compile(policy, self.storage)
         if self.positions == "rolling" and policy.per_head:
             raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
 
@@ -96,4 +101,4 @@ def apply_kv(lm: Any, settings: KVSettings) -> Any:
     if type(lm) is not HFCausalLM:  # a SUPRA model is an HFCausalLM too, but has no KV cache to bound
         raise ConfigError(f"KV eviction applies to plain HF causal LMs (family 'hf'), not to {type(lm).__name__}")
     return KVEvictionLM(lm.model, settings.make_policy(), settings.prefill, settings.positions,
-                        tokenizer=lm.tokenizer, storage=settings.storage)
+                        tokenizer=lm.tokenizer, storage=settings.storage, compile=settings.compile)

@@ -71,12 +71,18 @@ class HFCausalLM:
         input_ids = input_ids.to(self.device)
         position_ids = torch.arange(state.seen, state.seen + T, device=self.device).unsqueeze(0)  # [1, T]
         before = state.cache.get_seq_length()
-        out = self.model(input_ids=input_ids, position_ids=position_ids.expand(input_ids.shape[0], -1),
-                         use_cache=True, **cache_kwargs(state.cache, self.model))
+        out = self._forward_fn(state, T)(input_ids=input_ids,
+                                         position_ids=position_ids.expand(input_ids.shape[0], -1),
+                                         use_cache=True, **cache_kwargs(state.cache, self.model))
         state.cache = output_cache(out)
         check_advanced(state.cache, before, T, type(self.model).__name__)
         state.seen += T
         return out.logits.float(), state
+
+    def _forward_fn(self, state: HFState, tokens: int) -> Any:
+        """What runs the model on a chunk of ``tokens``: the model itself (a bounded cache may pick a compiled
+        decode step)."""
+        return self.model
 
     def state_nbytes(self, state: HFState) -> int:
         """Bytes of the keys and values the cache holds for all B sequences."""
