@@ -1,4 +1,5 @@
-"""Run in a fresh interpreter by test_ddp.py: one optimizer step of a tiny model under 2-process gloo DDP.
+"""Run in a fresh interpreter by test_ddp.py, under 2-process gloo DDP: one optimizer step of a tiny model (mode
+``step``), or a run interrupted at a checkpoint and resumed against the same run straight through (``resume``).
 
 A large Adam eps keeps the first update linear in the gradient, so rounding differences between the
 all-reduced and the single-process gradient are not amplified to +-lr on near-zero entries.
@@ -11,6 +12,7 @@ import sys
 import torch
 
 OUT = sys.argv[1]
+MODE = sys.argv[3] if len(sys.argv) > 3 else "step"
 
 
 def batch(rank):
@@ -19,7 +21,43 @@ def batch(rank):
     return {"input_ids": x, "labels": x}
 
 
+def rng_batch(step, micro, rank):
+    """Batches drawn from the global RNG, rank 1 drawing twice: the ranks' RNG states part ways, so only resuming
+    every rank's own RNG state continues the same run."""
+    for _ in range(rank + 1):
+        x = torch.randint(0, 384, (2, 16))
+    return {"input_ids": x, "labels": x}
+
+
+def resume_worker():
+    sys.path.insert(0, sys.argv[2])
+    from helpers import tiny
+
+    from msrnn.train import TrainConfig, Trainer
+
+    def trainer(out, save_every=0):
+        cfg = TrainConfig(max_steps=4, lr=1e-2, warmup_steps=1, grad_clip=1.0, eval_every=0, save_every=save_every)
+        return Trainer(tiny("llama", seed=0).train(), cfg, rng_batch, f"{OUT}/{out}", progress=False)
+
+    straight = trainer("straight")
+    straight.train()
+    trainer("split", save_every=2).train(until=2)  # interrupted after the step-2 checkpoint
+    resumed = trainer("split")
+    assert resumed.resume() and resumed.step == 2
+    resumed.train()
+    acc = resumed.accelerator
+    rows = {}
+    for name, t in (("straight", straight), ("resumed", resumed)):
+        rows[name] = {"params": torch.cat([p.detach().flatten() for p in acc.unwrap_model(t.model).parameters()]),
+                      "losses": torch.tensor([h["loss"] for h in t.history], dtype=torch.float64)}
+    rows["rng"] = torch.get_rng_state()
+    rows["files"] = sorted(p.name for p in resumed.latest_checkpoint().iterdir()) if acc.is_main_process else []
+    torch.save({"world": acc.num_processes, **rows}, f"{OUT}/resume{acc.process_index}.pt")
+
+
 def worker():
+    if MODE == "resume":
+        return resume_worker()
     sys.path.insert(0, sys.argv[2])
     from helpers import tiny
 

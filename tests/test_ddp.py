@@ -34,3 +34,24 @@ def test_two_process_gloo_ddp_step_equals_single_process_on_both_batches(tmp_pat
     ref = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert not torch.equal(before, ref)
     torch.testing.assert_close(r0["params"], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_resume_continues_the_same_run_on_every_rank(tmp_path):
+    """Interrupted at the step-2 checkpoint and resumed under 2 processes, the run ends bit-identical to the same
+    run straight through: weights, every logged (rank-reduced) loss, and each rank's own RNG state, which the batches
+    depend on (rank 1 draws twice per step, so a checkpoint holding rank 0's RNG alone would resume another run)."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), str(HERE), "resume"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"resume{i}.pt") for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    for r in (r0, r1):
+        assert torch.equal(r["straight"]["params"], r["resumed"]["params"])
+        assert torch.equal(r["straight"]["losses"], r["resumed"]["losses"]) and len(r["resumed"]["losses"]) == 4
+    assert torch.equal(r0["resumed"]["params"], r1["resumed"]["params"])
+    assert not torch.equal(r0["rng"], r1["rng"])  # the ranks' RNG streams did part ways
+    # Accelerate's state: one RNG file per rank, next to the weights, optimizer and msrnn's JSON state.
+    assert r0["files"] == ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
+                           "trainer_state.json"]

@@ -54,10 +54,11 @@ class _RunsCode:
         return (Path.touch, (Path(self.sentinel),))
 
 
-def test_a_crafted_trainer_state_is_refused_and_never_run(model_dir, tmp_path, tiny_corpus, capsys):
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
+def test_a_crafted_checkpoint_file_is_refused_and_never_run(model_dir, tmp_path, tiny_corpus, capsys, name):
     out = tmp_path / "m"
     shutil.copytree(model_dir, out)
-    state = next(out.glob("checkpoints/step-*/trainer_state.pt"))
+    state = next(out.glob(f"checkpoints/step-*/{name}"))
     sentinel = tmp_path / "PWNED"
     torch.save({"step": 1, "payload": _RunsCode(str(sentinel))}, state)
     before = state.read_bytes()
@@ -67,20 +68,32 @@ def test_a_crafted_trainer_state_is_refused_and_never_run(model_dir, tmp_path, t
     assert state.read_bytes() == before  # and nothing was overwritten
 
 
-def test_checkpoint_state_holds_only_safe_types_and_resumes_the_same_rng(model_dir):
-    """The saved state loads under weights_only=True, NumPy's RNG key included (an ndarray would not)."""
-    import numpy as np
+def test_checkpoint_files_hold_only_safe_types(model_dir):
+    """Every file of a checkpoint loads without unpickling code: Accelerate's under weights_only=True (NumPy's RNG
+    arrays through its allow-list), msrnn's own state as JSON."""
+    import json
 
-    from msrnn.train.trainer import _rng_state, _set_rng_state
+    from accelerate.utils import load
 
-    state = torch.load(next(model_dir.glob("checkpoints/step-*/trainer_state.pt")), weights_only=True)
-    assert {"optimizer", "scheduler", "rng", "config", "step"} <= set(state)
-    np.random.seed(3)
-    saved = _rng_state()
-    a = np.random.rand(3)
-    np.random.seed(99)
-    _set_rng_state(saved)
-    assert np.array_equal(a, np.random.rand(3))
+    ckpt = next(model_dir.glob("checkpoints/step-*"))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                                      "trainer_state.json"]
+    assert {"state", "param_groups"} <= set(load(ckpt / "optimizer.bin", weights_only=True))
+    assert {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(load(ckpt / "random_states_0.pkl",
+                                                                                 weights_only=True))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert {"step", "history", "config", "scheduler", "processes"} <= set(state)
+
+
+def test_a_checkpoint_from_before_accelerate_state_saving_is_named(model_dir, tmp_path, tiny_corpus, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    ckpt = next(out.glob("checkpoints/step-*"))
+    for f in ckpt.iterdir():
+        f.unlink()
+    torch.save({"step": 1}, ckpt / "trainer_state.pt")
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume"])
+    one_error(capsys, rc, "written by an older msrnn")
 
 
 # ---------------------------------------------------------------- file-system errors are one line

@@ -99,3 +99,23 @@ def test_only_rank_zero_prints_results():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env={**__import__("os").environ, "RANK": rank}).stdout
         assert ('"a": 1' in out and "table" in out) == want, (rank, out)
+
+
+def test_resume_refuses_another_world_size_and_a_missing_rng_file(tmp_path):
+    """Each rank's RNG file and batch stream belong to one number of processes (Accelerate would skip a missing
+    RNG file with a log line and resume another run): both are refused, naming the problem."""
+    import json
+
+    t = make_trainer(tmp_path, 1)
+    t.train()
+    ckpt = t.latest_checkpoint()
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    with pytest.raises(ConfigError, match="2 process"):
+        make_trainer(tmp_path, 2).resume()
+    state_file.write_text(json.dumps(state))
+    (ckpt / "random_states_0.pkl").unlink()
+    with pytest.raises(ModelLoadError, match="random_states_0.pkl"):
+        make_trainer(tmp_path, 2).resume()

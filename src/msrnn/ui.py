@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,10 @@ err_console = Console(stderr=True)
 # Under a multi-process launcher (torchrun sets RANK) only rank 0 prints results: the others hold the same reduced
 # figures, and N copies of a table would read as N runs. Errors and progress still show on every rank.
 MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
-out_console = Console(quiet=not MAIN_PROCESS)
+# Piped to a file or a log, rich would cut tables at 80 columns (wide ones lose every figure); give them room unless
+# the terminal or $COLUMNS says otherwise.
+out_console = Console(quiet=not MAIN_PROCESS,
+                      width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 
 
 def fmt(v: Any) -> str:

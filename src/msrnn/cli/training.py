@@ -35,7 +35,7 @@ def check_out(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if (out / "msrnn.json").exists() and not args.resume:
         raise ConfigError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
-    if args.resume and not any((out / "checkpoints").glob("step-*/trainer_state.pt")):
+    if args.resume and not any((out / "checkpoints").glob("step-*/trainer_state.*")):
         raise ConfigError(f"nothing to resume in {out} (no checkpoint under {out / 'checkpoints'}); drop --resume")
     return out
 

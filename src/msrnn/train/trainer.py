@@ -1,17 +1,20 @@
 """One trainer for every family, on Hugging Face Accelerate.
 
-Multi-process runs are DDP: ``torchrun --nproc_per_node N`` (gloo on CPU, tested against a single-process step in
-``tests/test_ddp.py``) or ``accelerate launch --multi_gpu`` on GPUs; ``accelerate launch --cpu --num_processes N``
-starts one process and is refused (:func:`check_launch`). FSDP is not supported: checkpoints save the unwrapped
-model and the optimizer from rank 0, which is only right when every rank holds the whole model.
+Multi-process runs are DDP: ``torchrun --nproc_per_node N`` (gloo on CPU, tested against a single-process step and
+for exact resume in ``tests/test_ddp.py``) or ``accelerate launch --multi_gpu`` on GPUs; ``accelerate launch --cpu
+--num_processes N`` starts one process and is refused (:func:`check_launch`).
 
 The trainer knows nothing about the model family: it takes a model, a batch function
 ``batch_fn(step, micro_step, rank) -> dict`` that is deterministic in its arguments, and a loss function.
 
-Checkpoints hold the model (``save_pretrained``, safetensors), optimizer, scheduler, RNG states and the log;
-they are written to a temp dir and renamed, so an interrupted save never leaves a half checkpoint. Resuming
-restores all of it and, because batches are a function of the step, continues the same loss curve. The state file
-holds only tensors and plain values and is loaded with ``weights_only=True``: a crafted one is refused, not run.
+Checkpoints go through Accelerate's own state saving (``Accelerator.save_state``, called on every rank): the
+model as safetensors, the optimizer, and every rank's RNG states; next to them ``trainer_state.json`` holds the
+step, log, recipe, scheduler and curriculum as plain JSON and marks the checkpoint complete. They are written to a
+temp dir and renamed, so an interrupted save never leaves a half checkpoint. Resuming (``Accelerator.load_state``)
+restores all of it on every rank and, because batches are a function of the step, continues the same loss curve.
+Nothing is unpickled beyond tensors and plain values: Accelerate loads its files with ``weights_only=True``, and a
+crafted one is refused, not run. The model is gathered with ``Accelerator.get_state_dict`` for export, the call
+that also holds under FSDP; FSDP itself has not been run (see the README).
 """
 
 from __future__ import annotations
@@ -20,16 +23,14 @@ import json
 import logging
 import math
 import pickle
-import random
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from msrnn.errors import ConfigError, ModelLoadError, NumericsError
@@ -43,7 +44,8 @@ BatchFn = Callable[[int, int, int], dict[str, torch.Tensor]]
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ValFn = Callable[[torch.nn.Module], dict[str, float]]
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
+_OLD_STATE_FILE = "trainer_state.pt"  # msrnn before Accelerate state saving
 
 
 def check_launch(num_processes: int, env: Any = None) -> None:
@@ -103,27 +105,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> lis
     return [{"params": ps, "weight_decay": wd, "lr": group_lr} for (wd, group_lr), ps in sorted(groups.items())]
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors and plain values, so the checkpoint loads with ``weights_only=True``.
-
-    ``np.random.get_state()`` holds an ndarray, which the safe unpickler refuses: its key is stored as a tensor."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),  # (version, tuple of ints, gauss or None)
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Hide ``logger``'s warnings inside the block."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 
 class Trainer:
@@ -188,77 +179,98 @@ class Trainer:
         return ckpts[-1] if ckpts else None
 
     def save_checkpoint(self) -> Path | None:
-        """Write a resumable checkpoint at the current step (main process only)."""
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
+        """Write a resumable checkpoint at the current step (every rank takes part; returns the path on rank 0)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
         path = self.checkpoint_root / f"step-{self.step:07d}"
-        with atomic_dir(path, overwrite=True) as tmp:
-            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), safe_serialization=True)
-            torch.save(
-                {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "history": self.history,
-                    "config": self.config.to_dict(),
-                    "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-                    "rng": _rng_state(),
-                },
-                tmp / STATE_FILE,
-            )
+        with atomic_dir(path, overwrite=True) if acc.is_main_process else nullcontext() as tmp:
+            tmp = self._from_main(str(tmp) if tmp is not None else None)
+            # Model (safetensors), optimizer and this rank's RNG states; Accelerate writes shared files on rank 0.
+            # Its warning that tied weights (lm_head = embeddings) are saved once is expected: safetensors' loader
+            # ties them back, and the resume tests compare every weight.
+            with _quiet("accelerate.utils.other"):
+                acc.save_state(tmp, safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"step": self.step, "history": self.history, "config": self.config.to_dict(),
+                         "scheduler": self.scheduler.state_dict(),
+                         "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
+                         "processes": acc.num_processes}
+                write_json(Path(tmp) / STATE_FILE, state)
+        acc.wait_for_everyone()  # the rename has happened before any rank goes on (or resumes from it)
+        if not acc.is_main_process:
+            return None
         old = sorted(self.checkpoint_root.glob("step-*"))[: -self.config.keep_checkpoints]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
         return path
 
+    def _from_main(self, value: str | None) -> str:
+        """``value`` as rank 0 has it (the temp dir rank 0 made), on every rank."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
     def resume(self, path: str | Path | None = None) -> bool:
-        """Restore the newest (or given) checkpoint; returns False if there is none."""
+        """Restore the newest (or given) checkpoint on every rank; returns False if there is none."""
         path = Path(path) if path else self.latest_checkpoint()
         if path is None:
+            old = sorted(self.checkpoint_root.glob(f"step-*/{_OLD_STATE_FILE}")) if self.checkpoint_root.exists() \
+                else []
+            if old:
+                raise ModelLoadError(f"checkpoint {old[-1].parent} was written by an older msrnn (before Accelerate "
+                                     "state saving); resume it with that version, or start a new --out")
             return False
-        from safetensors.torch import load_file
-
-        files = sorted(path.glob("*.safetensors"))
-        if not files or not (path / STATE_FILE).exists():
+        if not (path / STATE_FILE).exists() or not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"checkpoint {path} is incomplete; delete it to resume from an earlier one")
         try:
-            weights: dict[str, torch.Tensor] = {}
-            for f in files:
-                weights.update(load_file(str(f)))
-            # weights_only: the restricted unpickler builds tensors and plain containers only, so a crafted
-            # trainer_state.pt cannot run code (the state holds nothing else; see _rng_state).
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ModelLoadError(f"checkpoint {path} holds objects other than tensors and plain values (written by "
-                                 "an older msrnn, or crafted); refusing to unpickle it. Delete it or retrain") from None
-        except Exception as exc:
-            raise ModelLoadError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it and resume"
+            state = json.loads((path / STATE_FILE).read_text())
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError):
+            raise ModelLoadError(f"checkpoint {path}'s {STATE_FILE} is corrupt; delete the checkpoint and resume"
                                  ) from None
         self._check_same_recipe(path, state.get("config") or {})
-        model = self.accelerator.unwrap_model(self.model)
+        saved_world = state.get("processes", 1)
+        if saved_world != self.accelerator.num_processes:
+            # Each rank's RNG state and batch stream belong to one world size: another one is a different run.
+            raise ConfigError(f"checkpoint {path} was trained with {saved_world} process(es), this run has "
+                              f"{self.accelerator.num_processes}; resume with the same launch")
+        rng_file = path / f"random_states_{self.accelerator.process_index}.pkl"
+        if not rng_file.exists():
+            raise ModelLoadError(f"checkpoint {path} has no {rng_file.name}; delete it to resume from an earlier one")
         try:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-        except RuntimeError:  # a tensor of another shape: the checkpoint was trained with another size
-            raise ModelLoadError(f"checkpoint {path} holds weights of another model size; resume with the same "
-                                 "--preset (and vocabulary) it was trained with") from None
-        # Tied weights are saved once; anything else missing means the checkpoint does not fit this model.
-        tied = getattr(model, "_tied_weights_keys", None) or {}
-        missing = [k for k in missing if k not in tied and "lm_head" not in k]
-        if missing or unexpected:
-            raise ModelLoadError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}); resume with the same --preset")
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            from accelerate.utils import load
+
+            # Accelerate would log and skip an RNG file it cannot read, resuming another run: read it first.
+            load(rng_file, weights_only=True)
+            # Weights, optimizer and this rank's RNG states; Accelerate unpickles with weights_only=True.
+            self.accelerator.load_state(str(path))
+        except pickle.UnpicklingError:
+            raise ModelLoadError(f"checkpoint {path} holds objects other than tensors and plain values (crafted, or "
+                                 "not written by msrnn); refusing to unpickle it. Delete it or retrain") from None
+        except RuntimeError as exc:
+            if "size mismatch" in str(exc):  # a tensor of another shape: trained with another model size
+                raise ModelLoadError(f"checkpoint {path} holds weights of another model size; resume with the same "
+                                     "--preset (and vocabulary) it was trained with") from None
+            if "Missing key" in str(exc) or "Unexpected key" in str(exc):
+                raise ModelLoadError(f"checkpoint {path} does not match the model; resume with the same --preset"
+                                     ) from None
+            raise ModelLoadError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it and resume"
+                                 ) from None
         except (ValueError, KeyError):  # parameter groups differ: an older msrnn grouped the SSM differently
             raise ModelLoadError(f"checkpoint {path}'s optimizer state does not fit this model's parameter groups "
                                  "(written by an older msrnn?); start a new --out") from None
+        except Exception as exc:
+            raise ModelLoadError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it and resume"
+                                 ) from None
+        self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         if self.curriculum is not None and state.get("curriculum"):
             self.curriculum.load_state_dict(state["curriculum"])
-        _set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -370,11 +382,14 @@ class Trainer:
         marks the directory complete.
         """
         out = Path(out_dir) if out_dir else self.out_dir
+        # Every rank takes part in gathering the full weights (a no-op copy under DDP, a gather under FSDP).
+        weights = self.accelerator.get_state_dict(self.model)
         if not self.accelerator.is_main_process:
             return out
         out.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out / ".export") as tmp:
-            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), safe_serialization=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), state_dict=weights,
+                                                                      safe_serialization=True)
             if self.save_extra:
                 self.save_extra(tmp)
         staged = out / ".export"
