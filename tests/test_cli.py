@@ -144,15 +144,17 @@ def test_eval_harness_passes_every_flag_on(tmp_path, monkeypatch, capsys):
     out = tmp_path / "res" / "r.json"
     rc = main(["eval", "harness", "--model", "m", "--tasks", "t,u", "--policy", "tova", "--budget", "8", "--sinks", "2",
                "--prefill", "oneshot", "--storage", "fixed", "--include-path", str(tmp_path / "yaml"),
-               "--num-fewshot", "3", "--limit", "4", "--output-path", str(out)])
+               "--num-fewshot", "3", "--limit", "4", "--output-path", str(out), "--batch-size", "6", "--compile"])
     assert rc == 0, capsys.readouterr().err
     model, kw = seen["model"]
     assert model == "m" and kw["policy"] == "tova" and kw["budget"] == 8 and kw["sinks"] == 2
     assert kw["prefill"] == "oneshot" and kw["storage"] == "fixed" and kw["positions"] == "original"
+    assert kw["batch_size"] == 6 and kw["compile"] is True
     ev = seen["eval"]
     assert ev["tasks"] == ["t", "u"] and ev["num_fewshot"] == 3 and ev["limit"] == 4
     assert ev["task_manager"] == ("tm", str(tmp_path / "yaml"))
     assert json.loads(out.read_text())["results"] == {"t": {"acc": 0.5}}
+    assert json.loads(out.read_text())["batch_size"] == 6
     assert main(["eval", "harness", "--model", "m", "--tasks", "t", "--sinks", "2"]) == 2  # needs --policy
     assert main(["eval", "harness", "--model", "m", "--tasks", "t", "--include-path", str(out)]) == 2
     assert "need --policy" in capsys.readouterr().err

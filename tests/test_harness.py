@@ -74,10 +74,11 @@ def _local_tasks(folder):
     return ["msrnn_roll", "msrnn_mc", "msrnn_gen"]
 
 
-def test_matches_lm_evals_own_hf_model_on_local_yaml_tasks(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_matches_lm_evals_own_hf_model_on_local_yaml_tasks(model_dir, tmp_path, monkeypatch, batch_size):
     """The same model through `--model msrnn` and through lm-eval's `hf` model, on local loglikelihood_rolling,
     multiple_choice and generate_until tasks: the same perplexities (1e-4), per-choice log-likelihoods and
-    generations."""
+    generations, scoring one request at a time or four together."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -87,7 +88,7 @@ def test_matches_lm_evals_own_hf_model_on_local_yaml_tasks(model_dir, tmp_path, 
     tasks = _local_tasks(tmp_path / "tasks")
     ref = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=tasks, device="cpu",
                           batch_size=1, task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
-    ours = simple_evaluate(model=MsrnnHarnessLM(str(model_dir), chunk_size=5), tasks=tasks,
+    ours = simple_evaluate(model=MsrnnHarnessLM(str(model_dir), chunk_size=5, batch_size=batch_size), tasks=tasks,
                            task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
     for metric in ("byte_perplexity,none", "word_perplexity,none"):
         a, b = ref["results"]["msrnn_roll"][metric], ours["results"]["msrnn_roll"][metric]
@@ -110,7 +111,7 @@ def test_python_m_msrnn_harness_is_lm_evals_command_line(model_dir, tmp_path):
     _local_tasks(tmp_path / "tasks")
     r = subprocess.run([sys.executable, "-m", "msrnn.harness", "run", "--model", "msrnn", "--model_args",
                         f"pretrained={model_dir},policy=tova,budget=8,sinks=1", "--tasks", "msrnn_roll",
-                        "--include_path", str(tmp_path / "tasks"), "--device", "cpu"],
+                        "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "2"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "byte_perplexity" in r.stdout and "'policy': 'tova'" in r.stdout
+    assert "byte_perplexity" in r.stdout and "'policy': 'tova'" in r.stdout and "batch_size: 2" in r.stdout

@@ -3,6 +3,11 @@
 Importing this module registers the model name ``msrnn`` with lm-eval; ``msrnn eval harness`` does that and
 calls ``lm_eval.simple_evaluate``. Scoring streams context + continuation through the StatefulLM protocol from a
 fresh state, so a KV policy, SUPRA, BST or RMT is scored with exactly the state it would hold in use.
+
+Batching: ``batch_size`` requests of log-likelihood scoring stream through the model together, longest first,
+right-padded. Every family is causal, so a token's logits never see the padding after it, and each sequence's
+state evolves as it would alone (eviction is per sequence). Generation runs one request at a time: prompts of
+different lengths would need left padding, which the recurrent families' states do not take.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from lm_eval.api.registry import register_model
 
 from msrnn.errors import ConfigError
 from msrnn.generate import generate
-from msrnn.protocol import stream_logits
+from msrnn.protocol import split, stream_chunks
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +46,14 @@ def _opt_bool(value: Any) -> bool | None:
 class MsrnnHarnessLM(LM):
     """Any msrnn model as an lm-evaluation-harness ``LM`` (``--model msrnn``)."""
 
-    # Keys lm-eval itself adds to every model's arguments; a batch of one sequence at a time is what streaming
-    # scoring does, so they are accepted (batch sizes are not honoured: scoring is per request either way).
-    _LM_EVAL_EXTRAS = ("batch_size", "max_batch_size")
+    # A key lm-eval adds to every model's arguments; it only sizes batch_size=auto, which is refused.
+    _LM_EVAL_EXTRAS = ("max_batch_size",)
 
     def __init__(self, pretrained: str, policy: str | None = None, budget: int | None = None,
                  chunk_size: int = 512, max_gen_toks: int = 64, device: str = "cpu", sinks: int | None = None,
                  recent: int | None = None, per_head: bool | str | None = None, keep_newest: bool | str | None = None,
                  prefill: str = "exact", positions: str = "original", storage: str = "naive",
-                 compile: bool | str | None = None, **extra: Any) -> None:
+                 compile: bool | str | None = None, batch_size: int | str = 1, **extra: Any) -> None:
         super().__init__()
         from msrnn.models import load_lm
 
@@ -57,7 +61,13 @@ class MsrnnHarnessLM(LM):
         if unknown:
             raise ConfigError(f"msrnn's harness model takes no argument {', '.join(unknown)}; it takes pretrained, "
                               "policy, budget, sinks, recent, per_head, keep_newest, prefill, positions, storage, "
-                              "compile, chunk_size, max_gen_toks and device")
+                              "compile, chunk_size, max_gen_toks, batch_size and device")
+        if str(batch_size).startswith("auto"):
+            raise ConfigError("msrnn's harness model takes a number as batch_size, not auto (requests are scored "
+                              "together up to it)")
+        if isinstance(batch_size, bool) or not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        self.batch_size = int(batch_size)
         from msrnn.kv import apply_kv, settings_or_none
 
         settings = settings_or_none(policy, "policy", budget=_opt_int(budget) or None, sinks=_opt_int(sinks),
@@ -78,35 +88,55 @@ class MsrnnHarnessLM(LM):
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
-    def _logprobs(self, ids: list[int]) -> torch.Tensor:
-        """Log-probabilities [T, V] of every next token of ``ids``, streamed from a fresh state."""
-        logits = stream_logits(self.lm, torch.tensor([ids]), self.chunk_size)[0].float()
-        return F.log_softmax(logits, dim=-1)
+    def _score_batch(self, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each id list: log p(ids[t+1] | ids[:t+1]) and whether ids[t+1] is the greedy token, t = 0 .. len-2,
+        streamed from a fresh state with every row in one batch, right-padded (see the module docstring)."""
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)  # [B, T]: padding after each row's end
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        logps, greedy = [], []
+        for step in stream_chunks(self.lm, split(ids, self.chunk_size)):
+            # Only the targets are kept, so memory is one chunk's logits, not [B, T, V].
+            target = ids[:, step.start + 1 : step.start + 1 + step.logits.shape[1]].to(step.logits.device)
+            logits = step.logits[:, : target.shape[1]].float()  # [B, c, V]: the last position has no target
+            logps.append(F.log_softmax(logits, dim=-1).gather(2, target[..., None])[..., 0].cpu())
+            greedy.append((logits.argmax(-1) == target).cpu())
+        lp, gr = torch.cat(logps, 1), torch.cat(greedy, 1)  # [B, T - 1]
+        return [(lp[i, : len(r) - 1], gr[i, : len(r) - 1]) for i, r in enumerate(rows)]
+
+    def _score(self, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`_score_batch` over ``batch_size`` rows at a time, longest first (less padding), in input order."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out: list[Any] = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for i, scored in zip(batch, self._score_batch([rows[i] for i in batch]), strict=True):
+                out[i] = scored
+        return out
 
     def _prefix(self) -> list[int]:
         eos = self.tok.eos_token_id
         return [eos if eos is not None else 0]
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        """Log-likelihood of each continuation given its context, streamed."""
-        out = []
+        """Log-likelihood of each continuation given its context, and whether it is the greedy one, streamed."""
+        rows, spans = [], []
         for req in requests:
             context, continuation = req.args
             ctx = self._encode(context) or self._prefix()
             cont = self._encode(continuation)
-            lp = self._logprobs(ctx + cont)[len(ctx) - 1 : len(ctx) - 1 + len(cont)]  # rows predicting cont
-            target = torch.tensor(cont)
-            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+            rows.append(ctx + cont)
+            spans.append((len(ctx) - 1, len(cont)))  # the positions predicting the continuation
+        out = []
+        for (lp, gr), (start, n) in zip(self._score(rows), spans, strict=True):
+            out.append((float(lp[start : start + n].sum()), bool(gr[start : start + n].all())))
         return out
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
         """Log-likelihood of each whole text, streamed."""
-        out = []
-        for req in requests:
-            ids = self._prefix() + self._encode(req.args[0])
-            lp = self._logprobs(ids)[:-1]
-            out.append(float(lp.gather(1, torch.tensor(ids[1:])[:, None]).sum()))
-        return out
+        rows = [self._prefix() + self._encode(req.args[0]) for req in requests]
+        return [float(lp.sum()) for lp, _ in self._score(rows)]
 
     def generate_until(self, requests: list[Any]) -> list[str]:
         """Generation until a stop string or the token limit: greedy unless the task asks to sample

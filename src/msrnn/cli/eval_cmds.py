@@ -163,6 +163,8 @@ def add_eval_harness(ev: argparse._SubParsersAction) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (lm-eval's)")
     p.add_argument("--limit", type=positive_int, default=None, help="samples per task")
     p.add_argument("--chunk-size", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="log-likelihood requests scored together (right-padded; generation runs one at a time)")
     p.add_argument("--output-path", default=None, help="also write the results JSON to this file")
     add_output_flags(p)
     p.set_defaults(func=run_eval_harness)
@@ -184,13 +186,15 @@ def run_eval_harness(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'msrnn[harness]'") from None
     kv = {} if settings is None else asdict(settings)
-    lm = MsrnnHarnessLM(args.model, chunk_size=args.chunk_size, device=resolve_device(args.device), **kv)
+    lm = MsrnnHarnessLM(args.model, chunk_size=args.chunk_size, device=resolve_device(args.device),
+                        batch_size=args.batch_size, **kv)
     from lm_eval.tasks import TaskManager
 
     res = lm_eval.simple_evaluate(model=lm, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
                                   num_fewshot=args.num_fewshot,
                                   task_manager=TaskManager(include_path=args.include_path))
     report = {"model": args.model, "tasks": args.tasks, "kv": kv or None, "num_fewshot": args.num_fewshot,
+              "batch_size": args.batch_size,
               "results": res["results"]}  # lm-eval's nested metrics
     if args.output_path:
         from msrnn.io import write_json
