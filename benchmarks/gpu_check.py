@@ -4,13 +4,14 @@ The suite runs on CPUs (CI has no GPU), so the paths that only exist on a GPU ar
 (``benchmarks/gpu_check.sh`` wraps it; it targets <= 8 minutes on one GPU):
 
 1. KV eviction in bf16 with SDPA: the fast exact prefill against its readable per-query twin (kept positions and
-   logits), for every policy, a left-padded batch included, and ``generate()`` through the bounded cache.
+   logits), for every policy, a left-padded batch included, ``generate()`` through the bounded cache, and the
+   fixed-storage decode step under ``torch.compile`` against the eager one (one graph).
 2. SUPRA: the flash-linear-attention Triton kernel against the torch chunked form, outputs, final states and
    gradients, fp32 and bf16; ``backend='auto'`` must pick it on CUDA. Reported as skipped when fla is missing.
 3. S4D: the FFT convolution against the token-by-token recurrence at 16k tokens, fp32, and under bf16 autocast
    (the SSM parameters and the FFT stay fp32).
-4. Speed: ``bench kv`` decode at 1k..16k context, ``bench kv-prefill`` (exact vs oneshot vs full) and ``bench kv
-   --throughput`` on a random model of the ``small`` shape.
+4. Speed: ``bench kv`` decode at 1k..16k context (with the compiled step beside the eager one), ``bench
+   kv-prefill`` (exact vs oneshot vs full) and ``bench kv --throughput`` on a random model of the ``small`` shape.
 
     python benchmarks/gpu_check.py --out DIR          # on a CUDA machine; exit 1 if a check fails
     python benchmarks/gpu_check.py --device cpu --quick  # the same code on a CPU, small sizes (a smoke test)
@@ -96,6 +97,35 @@ def check_kv_generate(device: str, quick: bool) -> None:
     record("kv generate(): budget >= length equals plain generate (bf16 sdpa)", torch.equal(plain, bounded))
 
 
+def check_kv_compiled(device: str, quick: bool) -> None:
+    """The fixed-storage decode step under torch.compile against the eager step, bf16 SDPA, a batch of 2."""
+    from torch._dynamo.utils import counters
+
+    from msrnn.kv import KVEvictionLM, make_policy
+
+    model = small_llama(device, torch.bfloat16, quick)
+    T, budget, steps = (40, 16, 12) if quick else (1200, 512, 48)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(1, model.config.vocab_size, (2, T + steps), generator=g).to(device)
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for compiled in (False, True):
+        lm = KVEvictionLM(model, make_policy("tova", budget), storage="fixed", compile=compiled)
+        with torch.inference_mode():
+            logits, state = lm.forward_chunk(x[:, :T], lm.init_state(2))
+            out = [logits[:, -1:]]
+            for i in range(T, T + steps):
+                logits, state = lm.forward_chunk(x[:, i : i + 1], state)
+                out.append(logits)
+        runs[compiled] = (torch.cat(out, 1), [layer.kept_positions() for layer in state.cache.layers])
+    kept = all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1], strict=True))
+    err = (runs[False][0] - runs[True][0]).abs().max().item()
+    graphs = counters["stats"]["unique_graphs"]
+    record("kv compiled fixed decode == eager (bf16 sdpa)", kept and err < 5e-2 and graphs == 1,
+           max_logit_err=f"{err:.2e}", kept_equal=kept, graphs=graphs)
+
+
 def check_supra(device: str) -> None:
     from msrnn.supra import chunked, fla_chunked, log_decay, resolve_backend
     from msrnn.supra.ops import fla_available
@@ -161,7 +191,7 @@ def run_benchmarks(device: str, quick: bool) -> dict:
         pre = KVPrefillBenchConfig(tokens=128, chunk=32, budget=16, rounds=1)
         thr = KVThroughputBenchConfig(context=128, budget=16, steps=4, rounds=1)
     else:
-        dec = KVBenchConfig(contexts=[1024, 4096, 16384], budget=512, steps=64, rounds=3)
+        dec = KVBenchConfig(contexts=[1024, 4096, 16384], budget=512, steps=64, rounds=3, compile=True)
         pre = KVPrefillBenchConfig(tokens=8192, chunk=512, budget=512, rounds=3)
         thr = KVThroughputBenchConfig(context=8192, budget=1024, steps=32, rounds=3, full_batch=8, max_batch=256)
     out = {}
@@ -190,6 +220,7 @@ def main() -> int:
     t0 = time.perf_counter()
     check_kv(args.device, args.quick)
     check_kv_generate(args.device, args.quick)
+    check_kv_compiled(args.device, args.quick)
     check_supra(args.device)
     check_s4d(args.device, args.quick)
     bench = run_benchmarks(args.device, args.quick)
