@@ -7,6 +7,7 @@ This is the reference every bounded family is compared against: its state grows 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,11 @@ class HFState:
     cache: Cache
     batch_size: int
     seen: int = 0
+
+
+# Models already warned about running RoPE past max_position_embeddings: one warning per model, however many
+# adapters (a benchmark's full cache, windows and bounded caches) wrap it.
+_WARNED_EXTRAPOLATION: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class HFCausalLM:
@@ -51,7 +57,6 @@ class HFCausalLM:
         if cache_factory is not None and type(self) is HFCausalLM:
             self.monotone_state = False
         self.max_positions, self.learned_positions = position_limit(model)
-        self._warned_extrapolation = False
 
     @property
     def device(self) -> torch.device:
@@ -98,8 +103,8 @@ class HFCausalLM:
         if self.learned_positions:  # a learned table has no row for the position: an IndexError deep inside
             raise ConfigError(f"this model has learned positions up to {self.max_positions}, and the stream reaches "
                               f"{end}; keep prompt plus new tokens (or --max-tokens) within {self.max_positions}")
-        if self.rotates_past_limit() and not self._warned_extrapolation:
-            self._warned_extrapolation = True  # RoPE runs past its limit: extrapolation, worth one warning
+        if self.rotates_past_limit() and self.model not in _WARNED_EXTRAPOLATION:
+            _WARNED_EXTRAPOLATION.add(self.model)  # RoPE runs past its limit: extrapolation, worth one warning
             log.warning("position %d is past the model's max_position_embeddings=%d: RoPE extrapolates from here, "
                         "outside the positions the model was configured for", end, self.max_positions)
 
