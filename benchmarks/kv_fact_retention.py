@@ -1,8 +1,8 @@
 """Which memory-task facts does each KV policy still hold when the question arrives?
 
-Streams task samples through a KV-evicting model the way ``msrnn eval task`` / ``msrnn compare`` do (128-token
-chunks, one-shot prefill) up to the question, then reports the share of the fact tokens' positions still in the
-cache (averaged over layers and KV heads) and the accuracy on the same samples.
+Streams task samples through a KV-evicting model the way ``msrnn compare`` does (128-token chunks, its prefill
+mode ``msrnn.compare.KV_PREFILL``: exact) up to the question, then reports the share of the fact tokens' positions
+still in the cache (averaged over layers and KV heads) and the accuracy on the same samples.
 
     python benchmarks/kv_fact_retention.py MODEL_DIR --slots h2o=62,tova=63,window=63 --segments 16 --samples 20
 """
@@ -17,6 +17,7 @@ import torch
 
 
 def main() -> None:
+    from msrnn.compare import KV_PREFILL
     from msrnn.kv import KVSettings, apply_kv
     from msrnn.models import load_lm
     from msrnn.tasks import TaskGenerator
@@ -37,7 +38,7 @@ def main() -> None:
     rows = []
     for spec in args.slots.split(","):
         name, slots = spec.split("=")
-        lm = apply_kv(base, KVSettings(name, int(slots), prefill="oneshot"))
+        lm = apply_kv(base, KVSettings(name, int(slots), prefill=KV_PREFILL))
         kept_share, correct = [], 0
         with torch.inference_mode():
             for s in samples:
