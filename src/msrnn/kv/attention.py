@@ -159,12 +159,13 @@ def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value,
     (slots are not chronological here, so ties are broken by original position). Padding slots of a left-padded
     prompt are masked and scored -inf, so they go first, as in the naive layout."""
     B = query.shape[0]
-    if mask is not None and torch.compiler.is_compiling():
-        # No host sync inside a captured step: the same check, raised when the step runs.
-        torch._assert_async(_new_validity(mask, B, 1, key.shape[2] - 1, query.device).all(),
-                            "a padding token arrived while decoding in place; only left padding is supported")
-    elif mask is not None and not bool(_new_validity(mask, B, 1, key.shape[2] - 1, query.device).all()):
-        raise MsrnnError("a padding token arrived while decoding in place; only left padding is supported")
+    if mask is not None:
+        real = _new_validity(mask, B, 1, key.shape[2] - 1, query.device).all()
+        message = "a padding token arrived while decoding in place; only left padding is supported"
+        if torch.compiler.is_compiling():  # no host sync inside a captured step: raised when the step runs
+            torch._assert_async(real, message)
+        elif not bool(real):
+            raise MsrnnError(message)
     G = layer.positions.shape[1]
     Hq = query.shape[1]
     policy = layer.policy
