@@ -584,14 +584,16 @@ def test_kv_settings_carry_every_flag_to_the_cache():
     p = argparse.ArgumentParser()
     add_model_flags(p)
     args = p.parse_args(["--model", "m", "--policy", "tova", "--budget", "16", "--sinks", "2", "--keep-newest",
-                         "--no-per-head", "--prefill", "oneshot", "--positions", "rolling", "--storage", "fixed"])
+                         "--no-per-head", "--prefill", "oneshot", "--positions", "rolling"])
     s = kv_settings(args)
     assert s == KVSettings("tova", 16, sinks=2, keep_newest=True, per_head=False, prefill="oneshot",
-                           positions="rolling", storage="fixed")
+                           positions="rolling")
     layer = apply_kv(HFCausalLM(tiny("llama")), s).init_state(1).cache.layers[0]
     assert (layer.policy.budget, layer.policy.sinks, layer.policy.keep_newest, layer.policy.per_head) == (16, 2, True,
                                                                                                          False)
-    assert layer.prefill == "oneshot" and layer.rolling and layer.storage == "fixed"
+    assert layer.prefill == "oneshot" and layer.rolling and layer.storage == "naive"
+    fixed = kv_settings(p.parse_args(["--model", "m", "--policy", "tova", "--budget", "16", "--storage", "fixed"]))
+    assert apply_kv(HFCausalLM(tiny("llama")), fixed).init_state(1).cache.layers[0].storage == "fixed"
     h2o = apply_kv(HFCausalLM(tiny("llama")), KVSettings.from_spec("h2o:per_head=false,recent=5", 12))
     hp = h2o.init_state(1).cache.layers[0].policy
     assert (hp.budget, hp.recent, hp.per_head) == (12, 5, False)
@@ -599,6 +601,8 @@ def test_kv_settings_carry_every_flag_to_the_cache():
                        (dict(policy="tova", budget=8, prefill="lazy"), "unknown prefill"),
                        (dict(policy="tova", budget=8, positions="cache"), "unknown positions"),
                        (dict(policy="tova", budget=8, storage="ring"), "unknown storage"),
+                       # rolling positions re-rotate every kept key each step: the fixed buffer would go unused
+                       (dict(policy="tova", budget=8, storage="fixed", positions="rolling"), "rules out"),
                        (dict(policy="tova"), "needs a budget"),
                        (dict(policy="tova", budget=8, per_head=True, positions="rolling"), "one selection per layer")]:
         with pytest.raises(ConfigError, match=match):

@@ -100,6 +100,19 @@ def test_compile_flag_reaches_the_model():
         kv_settings(args)
 
 
+def test_commands_that_feed_no_single_token_step_refuse_compile(task_model_dir, capsys):
+    """eval ppl in chunks and eval task stream multi-token chunks only: --compile there would compile nothing, so it
+    is refused up front (eval ppl token by token takes it)."""
+    from msrnn.cli.main import main
+
+    kv = ["--policy", "tova", "--budget", "8", "--storage", "fixed", "--compile"]
+    assert main(["eval", "ppl", "--model", str(task_model_dir), "--chunk-size", "16", *kv]) == 2
+    assert "use --chunk-size 1" in capsys.readouterr().err
+    assert main(["eval", "task", "--model", str(task_model_dir), "--task", "memorize", "--segment-length", "32",
+                 "--segments", "1", "--samples", "2", *kv]) == 2
+    assert "nothing would be compiled" in capsys.readouterr().err
+
+
 def test_bench_kv_times_the_compiled_step_beside_the_eager_one(capsys):
     import json
 

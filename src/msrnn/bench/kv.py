@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError, MsrnnError
-from msrnn.kv.cache import STORAGE_MODES, parse_prefill
+from msrnn.kv.cache import check_storage, parse_prefill
 from msrnn.protocol import prefill
 
 
@@ -48,8 +48,7 @@ class KVBenchConfig:
             raise ConfigError("contexts must be >= 2 tokens")
         if self.budget < 1 or self.steps < 1 or self.rounds < 1:
             raise ConfigError("budget, steps and rounds must be >= 1")
-        if self.storage not in STORAGE_MODES:
-            raise ConfigError(f"unknown storage {self.storage!r}; use {' or '.join(STORAGE_MODES)}")
+        check_storage(self.storage)
         if self.compile and self.storage != "fixed":
             raise ConfigError("compile times the in-place decode step of fixed storage; drop --storage naive")
 
@@ -259,8 +258,7 @@ class KVThroughputBenchConfig:
     storage: str = "fixed"  # the bounded cache's (decoding holds budget + 1 slots either way)
 
     def __post_init__(self) -> None:
-        if self.storage not in STORAGE_MODES:
-            raise ConfigError(f"unknown storage {self.storage!r}; use {' or '.join(STORAGE_MODES)}")
+        check_storage(self.storage)
         if min(self.context, self.budget, self.steps, self.rounds, self.full_batch, self.max_batch) < 1:
             raise ConfigError("context, budget, steps, rounds, full batch and max batch must be >= 1")
         if self.budget >= self.context:

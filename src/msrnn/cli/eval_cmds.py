@@ -34,6 +34,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                     help="torch.compile the in-place decode step (needs --storage fixed; the first steps compile)")
 
 
+def check_compile_applies(args: argparse.Namespace, chunk_size: int, command: str, fix: str) -> None:
+    """Refuse --compile where the command feeds no single-token decode step (the only step it compiles)."""
+    from msrnn.errors import ConfigError
+
+    if getattr(args, "compile", False) and chunk_size > 1:
+        raise ConfigError(f"--compile captures single-token decode steps, and {command} feeds {chunk_size}-token "
+                          f"chunks, so nothing would be compiled; {fix}")
+
+
 def load_for_cli(args: argparse.Namespace, stream: bool = True):
     """Load --model as a StatefulLM, bounded by the KV policy flags when given. ``stream=False`` also accepts
     models without next-token logits (an encoder RMT classifier, for ``eval task``)."""
@@ -91,6 +100,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     # Documents are selected by full length (--min-tokens) and truncated by eval_documents; the evaluator then
     # only needs its own minimum of 2 tokens.
     cfg = StreamEvalConfig(chunk_size=args.chunk_size, max_tokens=args.max_tokens, max_documents=args.max_docs)
+    check_compile_applies(args, args.chunk_size, "eval ppl", "use --chunk-size 1 or drop --compile")
     lm = load_for_cli(args)
     docs = eval_documents(args.data, getattr(lm, "tokenizer", None), unit=args.documents,
                           max_documents=args.max_docs, min_tokens=max(2, args.min_tokens), max_tokens=args.max_tokens,

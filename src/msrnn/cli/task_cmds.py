@@ -40,7 +40,7 @@ def _peak_rss_mib() -> float:
 
 
 def run_eval_task(args: argparse.Namespace) -> int:
-    from msrnn.cli.eval_cmds import load_for_cli
+    from msrnn.cli.eval_cmds import check_compile_applies, load_for_cli
     from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
     from msrnn.tasks import TASKS, TaskGenerator, babilong_samples, noise_sentences
     from msrnn.ui import out_console, print_json, table
@@ -59,6 +59,7 @@ def run_eval_task(args: argparse.Namespace) -> int:
     S = args.segment_length or (rmt_config.segment_length if is_rmt else None)
     if S is None:
         raise ConfigError("--segment-length is required for a model without segments (it sets tokens per segment)")
+    check_compile_applies(args, S, "eval task", "drop --compile")
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer saved; save one next to the weights")

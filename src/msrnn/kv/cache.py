@@ -55,6 +55,16 @@ STORAGE_MODES = ("naive", "fixed")
 _NO_POSITION = torch.iinfo(torch.long).max  # sorts after every real position
 
 
+def check_storage(storage: str, positions: str = "original") -> None:
+    """Refuse an unknown storage mode, and fixed storage with rolling positions: rolling re-rotates every kept key at
+    every step, so nothing can stay in place and the fixed buffer would never be used."""
+    if storage not in STORAGE_MODES:
+        raise ConfigError(f"unknown storage {storage!r}; use {' or '.join(STORAGE_MODES)}")
+    if storage == "fixed" and positions == "rolling":
+        raise ConfigError("storage='fixed' decodes in place, which positions='rolling' rules out (every kept key is "
+                          "re-rotated at every step); use storage='naive' with rolling positions")
+
+
 def check_compile(policy: Policy, storage: str) -> None:
     """Refuse ``compile=True`` where there is no constant-shape decode step to capture."""
     if storage != "fixed":
@@ -319,10 +329,9 @@ class KVEvictionCache(Cache):
     def __init__(self, num_layers: int, policy: Policy, prefill: str = "exact", positions: str = "original",
                  inv_freq: torch.Tensor | None = None, reference: bool = False, storage: str = "naive") -> None:
         parse_prefill(prefill)
-        if storage not in STORAGE_MODES:
-            raise ConfigError(f"unknown storage {storage!r}; use naive or fixed")
         if positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {positions!r}; use original or rolling")
+        check_storage(storage, positions)
         if positions == "rolling":
             if inv_freq is None:
                 raise ConfigError("positions='rolling' re-rotates RoPE keys, but this model has no RoPE; "

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from msrnn.errors import ConfigError
-from msrnn.kv.cache import POSITION_MODES, STORAGE_MODES, check_compile, parse_prefill
+from msrnn.kv.cache import POSITION_MODES, check_compile, check_storage, parse_prefill
 from msrnn.kv.policies import KV_POLICIES, Policy, make_policy
 
 OPTION_NAMES = ("sinks", "recent", "per_head", "keep_newest")
@@ -35,10 +35,9 @@ class KVSettings:
 
     def __post_init__(self) -> None:
         parse_prefill(self.prefill)
-        if self.storage not in STORAGE_MODES:
-            raise ConfigError(f"unknown storage {self.storage!r}; use {' or '.join(STORAGE_MODES)}")
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {self.positions!r}; use {' or '.join(POSITION_MODES)}")
+        check_storage(self.storage, self.positions)
         policy = self.make_policy()  # every option is checked now, not at the first chunk
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, not {self.compile!r}")
