@@ -42,25 +42,37 @@ def test_pyproject_declares_the_range_compat_enforces():
     assert f"transformers=={compat.TRANSFORMERS_MIN}" in ci  # CI runs the lowest version too
 
 
-def test_untested_transformers_is_refused_unless_allowed(monkeypatch):
-    monkeypatch.delenv(compat.ALLOW_UNTESTED_ENV, raising=False)
+def test_older_transformers_is_refused_newer_is_checked_and_warned_once(monkeypatch):
     compat.check_transformers_version(compat.TRANSFORMERS_MIN)
-    for version in ("5.3.0", compat.TRANSFORMERS_BELOW + ".0", "6.0.0"):
-        with pytest.raises(CompatError, match="outside the range msrnn is tested on"):
-            compat.check_transformers_version(version)
-    monkeypatch.setenv(compat.ALLOW_UNTESTED_ENV, "1")
-    with pytest.warns(UserWarning, match="outside the range"):
-        compat.check_transformers_version("6.0.0")
+    compat.check_transformers_version(compat.TRANSFORMERS_TESTED)
+    with pytest.raises(CompatError, match="older than msrnn supports"):
+        compat.check_transformers_version("5.3.0")
+    monkeypatch.setattr(compat, "_NEWER_CHECKED", {})
+    with pytest.warns(UserWarning, match="newer than the newest release msrnn is tested on") as record:
+        compat.check_transformers_version("9.0.0")
+        compat.check_transformers_version("9.0.0")
+        compat.check_transformers_version("9.0.0")
+    assert len([w for w in record if "newer than" in str(w.message)]) == 1  # once per process, not per call
 
 
-def test_cli_refuses_untested_transformers_in_one_line(monkeypatch, capsys):
+def test_newer_transformers_whose_contract_fails_is_refused(monkeypatch):
+    def broken() -> None:
+        raise AssertionError("gone")
+
+    monkeypatch.setattr(compat, "_NEWER_CHECKED", {})
+    monkeypatch.setitem(compat.CONTRACTS, "a contract", broken)
+    with pytest.raises(CompatError, match="a contract: AssertionError: gone"):
+        compat.check_transformers_version("9.0.0")
+    compat.check_transformers_version(compat.TRANSFORMERS_TESTED)  # the tested range is not re-checked
+
+
+def test_cli_refuses_older_transformers_in_one_line(monkeypatch, capsys):
     from msrnn.cli.main import main
 
-    monkeypatch.delenv(compat.ALLOW_UNTESTED_ENV, raising=False)
-    monkeypatch.setattr(compat, "transformers", types.SimpleNamespace(__version__="9.0.0"))
+    monkeypatch.setattr(compat, "transformers", types.SimpleNamespace(__version__="5.3.0"))
     assert main(["eval", "ppl", "--model", "x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("msrnn: error: transformers 9.0.0 is outside") and "\n" not in err
+    assert err.startswith("msrnn: error: transformers 5.3.0 is older") and "\n" not in err
 
 
 def test_cache_names_round_trip():

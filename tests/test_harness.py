@@ -115,3 +115,10 @@ def test_python_m_msrnn_harness_is_lm_evals_command_line(model_dir, tmp_path):
                        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "byte_perplexity" in r.stdout and "'policy': 'tova'" in r.stdout and "batch_size: 2" in r.stdout
+    # An msrnn refusal is one line and exit 2, not lm-eval's traceback.
+    r = subprocess.run([sys.executable, "-m", "msrnn.harness", "run", "--model", "msrnn", "--model_args",
+                        f"pretrained={model_dir},policy=tova,budget=8,positions=cache", "--tasks", "msrnn_roll",
+                        "--include_path", str(tmp_path / "tasks"), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("msrnn: error: unknown positions mode")

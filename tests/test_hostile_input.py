@@ -445,3 +445,41 @@ def test_a_kv_policy_on_a_supra_model_is_refused(model_dir, tmp_path, tiny_corpu
             ["eval", "ppl", "--model", str(supra), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
              "--max-tokens", "32"])
     one_error(capsys, main([*argv, "--policy", "tova", "--budget", "8"]), "not to SupraLM")
+
+
+# ---------------------------------------------------------------- a run is never destroyed or written through a link
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(model_dir, tmp_path, tiny_corpus, capsys):
+    """Rerunning pretrain into a folder with another run's checkpoints used to train from step 0 without a word,
+    delete that run's checkpoints as its own newer ones landed, and leave a later --resume continuing the mix."""
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "2", "--out", str(out)])
+    one_error(capsys, rc, "already holds a run (a trained model and checkpoints up to step 2)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "2", "--out", str(out), "--resume",
+               "--overwrite"])
+    one_error(capsys, rc, "pass one of them")
+    # A kill during export leaves checkpoints and no msrnn.json: still a run.
+    (out / "msrnn.json").unlink()
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "2", "--out", str(out)])
+    one_error(capsys, rc, "checkpoints up to step 2")
+    assert main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "1", "--out", str(out),
+                 "--overwrite"]) == 0
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step-0000001"]  # the old run's checkpoints went with --overwrite, and only then
+
+
+def test_no_write_follows_a_symlink_placed_in_out(model_dir, tmp_path, tiny_corpus):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    victim = tmp_path / "outside.txt"
+    victim.write_text("precious")
+    for name in ("train_config.json", "history.json", "msrnn.json"):
+        (out / name).unlink()
+        (out / name).symlink_to(victim)
+    assert main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "3", "--out", str(out),
+                 "--resume"]) == 0
+    assert victim.read_text() == "precious"
+    for name in ("train_config.json", "history.json", "msrnn.json"):
+        assert not (out / name).is_symlink() and json.loads((out / name).read_text())

@@ -12,7 +12,8 @@ error. So:
 * every stateful forward checks that the state advanced (:func:`check_advanced`), so a contract that breaks
   in a future release raises instead of returning plausible numbers;
 * :data:`CONTRACTS` lists each contract with a check; ``tests/test_compat.py`` runs them all, and
-  :func:`check_transformers_version` refuses an untested transformers release at import time.
+  :func:`check_transformers_version` refuses a release older than the range, and checks those contracts on a
+  newer, untested one (refusing it only if one fails).
 
 The tested range is :data:`TRANSFORMERS_RANGE` (also in ``pyproject.toml``; CI runs the suite at both ends).
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,30 +31,45 @@ from packaging.version import Version
 
 from msrnn.errors import MsrnnError
 
-# Lowest and first-untested transformers versions. 5.4 is the first whose mask code calls
+# Lowest supported and newest tested transformers. 5.4 is the first whose mask code calls
 # ``get_mask_sizes(query_length)`` (5.3 passes ``cache_position``; on 5.2 eviction fails inside masking_utils).
+# pyproject.toml declares the same range (``<TRANSFORMERS_BELOW``); CI runs the suite at both ends.
 TRANSFORMERS_MIN = "5.4.0"
-TRANSFORMERS_BELOW = "5.25"
+TRANSFORMERS_TESTED = "5.25.0"  # the newest release the whole suite passed on
+TRANSFORMERS_BELOW = "5.26"
 TRANSFORMERS_RANGE = f">={TRANSFORMERS_MIN},<{TRANSFORMERS_BELOW}"
-ALLOW_UNTESTED_ENV = "MSRNN_ALLOW_UNTESTED_TRANSFORMERS"
+
+_NEWER_CHECKED: dict[str, str | None] = {}  # version -> None (contracts hold, warned once) or the failure
 
 
 class CompatError(MsrnnError):
-    """transformers no longer honours a contract msrnn relies on (usually: an untested release)."""
+    """transformers no longer honours a contract msrnn relies on (or is older than msrnn supports)."""
 
 
 def check_transformers_version(version: str | None = None) -> None:
-    """Refuse a transformers release outside the tested range (``MSRNN_ALLOW_UNTESTED_TRANSFORMERS=1``
-    downgrades the refusal to a warning; the run-time state checks still apply)."""
+    """Refuse a transformers release older than msrnn supports. A release newer than the newest tested one is
+    not refused outright: msrnn checks every contract in :data:`CONTRACTS` on it (once per process), warns once,
+    and refuses only if a contract fails; every model is then verified before eviction (:mod:`msrnn.kv.verify`)
+    and every stateful forward checks that its state advanced."""
     v = Version(version or transformers.__version__)
-    if Version(TRANSFORMERS_MIN) <= v < Version(TRANSFORMERS_BELOW):
+    if v < Version(TRANSFORMERS_MIN):
+        raise CompatError(f"transformers {v} is older than msrnn supports (>={TRANSFORMERS_MIN}); upgrade with "
+                          f"pip install 'transformers{TRANSFORMERS_RANGE}'")
+    if v < Version(TRANSFORMERS_BELOW):
         return
-    msg = (f"transformers {v} is outside the range msrnn is tested on ({TRANSFORMERS_RANGE}); install a tested "
-           f"one with pip install 'transformers{TRANSFORMERS_RANGE}', or set {ALLOW_UNTESTED_ENV}=1 to try it")
-    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
-        warnings.warn(msg, stacklevel=2)
-        return
-    raise CompatError(msg)
+    key = str(v)
+    if key not in _NEWER_CHECKED:
+        try:
+            check_contracts()
+            _NEWER_CHECKED[key] = None
+            warnings.warn(f"transformers {v} is newer than the newest release msrnn is tested on "
+                          f"({TRANSFORMERS_TESTED}); its contracts hold, and each model is verified before eviction",
+                          stacklevel=2)
+        except CompatError as exc:
+            _NEWER_CHECKED[key] = str(exc)
+    if _NEWER_CHECKED[key] is not None:
+        raise CompatError(f"{_NEWER_CHECKED[key]} (tested: {TRANSFORMERS_RANGE}; install a tested release with pip "
+                          f"install 'transformers{TRANSFORMERS_RANGE}')")
 
 
 # --------------------------------------------------------------------------- the cache keyword

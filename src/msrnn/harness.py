@@ -164,10 +164,25 @@ class MsrnnHarnessLM(LM):
         return out
 
 
+def main() -> int:
+    """``python -m msrnn.harness ...``: lm-eval's own command line with the ``msrnn`` model registered; an msrnn
+    refusal (a model that fails verification, a bad model argument, an unsupported transformers) is one line."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    from msrnn.errors import MsrnnError
+
+    try:
+        cli_evaluate()
+    except MsrnnError as exc:
+        print(f"msrnn: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
     # `python -m msrnn.harness run --model msrnn --model_args pretrained=DIR,policy=tova,budget=512 --tasks ...` is
     # lm-eval's own command line with the `msrnn` model registered (lm-eval releases before model plugins need
     # this import; newer ones also find `--model msrnn` through the `lm_eval.models` entry point).
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()
+    raise SystemExit(main())

@@ -239,7 +239,7 @@ def run_bench_costs(args: argparse.Namespace) -> int:
         from msrnn.models.loading import ensure_registered
 
         ensure_registered(args.model)
-        cfg = AutoConfig.from_pretrained(args.model)
+        cfg = AutoConfig.from_pretrained(args.model, trust_remote_code=False)
     else:
         from msrnn.models.presets import preset_config
 

@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         bst_cmds,
         compare_cmds,
         demo,
+        doctor_cmds,
         eval_cmds,
         kv_cmds,
         rmt_cmds,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     bst_cmds.add_train_bst(ts)
     bench_cmds.add_bench(sub)
     compare_cmds.add_compare(sub)
+    doctor_cmds.add_doctor(sub)
     return p
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from msrnn.cli.common import add_output_flags, emit, positive_int, resolve_device
-from msrnn.cli.training import check_out, summary, train_config
+from msrnn.cli.training import add_run_folder_flags, check_out, summary, train_config
 from msrnn.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def add_train_rmt(ts: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--eval-every", type=int, default=25, help="validation (and curriculum check) interval")
     p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true")
+    add_run_folder_flags(p)
     p.add_argument("--seed", type=int, default=0)
     add_output_flags(p)
     p.set_defaults(func=run_train_rmt)
@@ -57,7 +57,7 @@ def resolve_encoder(source: str) -> str | None:
     if path.is_dir() and (_model_type(path) or "") in ENCODER_FAMILIES:
         from transformers import AutoConfig
 
-        if is_encoder_only(AutoConfig.from_pretrained(str(path))):
+        if is_encoder_only(AutoConfig.from_pretrained(str(path), trust_remote_code=False)):
             return str(path)
     return None
 
@@ -73,7 +73,7 @@ def build_rmt(args: argparse.Namespace) -> tuple[Any, Any]:
         from transformers import AutoModel
 
         tokenizer = load_tokenizer_for(encoder_path)
-        encoder = AutoModel.from_pretrained(encoder_path, add_pooling_layer=False)
+        encoder = AutoModel.from_pretrained(encoder_path, add_pooling_layer=False, trust_remote_code=False)
         model = MemoryEncoderClassifier.wrap(encoder, tokenizer, labels, num_memory_tokens=args.memory,
                                              segment_length=args.segment_length, bptt_depth=args.bptt_depth)
     else:

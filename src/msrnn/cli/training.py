@@ -26,17 +26,52 @@ def add_training_flags(p: argparse.ArgumentParser, *, max_steps: int, lr: float,
                    help="share of each batch whose 2nd half repeats the 1st (induction heads; default 0.25)")
     p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--save-every", type=int, default=save_every)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_run_folder_flags(p)
     add_seed(p)
     add_output_flags(p)
 
 
+def add_run_folder_flags(p: argparse.ArgumentParser) -> None:
+    """--resume / --overwrite: the only two ways to use an --out that already holds a run."""
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run (its checkpoints and model marker are removed)")
+
+
+def run_in(out: Path) -> str | None:
+    """What run ``out`` holds (a finished model, checkpoints), or None."""
+    steps = sorted(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*/trainer_state.*")
+                   if p.parent.name.split("-")[1].isdigit())
+    held = []
+    if (out / "msrnn.json").exists():
+        held.append("a trained model")
+    if steps:
+        held.append(f"checkpoints up to step {steps[-1]}")
+    return " and ".join(held) or None
+
+
 def check_out(args: argparse.Namespace) -> Path:
+    """The --out of a training command. A folder that holds a run (a finished model or checkpoints) is used only with
+    --resume (continue it) or --overwrite (start over): a rerun without either would train from step 0, delete the
+    new checkpoints' predecessors and leave a later --resume continuing the other run."""
+    import shutil
+
     out = Path(args.out)
-    if (out / "msrnn.json").exists() and not args.resume:
-        raise ConfigError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
+    overwrite = getattr(args, "overwrite", False)
+    if args.resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    held = run_in(out)
+    if held and not args.resume and not overwrite:
+        raise ConfigError(f"{out} already holds a run ({held}); pass --resume to continue it, --overwrite to start "
+                          "over, or choose another --out")
     if args.resume and not any((out / "checkpoints").glob("step-*/trainer_state.*")):
         raise ConfigError(f"nothing to resume in {out} (no checkpoint under {out / 'checkpoints'}); drop --resume")
+    if held and overwrite:
+        if (out / "checkpoints").is_symlink():
+            (out / "checkpoints").unlink()
+        else:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "msrnn.json").unlink(missing_ok=True)
     return out
 
 

@@ -54,8 +54,11 @@ def load_tokenizer(path: str | Path) -> Any:
 
     if not Path(path).exists() and str(path).startswith((".", "/", "~")):
         raise ModelLoadError(f"tokenizer path {path} does not exist; create one with 'msrnn tokenizer --out {path}'")
+    from msrnn.models.loading import reject_remote_code
+
+    reject_remote_code(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load a tokenizer from {path} ({type(exc).__name__}); is it a tokenizer folder?"

@@ -17,7 +17,12 @@ attention is the only operation that mixes tokens, so doing it sequentially per 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -27,6 +32,34 @@ from msrnn.kv.policies import Candidates
 from msrnn.kv.rope import rotate
 
 _REGISTERED = False
+
+# Keyword arguments a model may pass its attention function that change the attention itself. msrnn's eviction
+# path computes the attention from q and k, so each one must be honoured there or refused, never dropped.
+# ``s_aux`` (per-head attention-sink logits, gpt-oss) is honoured; the others are refused when they are set.
+HONOURED_RULES = ("s_aux",)
+REFUSED_RULES = {
+    "sliding_window": "a sliding window",
+    "softcap": "an attention logit softcap",
+    "position_bias": "an additive position bias (ALiBi or relative position buckets)",
+    "attention_chunk_size": "chunked attention",
+}
+
+# Calls seen by msrnn's attention functions while verification records them (msrnn.kv.verify): (module, query,
+# key, names of the keyword arguments that were set). None when nothing records.
+_RECORDER: contextvars.ContextVar[list[tuple[Any, torch.Tensor, torch.Tensor, tuple[str, ...]]] | None] = \
+    contextvars.ContextVar("msrnn_attention_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording_calls() -> Iterator[list[tuple[Any, torch.Tensor, torch.Tensor, tuple[str, ...]]]]:
+    """Record every call of msrnn's attention functions in this block (verification uses it to see which layers
+    attend through the registry, what rules they pass, and the queries and keys each one attends with)."""
+    calls: list[tuple[Any, torch.Tensor, torch.Tensor, tuple[str, ...]]] = []
+    token = _RECORDER.set(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDER.reset(token)
 
 
 def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -40,10 +73,13 @@ def _group(p: torch.Tensor, groups: int, reduce: str) -> torch.Tensor:
     return g.mean(2) if reduce == "mean" else g.sum(2)
 
 
-def _probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
+def _probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scaling: float,
+           sink: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention probabilities in fp32: q [B, Hq, t, D], k [B, Hkv, N, D], allowed [B, 1|Hq, t, N].
 
     GQA is handled by grouping query heads onto their KV head (a broadcast matmul), not by copying keys.
+    ``sink`` [Hq]: per-head attention-sink logits (gpt-oss's ``s_aux``), a column every query also attends to
+    whose probability is then dropped, so a row sums to less than one.
     """
     B, Hq, t, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -51,29 +87,53 @@ def _probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scali
     logits = torch.matmul(qg, k.float().transpose(-1, -2)).view(B, Hq, t, N)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    return logits.softmax(-1)
+    return _softmax(logits, None if sink is None else sink.view(1, Hq, 1, 1))
 
 
-def generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain softmax attention returning weights, for models whose own eager function we do not have."""
+def _softmax(logits: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dimension; ``sink`` (broadcastable to ``logits[..., :1]``) is an attention-sink logit
+    taken into the normaliser and dropped from the result."""
+    if sink is None:
+        return logits.softmax(-1)
+    col = sink.float().expand(*logits.shape[:-1], 1)
+    return torch.cat([logits, col], dim=-1).softmax(-1)[..., :-1]
+
+
+def generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, s_aux=None, **kwargs):
+    """Plain softmax attention returning weights (with ``s_aux`` attention sinks), for models whose modeling
+    module has no ``eager_attention_forward`` of its own."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     n_rep = query.shape[1] // key.shape[1]
     k, v = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)
-    w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    w = torch.matmul(query, k.transpose(2, 3)).float() * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            w = w.masked_fill(~attention_mask, torch.finfo(w.dtype).min)
+            w = w.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
         else:
-            w = w + attention_mask
-    w = w.softmax(-1, dtype=torch.float32).to(query.dtype)
+            w = w + attention_mask.float()
+    w = _softmax(w, None if s_aux is None else s_aux.view(1, -1, 1, 1)).to(query.dtype)
     w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
 
 
-def _base(name: str):
+def _passthrough(name: str, module: Any, kwargs: dict[str, Any]):
+    """The function ``msrnn_<name>`` stands in for where nothing is evicted: for ``eager``, the model's own
+    ``eager_attention_forward`` (which knows its rules, e.g. gpt-oss's sinks) when its modeling module has one."""
+    if name == "eager":
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if callable(own):
+            return own
+    return _base(name, kwargs)
+
+
+def _base(name: str, kwargs: dict[str, Any] | None = None):
+    """The attention msrnn's eviction path calls with its own boolean masks: msrnn's eager function (weights, sinks),
+    or transformers' SDPA unless the call carries sinks, which SDPA would drop."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return generic_eager if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+    if name == "eager" or (kwargs and kwargs.get("s_aux") is not None):
+        return generic_eager
+    return ALL_ATTENTION_FUNCTIONS[name]
 
 
 def _new_validity(mask: torch.Tensor | None, B: int, T: int, S0: int, device) -> torch.Tensor:
@@ -93,15 +153,25 @@ def _new_validity(mask: torch.Tensor | None, B: int, T: int, S0: int, device) ->
 def evicting_attention(base_name: str):
     """msrnn's attention function wrapping transformers' ``name`` one (registry entry)."""
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if not torch.compiler.is_compiling():
+            calls = _RECORDER.get()
+            if calls is not None:
+                calls.append((module, query.detach(), key.detach(),
+                              tuple(sorted(k for k, v in kwargs.items() if v is not None))))
         layer = ACTIVE_LAYER.get()
         if layer is None or layer.pending is None or layer.pending[0] is not key:
-            return _base(base_name)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                    **kwargs)
+            if ACTIVE_LAYER.consumed(key):
+                raise MsrnnError(f"{type(module).__name__} calls the attention function more than once per layer "
+                                 "(as DiffLlama's differential attention does); KV eviction evicts in one call, so "
+                                 "the other calls would attend the unevicted cache: use a model without it")
+            return _passthrough(base_name, module, kwargs)(module, query, key, value, attention_mask,
+                                                           scaling=scaling, dropout=dropout, **kwargs)
         ACTIVE_LAYER.set(None)
-        for rule in ("sliding_window", "softcap"):  # a per-layer rule the config check could not see
+        ACTIVE_LAYER.mark_consumed(key)
+        for rule, what in REFUSED_RULES.items():  # a per-layer rule the config check could not see
             if kwargs.get(rule) is not None:
-                raise MsrnnError(f"{type(module).__name__} asks for attention with {rule}={kwargs[rule]}, which "
-                                 "KV eviction does not apply; use a model without it")
+                raise MsrnnError(f"{type(module).__name__} asks for attention with {what} ({rule}), which KV "
+                                 "eviction does not apply; use a model without it")
         scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         return _attend_and_evict(layer, base_name, module, query, key, value, attention_mask, scaling, dropout,
                                  kwargs)
@@ -140,13 +210,14 @@ def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value
             carried = S - 1  # one eviction at the end: the chunk's tokens pile up on the kept slots until then
     elif layer.prefill_chunk is not None:
         out, keep, carried = _chunked(layer, query, key, value, positions, valid, acc, S0, scaling,
-                                      layer.prefill_chunk)
+                                      layer.prefill_chunk, kwargs.get("s_aux"))
         weights = None
     elif layer.reference or layer.rolling or S0 > k:
-        out, keep = _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling)
+        out, keep = _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling,
+                                     kwargs.get("s_aux"))
         weights = None
     else:
-        out, keep = _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling)
+        out, keep = _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, kwargs.get("s_aux"))
         weights = None
     layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1) if not layer.all_valid else T, carried)
     return out, weights
@@ -175,7 +246,7 @@ def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value,
         allowed = layer.valid[:, :, None, :]  # [B, G, 1, S]
         allowed_q = allowed if G == 1 else _repeat_heads(allowed, Hq // G)
     if policy.needs == "none" or base_name == "eager" or module.training:
-        out, weights = _base(base_name)(module, query, key, value, allowed_q, scaling=scaling, dropout=dropout,
+        out, weights = _base(base_name, kwargs)(module, query, key, value, allowed_q, scaling=scaling, dropout=dropout,
                                         **kwargs)
         if policy.needs != "none":
             p = weights[:, :, -1].float()
@@ -183,7 +254,7 @@ def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value,
         # The policy needs the query's probabilities, which SDPA does not return: compute them once in fp32 and
         # attend with them, rather than running SDPA and then recomputing the same row (one q.K instead of two).
         Hkv = key.shape[1]
-        p = _probs(query, key, allowed_q, scaling)[:, :, 0]  # [B, Hq, S]
+        p = _probs(query, key, allowed_q, scaling, kwargs.get("s_aux"))[:, :, 0]  # [B, Hq, S]
         pv = torch.matmul(p.view(B, Hkv, Hq // Hkv, -1), value.float())  # [B, Hkv, Hq/Hkv, Dv]
         out = pv.view(B, Hq, 1, -1).transpose(1, 2).to(query.dtype)  # [B, 1, Hq, Dv]
         weights = None
@@ -230,16 +301,18 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
     q, kk = query, key
     if layer.rolling:
         delta = _rolling_deltas(positions, valid)  # [B, 1, S]
-        kk = rotate(key, delta, layer.inv_freq)
-        q = rotate(query, delta[:, :, S0:], layer.inv_freq)
-    out, weights = _base(base_name)(module, q, kk, value, allowed_q, scaling=scaling, dropout=dropout, **kwargs)
+        kk = rotate(key, delta, layer.rotation)
+        q = rotate(query, delta[:, :, S0:], layer.rotation)
+    out, weights = _base(base_name, kwargs)(module, q, kk, value, allowed_q, scaling=scaling, dropout=dropout,
+                                            **kwargs)
     policy, k = layer.policy, layer.policy.budget
+    sink = kwargs.get("s_aux")
     if acc is not None:
         colsum = torch.zeros(B, Hq, S, device=dev)
         for lo in range(0, T, 256):  # bounded memory for long prefills
             p = weights[:, :, lo : lo + 256].float() if weights is not None else \
                 _probs(q[:, :, lo : lo + 256], kk, None if allowed_q is None else allowed_q[:, :, lo : lo + 256],
-                       scaling)
+                       scaling, sink)
             colsum += p.sum(2)
         acc += _group(colsum, G, "sum")
     if k is None or S <= k:
@@ -247,13 +320,13 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
     last = None
     if policy.needs == "last":
         p = weights[:, :, -1].float() if weights is not None else \
-            _probs(q[:, :, -1:], kk, None if allowed_q is None else allowed_q[:, :, -1:], scaling)[:, :, 0]
+            _probs(q[:, :, -1:], kk, None if allowed_q is None else allowed_q[:, :, -1:], scaling, sink)[:, :, 0]
         last = _group(p, G, "mean")
     keep = _select(policy, positions, valid, acc, last, k, all_valid=layer.all_valid)
     return out, weights, keep
 
 
-def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling):
+def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling, sink=None):
     """Token-by-token semantics inside one call: query j sees the slots kept after token j - 1 (readable twin)."""
     B, Hq, T, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
@@ -274,10 +347,10 @@ def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scalin
         if layer.rolling:
             cpos = positions.gather(2, cand)
             delta = _rolling_deltas(cpos, cvalid)
-            kc = rotate(kc, delta, layer.inv_freq)
-            qj = rotate(qj, delta[:, :, -1:], layer.inv_freq)
+            kc = rotate(kc, delta, layer.rotation)
+            qj = rotate(qj, delta[:, :, -1:], layer.rotation)
         allowed_q = allowed[:, :, None] if G == 1 else _repeat_heads(allowed[:, :, None], n_rep)
-        p = _probs(qj, kc, allowed_q, scaling)  # [B, Hq, 1, n+1]
+        p = _probs(qj, kc, allowed_q, scaling, sink)  # [B, Hq, 1, n+1]
         outs.append(torch.matmul(p, _repeat_heads(vc, n_rep).float()))  # [B, Hq, 1, Dv]
         if acc is not None:
             acc.scatter_add_(2, cand, _group(p[:, :, 0], G, "sum"))
@@ -292,7 +365,7 @@ def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scalin
     return out, cur
 
 
-def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c):
+def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c, sink=None):
     """``chunked:c``: groups of c queries see the slots kept after the previous group; one eviction per group."""
     B, Hq, T, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
@@ -317,9 +390,9 @@ def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c):
         qj = query[:, :, lo : lo + n]
         if layer.rolling:
             delta = _rolling_deltas(positions.gather(2, cand), cvalid)
-            kc = rotate(kc, delta, layer.inv_freq)
-            qj = rotate(qj, delta[:, :, m - n :], layer.inv_freq)
-        p = _probs(qj, kc, allowed if G == 1 else _repeat_heads(allowed, n_rep), scaling)  # [B, Hq, n, m]
+            kc = rotate(kc, delta, layer.rotation)
+            qj = rotate(qj, delta[:, :, m - n :], layer.rotation)
+        p = _probs(qj, kc, allowed if G == 1 else _repeat_heads(allowed, n_rep), scaling, sink)  # [B, Hq, n, m]
         outs.append(torch.matmul(p, _repeat_heads(vc, n_rep).float()))  # [B, Hq, n, Dv]
         if acc is not None:
             acc.scatter_add_(2, cand, _group(p.sum(2), G, "sum"))
@@ -338,7 +411,7 @@ def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c):
 _QUERY_BLOCK = 256  # queries whose logits are computed at once: bounds memory at B * Hq * 256 * S floats
 
 
-def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling):
+def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, sink=None):
     """The same semantics as :func:`_exact_reference`, over a membership mask instead of gathered slots.
 
     Needs S0 <= k (a layer never holds more than its budget between calls), so once the candidates reach k + 1
@@ -358,6 +431,7 @@ def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling):
     bias[:, :, S0:] = neg  # future tokens: not yet members
     kf, vf = key.float(), value.float()
     slot = torch.arange(S, device=dev)
+    sink_g = None if sink is None else sink.float().view(1, G, Hq // G, 1)  # the logits' head order
     outs = []
     for lo in range(0, T, _QUERY_BLOCK):
         hi = min(T, lo + _QUERY_BLOCK)
@@ -371,7 +445,7 @@ def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling):
             s = S0 + j  # the newest token's slot: always visible to its own query (even padding)
             alive[:, :, s] = True
             bias[:, :, s] = 0.0
-            p = torch.softmax(logits[i] + bias[:, :, None], dim=-1)  # [B, G, Hq/G, S]
+            p = _softmax(logits[i] + bias[:, :, None], sink_g)  # [B, G, Hq/G, S]
             probs[i] = p
             if acc is not None:
                 acc += p.sum(2)

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from msrnn.errors import ConfigError, MsrnnError
 from msrnn.kv.policies import Policy
+from msrnn.kv.rope import Rotation
 
 
 class _ActiveLayer:
@@ -35,6 +36,8 @@ class _ActiveLayer:
         self._var: contextvars.ContextVar[EvictionLayer | None] = contextvars.ContextVar("msrnn_active_kv_layer",
                                                                                          default=None)
         self._traced: EvictionLayer | None = None
+        self._consumed: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+            "msrnn_consumed_kv_keys", default=None)
 
     def get(self) -> EvictionLayer | None:
         return self._traced if torch.compiler.is_compiling() else self._var.get()
@@ -44,6 +47,16 @@ class _ActiveLayer:
             self._traced = layer
         else:
             self._var.set(layer)
+            self._consumed.set(None)  # a new layer's keys: the previous layer's call is over
+
+    def mark_consumed(self, key: torch.Tensor) -> None:
+        """Remember the keys the evicting call just attended (eagerly), so a second call with them is caught."""
+        if not torch.compiler.is_compiling():
+            self._consumed.set(key)
+
+    def consumed(self, key: torch.Tensor) -> bool:
+        """Whether ``key`` was already attended by an evicting call of this layer (a second attention call)."""
+        return not torch.compiler.is_compiling() and self._consumed.get() is key
 
 
 ACTIVE_LAYER = _ActiveLayer()
@@ -102,7 +115,7 @@ class EvictionLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 inv_freq: torch.Tensor | None = None, reference: bool = False, storage: str = "naive") -> None:
+                 rotation: Rotation | None = None, reference: bool = False, storage: str = "naive") -> None:
         super().__init__()
         self.policy = policy
         self.storage = storage
@@ -110,7 +123,7 @@ class EvictionLayer(DynamicLayer):
         self.prefill_chunk = parse_prefill(prefill)
         self.reference = reference  # exact prefill through the slow readable twin (tests compare the two)
         self.rolling = positions == "rolling"
-        self.inv_freq = inv_freq
+        self.rotation = rotation  # this layer's RoPE (rolling positions re-rotate with it; None: never rotated)
         self.seen = 0
         self._awaiting_commit = False
         self.positions: torch.Tensor | None = None  # [B, G, S] long
@@ -327,20 +340,23 @@ class KVEvictionCache(Cache):
     """
 
     def __init__(self, num_layers: int, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 inv_freq: torch.Tensor | None = None, reference: bool = False, storage: str = "naive") -> None:
+                 rotations: list[Rotation] | None = None, reference: bool = False, storage: str = "naive") -> None:
         parse_prefill(prefill)
         if positions not in POSITION_MODES:
             raise ConfigError(f"unknown positions mode {positions!r}; use original or rolling")
         check_storage(storage, positions)
         if positions == "rolling":
-            if inv_freq is None:
-                raise ConfigError("positions='rolling' re-rotates RoPE keys, but this model has no RoPE; "
-                                  "use positions='original'")
+            if rotations is None:
+                raise ConfigError("positions='rolling' re-rotates RoPE keys, but no per-layer rotation was given "
+                                  "(msrnn.kv.make_cache finds it by verifying the model); use positions='original'")
+            if len(rotations) != num_layers:
+                raise ConfigError(f"{len(rotations)} rotations for {num_layers} layers")
             if policy.per_head:
                 raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
         self.policy = policy
-        super().__init__(layers=[EvictionLayer(policy, prefill, positions, inv_freq, reference, storage)
-                                 for _ in range(num_layers)])
+        per_layer = rotations if rotations is not None else [None] * num_layers
+        super().__init__(layers=[EvictionLayer(policy, prefill, positions, rotation, reference, storage)
+                                 for rotation in per_layer])
 
     def max_slots(self) -> int:
         """The most slots any layer holds now."""

@@ -11,7 +11,8 @@ from msrnn.errors import ModelLoadError
 from msrnn.kv.attention import register
 from msrnn.kv.cache import KVEvictionCache, check_compile
 from msrnn.kv.policies import Policy
-from msrnn.kv.rope import find_inv_freq
+from msrnn.kv.rope import Rotation
+from msrnn.kv.verify import named_refusals, require_verified, rolling_rotations
 from msrnn.models.hf import HFCausalLM
 from msrnn.models.loading import is_encoder_only
 from msrnn.protocol import tensor_nbytes
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def check_supported(model: Any) -> None:
-    """Raise a clear error for models that have no decoder KV cache to bound."""
+    """Raise a clear error for models that have no decoder KV cache to bound, or whose attention has a feature
+    eviction cannot honour (named: a sliding window, a softcap, chunked attention, ALiBi). Cheap: reads the config;
+    :func:`prepare_model` then verifies the rest on a tiny twin (:mod:`msrnn.kv.verify`)."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -32,55 +35,52 @@ def check_supported(model: Any) -> None:
     if is_encoder_only(cfg):
         raise ModelLoadError(f"{cfg.model_type} is an encoder-only model with no KV cache; use a decoder LM "
                              "such as Llama, Mistral, Qwen2 or GPT-2")
-    if not hasattr(cfg, "num_hidden_layers") or not any(hasattr(m, "layer_idx") for m in model.modules()):
-        raise ModelLoadError(f"{type(model).__name__} has no cached self-attention layers to bound")
-    reasons = unhonoured_attention_rules(model)
+    if not isinstance(getattr(cfg, "num_hidden_layers", None), int):
+        raise ModelLoadError(f"{type(model).__name__}'s config has no num_hidden_layers, so msrnn cannot give each "
+                             "layer a bounded cache")
+    reasons = named_refusals(model)
     if reasons:
         raise ModelLoadError(f"{type(model).__name__}: KV eviction cannot honour {'; '.join(reasons)}")
 
 
-def unhonoured_attention_rules(model: Any) -> list[str]:
-    """Rules of the model's own attention that msrnn's eviction path would drop (each with its fix).
-
-    Eviction builds its own mask and scores from q and k, so a sliding window, a logit softcap, or an attention
-    computed outside transformers' attention-function registry would be silently lost: refuse them up front."""
-    cfg = getattr(model.config, "text_config", None) or model.config
-    reasons = []
-    if not getattr(type(model), "_supports_attention_backend", False):
-        reasons.append("its attention, which does not go through transformers' attention-function registry "
-                       "(use a model that does, such as Llama, Mistral, Qwen2/3, GPT-2, Phi-3, OLMo or GPT-NeoX)")
-    window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if window and getattr(cfg, "use_sliding_window", True) and (not layer_types or "sliding_attention" in
-                                                                layer_types):
-        reasons.append(f"its sliding window of {window} tokens (kept tokens older than the window would be "
-                       "attended; set model.config.sliding_window = None to attend the whole cache on purpose)")
-    if getattr(cfg, "attn_logit_softcapping", None):
-        reasons.append(f"its attention logit softcap of {cfg.attn_logit_softcapping} (set "
-                       "model.config.attn_logit_softcapping = None to drop it on purpose)")
-    return reasons
-
-
 def prepare_model(model: Any) -> Any:
-    """Switch ``model`` to msrnn's attention functions (same math; they evict for msrnn caches only)."""
+    """Switch ``model`` to msrnn's attention functions (same math; they evict for msrnn caches only), after
+    verifying on a tiny twin of its class and config that eviction is exact there (:func:`msrnn.kv.verify.
+    verdict_for`; cached per config and versions). A model that fails a check is refused naming the check."""
     check_supported(model)
+    require_verified(model)
+    return _prepare(model, (model.config._attn_implementation or "sdpa").removeprefix("msrnn_"))
+
+
+def _prepare(model: Any, current: str) -> Any:
+    """The switch itself, unverified (verification uses it on its twins)."""
     register()
-    current = model.config._attn_implementation or "sdpa"
-    if current.startswith("msrnn_"):
+    if (model.config._attn_implementation or "").startswith("msrnn_"):
         return model
     base = current if current in ("sdpa", "eager") else "sdpa"
     if base != current:
         log.warning("attention %r is not supported with KV eviction; using sdpa", current)
-    model.set_attn_implementation(f"msrnn_{base}")
+    try:
+        model.set_attn_implementation(f"msrnn_{base}")
+    except (ValueError, ImportError) as exc:
+        raise ModelLoadError(f"{type(model).__name__} does not let its attention implementation be set through "
+                             f"transformers' attention-function registry ({str(exc).splitlines()[0]})") from exc
     return model
 
 
 def make_cache(model: Any, policy: Policy, prefill: str = "exact", positions: str = "original",
                reference: bool = False, storage: str = "naive") -> KVEvictionCache:
     """A fresh bounded cache for ``model`` (call :func:`prepare_model` first); ``reference`` and ``storage`` as in
-    :class:`~msrnn.kv.cache.KVEvictionCache`."""
+    :class:`~msrnn.kv.cache.KVEvictionCache`. ``positions='rolling'`` re-rotates each layer with the rotation
+    verification found for it (refused, naming the check, where none fits)."""
+    rotations = rolling_rotations(model) if positions == "rolling" else None
+    return _cache(model, policy, prefill, positions, reference, storage, rotations)
+
+
+def _cache(model: Any, policy: Policy, prefill: str, positions: str, reference: bool, storage: str,
+           rotations: list[Rotation] | None) -> KVEvictionCache:
     return KVEvictionCache(model.config.num_hidden_layers, policy, prefill=prefill, positions=positions,
-                           inv_freq=find_inv_freq(model), reference=reference, storage=storage)
+                           rotations=rotations, reference=reference, storage=storage)
 
 
 class KVEvictionLM(HFCausalLM):
@@ -100,11 +100,12 @@ class KVEvictionLM(HFCausalLM):
                  tokenizer: Any = None, reference: bool = False, storage: str = "naive",
                  compile: bool = False) -> None:
         prepare_model(model)
-        make_cache(model, policy, prefill, positions, storage=storage)  # validate the options now
+        rotations = rolling_rotations(model) if positions == "rolling" else None  # verified once, here
+        _cache(model, policy, prefill, positions, reference, storage, rotations)  # validate the options now
         if compile:
             check_compile(policy, storage)
-        super().__init__(model, tokenizer,
-                         cache_factory=lambda: make_cache(model, policy, prefill, positions, reference, storage))
+        super().__init__(model, tokenizer, cache_factory=lambda: _cache(model, policy, prefill, positions, reference,
+                                                                        storage, rotations))
         self.positions = positions
         self.policy = policy
         self.storage = storage

@@ -68,17 +68,39 @@ def load_tokenizer_for(spec: str | Path) -> Any:
     """The tokenizer stored with a model directory (or hub id)."""
     from transformers import AutoTokenizer
 
+    reject_remote_code(spec)
     if Path(spec).is_dir():
         ensure_registered(spec)  # AutoTokenizer reads config.json; an unregistered model_type makes it warn
     try:
-        return AutoTokenizer.from_pretrained(str(spec))
+        return AutoTokenizer.from_pretrained(str(spec), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a missing/corrupt tokenizer
         raise ModelLoadError(
             f"no usable tokenizer at {spec} ({type(exc).__name__}); save one there with tokenizer.save_pretrained()"
         ) from None
 
 
+# Files whose ``auto_map`` makes transformers import Python from the folder itself.
+_CODE_MAPS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def reject_remote_code(spec: str | Path) -> None:
+    """Refuse a local folder that asks to run its own code (``auto_map``): msrnn never runs code from a folder. Hub
+    ids are loaded with ``trust_remote_code=False``, so transformers refuses theirs."""
+    path = Path(spec)
+    if not path.is_dir():
+        return
+    for name in _CODE_MAPS:
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            raise ModelLoadError(f"{path} asks to run Python code from the folder ('auto_map' in {name}); msrnn never "
+                                 "runs code from a model folder: remove auto_map, or use a model transformers ships")
+
+
 def _check_dir(path: Path) -> None:
+    reject_remote_code(path)
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json; point --model at a directory made by save_pretrained")
     try:
@@ -107,7 +129,7 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
     if is_local:
         ensure_registered(path)
     try:
-        config = AutoConfig.from_pretrained(str(spec))
+        config = AutoConfig.from_pretrained(str(spec), trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"cannot read the config of {spec} ({type(exc).__name__}: {one_line(exc)})") from None
     if is_encoder_only(config) or type(config) not in AutoModelForCausalLM._model_mapping:
@@ -121,7 +143,7 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(spec), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(spec), trust_remote_code=False, **kwargs)
     except Exception as exc:
         mismatch = _shape_mismatch(path, config) if is_local else None
         if mismatch:  # transformers points at a report that the CLI's quiet logging never shows: name it here

@@ -104,8 +104,8 @@ def load_rmt(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype |
     path = Path(spec)
     _check_dir(path)
     try:
-        config = AutoConfig.from_pretrained(str(path))
-        model = AutoModel.from_pretrained(str(path), **({"dtype": dtype} if dtype else {}))
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        model = AutoModel.from_pretrained(str(path), trust_remote_code=False, **({"dtype": dtype} if dtype else {}))
     except Exception as exc:
         raise ModelLoadError(f"cannot load the RMT model at {spec} ({type(exc).__name__}: {one_line(exc)}); the "
                              "checkpoint may be corrupt, re-save it") from None

@@ -397,5 +397,5 @@ class Trainer:
             f.replace(out / f.name)
         staged.rmdir()
         write_json(out / "msrnn.json", {"step": self.step, **(meta or {})})
-        (out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        write_json(out / "train_config.json", self.config.to_dict())  # a rename: never writes through a link
         return out
