@@ -483,3 +483,131 @@ def test_no_write_follows_a_symlink_placed_in_out(model_dir, tmp_path, tiny_corp
     assert victim.read_text() == "precious"
     for name in ("train_config.json", "history.json", "msrnn.json"):
         assert not (out / name).is_symlink() and json.loads((out / name).read_text())
+
+
+# ---------------------------------------------------------------- states know their owner
+def test_a_state_is_refused_by_a_model_that_did_not_make_it():
+    """A bounded model fed a plain model's cache used to run unbounded (40 slots at budget 8); another model's
+    state was read as its own."""
+    from msrnn.kv import KVEvictionLM, make_policy
+    from msrnn.models.hf import HFCausalLM
+
+    model = tiny("llama")
+    plain, bounded = HFCausalLM(model), KVEvictionLM(model, make_policy("tova", 8))
+    x = torch.randint(0, V, (1, 5))
+    with torch.no_grad():
+        _, state = plain.forward_chunk(x, plain.init_state(1))
+        with pytest.raises(ConfigError, match="made by another model or setting"):
+            bounded.forward_chunk(x, state)
+        with pytest.raises(ConfigError, match="made by another model or setting"):
+            KVEvictionLM(model, make_policy("tova", 16)).forward_chunk(x, bounded.init_state(1))
+        with pytest.raises(ConfigError, match="made by another model or setting"):
+            HFCausalLM(tiny("llama", seed=1)).forward_chunk(x, plain.init_state(1))
+        import copy
+
+        _, copied = bounded.forward_chunk(x, copy.deepcopy(bounded.init_state(1)))  # a copy is still its own
+
+
+def test_rmt_and_bst_states_know_their_owner():
+    from msrnn.bst import BSTLM, BSTConfig, BSTForCausalLM
+    from msrnn.rmt import RMTLM, MemoryWrapper
+
+    x = torch.randint(0, V, (1, 4))
+    w1 = MemoryWrapper.wrap(tiny("llama"), num_memory_tokens=2, segment_length=8)
+    w2 = MemoryWrapper.wrap(tiny("llama", seed=1), num_memory_tokens=2, segment_length=8)
+    cfg = BSTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                    block_size=4)
+    b1, b2 = BSTLM(BSTForCausalLM(cfg).eval()), BSTLM(BSTForCausalLM(cfg).eval())
+    with torch.no_grad():
+        RMTLM(w1).forward_chunk(x, RMTLM(w1).init_state(1))  # another adapter over the same wrapper: the same owner
+        with pytest.raises(ConfigError, match="made by another model"):
+            RMTLM(w2).forward_chunk(x, RMTLM(w1).init_state(1))
+        with pytest.raises(ConfigError, match="made by another model"):
+            b2.forward_chunk(x, b1.init_state(1))
+
+
+# ---------------------------------------------------------------- broken weights and destroyed runs
+def _broken_copy(model_dir: Path, dst: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    _copy_model(model_dir, dst)
+    f = next(dst.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight",
+                             t["model.layers.0.mlp.up_proj.weight"].to(torch.int8)), "non-float tensors"),
+    (lambda t: t.pop("model.norm.weight"), "missing from the checkpoint"),
+    (lambda t: t.__setitem__("model.extra.weight", torch.zeros(3)), "in the checkpoint but not in the model"),
+], ids=["int8", "missing", "unexpected"])
+def test_broken_weights_are_refused_not_loaded(model_dir, tmp_path, capsys, edit, fragment):
+    broken = _broken_copy(model_dir, tmp_path / "b", edit)
+    rc = main(["eval", "ppl", "--model", str(broken), "--max-docs", "1", "--max-tokens", "32"])
+    one_error(capsys, rc, fragment)
+
+
+def test_a_config_claiming_more_layers_than_the_weights_is_refused_before_building(model_dir, tmp_path, capsys):
+    bad = _copy_model(model_dir, tmp_path / "b")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1_000_000  # used to build for minutes and gigabytes
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc = main(["eval", "ppl", "--model", str(bad), "--max-docs", "1", "--max-tokens", "32"])
+    one_error(capsys, rc, "num_hidden_layers = 1000000, but the weights hold")
+
+
+def test_an_update_that_destroys_the_weights_is_not_exported(tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "m"
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "1", "--warmup-steps", "0",
+               "--lr", "1e8", "--out", str(out)])
+    one_error(capsys, rc, "an update destroyed the weights")
+    assert not (out / "msrnn.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_final_loss_is_the_exported_weights_loss(tiny_corpus, tmp_path, capsys):
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "2", "--out", str(tmp_path / "m"),
+               "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["final_loss"] != res["last_step_loss"] and res["final_loss"] < 2 * res["last_step_loss"]
+
+
+# ---------------------------------------------------------------- options that were tracebacks or ignored
+@pytest.mark.parametrize("argv,fragment", [
+    (["--family", "auto", "--budget", "8"], "--budget only apply with --family kv"),
+    (["--family", "kv", "--memory", "4"], "--memory only apply with --family rmt"),
+    (["--family", "rmt", "--policy", "h2o"], "--policy only apply with --family kv"),
+])
+def test_bench_stream_refuses_options_it_would_ignore(model_dir, capsys, argv, fragment):
+    rc = main(["bench", "stream", "--model", str(model_dir), "--tokens", "64", *argv])
+    one_error(capsys, rc, fragment)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+def test_out_of_range_seeds_are_refused(seed, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--seed", seed, "--out", str(tmp_path / "m")])
+    assert exc.value.code == 2 and "must be between 0 and 2**32 - 1" in capsys.readouterr().err
+
+
+def test_a_non_utf8_prompt_is_one_line(model_dir, capsys):
+    rc = main(["generate", "--model", str(model_dir), "--prompt", b"def \xff(x):".decode("utf-8", "surrogateescape"),
+               "--max-new-tokens", "2"])
+    one_error(capsys, rc, "not valid UTF-8")
+
+
+def test_a_backup_folder_among_checkpoints_is_not_one(model_dir, tmp_path, tiny_corpus):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    ckpt = next((out / "checkpoints").glob("step-*"))
+    shutil.copytree(ckpt, out / "checkpoints" / f"{ckpt.name}.bak")
+    assert main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "3", "--out", str(out),
+                 "--resume"]) == 0
+
+
+def test_perplexity_that_overflows_a_float_is_inf_not_a_traceback():
+    from msrnn.evaluate.streaming import exp_nll
+
+    assert exp_nll(2.0) == pytest.approx(7.389, rel=1e-3) and exp_nll(1e4) == float("inf")

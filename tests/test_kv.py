@@ -539,14 +539,14 @@ def _arch(name: str):
     return getattr(transformers, cls)(cfg()).eval()
 
 
-# Falcon lacks _supports_attention_backend but attends through the registry: verification proves it (it used to be
-# refused for that flag, a false reason).
-HONOURED = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo", "gpt_neox", "gemma2-full", "gemma3-full",
-            "falcon"]
+HONOURED = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo", "gpt_neox", "gemma2-full", "gemma3-full"]
 REFUSED = {"mistral-sliding": "sliding window of 16", "gemma2": "sliding window", "gemma3": "sliding window"}
+# Verified on some releases, refused for the named reason on others: Falcon attends through the registry on 5.25
+# (it only lacks the _supports_attention_backend flag it used to be refused for) but not on 5.24.
+EITHER = {"falcon": "attention-function registry"}
 
 
-@pytest.mark.parametrize("arch", HONOURED + list(REFUSED))
+@pytest.mark.parametrize("arch", HONOURED + list(REFUSED) + list(EITHER))
 def test_budget_at_least_length_equals_plain_generate_or_is_refused(arch):
     """Every architecture either generates exactly what plain ``generate`` does when the budget holds everything
     (greedy, 16 new tokens), or is refused up front by ``prepare_model`` naming the rule it cannot honour."""
@@ -561,7 +561,11 @@ def test_budget_at_least_length_equals_plain_generate_or_is_refused(arch):
     x = torch.randint(1, V, (2, 10))
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
     ref = model.generate(x, **kw)
-    prepare_model(model)
+    try:
+        prepare_model(model)
+    except ModelLoadError as exc:
+        assert arch in EITHER and EITHER[arch] in str(exc), exc
+        return
     for name in ("tova", "h2o", "window"):
         got = model.generate(x, **kw, **cache_kwargs(make_cache(model, make_policy(name, 32)), model))
         assert torch.equal(ref, got), (arch, name)

@@ -75,11 +75,24 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-def check_state(state: Any, kind: type | tuple[type, ...]) -> None:
-    """Refuse a missing or foreign state (``None``, another family's) before a family reads it."""
+def check_state(state: Any, kind: type | tuple[type, ...], owner: str | None = None) -> None:
+    """Refuse a missing or foreign state (``None``, another family's, or one another model made) before a family
+    reads it. ``owner`` is the adapter's :func:`owner` stamp: a bounded model fed a plain model's cache would run
+    unbounded, and another model's state would be read as this one's."""
     if not isinstance(state, kind):
         raise ConfigError(f"state must be what this model's init_state returned, got {type(state).__name__}; "
                           "start with state = lm.init_state(batch_size)")
+    if owner is not None:
+        made_by = state.get("owner") if isinstance(state, dict) else getattr(state, "owner", None)
+        if made_by != owner:
+            raise ConfigError(f"this state was made by another model or setting ({made_by or 'unknown'}), not by "
+                              f"this one ({owner}); start with state = lm.init_state(batch_size)")
+
+
+def owner(adapter: Any, model: Any, *settings: Any) -> str:
+    """The stamp an adapter puts on the states it makes: its class, the model it drives and what bounds the state."""
+    tail = "".join(f":{s}" for s in settings)
+    return f"{type(adapter).__name__}@{id(model):x}{tail}"
 
 
 def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None, vocab_size: int | None = None) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from msrnn.bst.modeling import BSTForCausalLM
-from msrnn.protocol import check_batch_size, check_chunk, check_state, tensor_nbytes
+from msrnn.protocol import check_batch_size, check_chunk, check_state, owner, tensor_nbytes
 
 
 class BSTLM:
@@ -20,11 +20,11 @@ class BSTLM:
 
     def init_state(self, batch_size: int) -> dict[str, Any]:
         """SSM states and empty block caches for ``batch_size`` sequences."""
-        return self.model.init_state(check_batch_size(batch_size))
+        return {**self.model.init_state(check_batch_size(batch_size)), "owner": owner(self, self.model)}
 
     def forward_chunk(self, input_ids: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Feed any number of tokens (cut at block boundaries inside); logits [B, T, V] fp32."""
-        check_state(state, dict)
+        check_state(state, dict, owner(self, self.model))
         check_chunk(input_ids, len(state["layers"][0]["k"]), self.vocab_size)
         return self.model.step(input_ids.to(self.model.embed_tokens.weight.device), state).float(), state
 

@@ -265,10 +265,10 @@ def add_bench_stream(bs: argparse._SubParsersAction) -> None:
     p = bs.add_parser("stream", help="stream N tokens (e.g. 1M) through a bounded model: RSS, time, state, NaN check")
     p.add_argument("--model", required=True, help="model directory (any family)")
     p.add_argument("--family", default="auto", help="auto (from the model dir) | kv | rmt")
-    p.add_argument("--policy", default="tova", help="with --family kv")
-    p.add_argument("--budget", type=positive_int, default=512, help="with --family kv")
-    p.add_argument("--memory", type=positive_int, default=16, help="with --family rmt: memory tokens")
-    p.add_argument("--segment", type=positive_int, default=512, help="with --family rmt: segment length")
+    p.add_argument("--policy", default=None, help="with --family kv (default tova)")
+    p.add_argument("--budget", type=positive_int, default=None, help="with --family kv (default 512)")
+    p.add_argument("--memory", type=positive_int, default=None, help="with --family rmt: memory tokens (default 16)")
+    p.add_argument("--segment", type=positive_int, default=None, help="with --family rmt: segment length (default 512)")
     p.add_argument("--tokens", type=positive_int, default=1_048_576)
     p.add_argument("--chunk-size", type=positive_int, default=512)
     p.add_argument("--out", default=None)
@@ -282,17 +282,25 @@ def run_bench_stream(args: argparse.Namespace) -> int:
     from msrnn.models import load_lm
     from msrnn.ui import err_console, out_console, print_json, table
 
+    if args.family not in ("auto", "kv", "rmt"):
+        raise ConfigError(f"unknown --family {args.family!r}; use auto, kv or rmt")
+    takes = {"auto": (), "kv": ("policy", "budget"), "rmt": ("memory", "segment")}[args.family]
+    ignored = [f"--{name}" for name in ("policy", "budget", "memory", "segment")
+               if getattr(args, name) is not None and name not in takes]
+    if ignored:  # refused before loading anything, not accepted and ignored
+        owner = {"--policy": "kv", "--budget": "kv", "--memory": "rmt", "--segment": "rmt"}
+        raise ConfigError(f"{', '.join(ignored)} only apply with --family "
+                          f"{owner[ignored[0]]}; with --family {args.family} they would be ignored")
     lm = load_lm(args.model)
     if args.family == "kv":
         from msrnn.kv import KVSettings, apply_kv
 
-        lm = apply_kv(lm, KVSettings(args.policy, args.budget, prefill="oneshot"))
+        lm = apply_kv(lm, KVSettings(args.policy or "tova", args.budget or 512, prefill="oneshot"))
     elif args.family == "rmt":
         from msrnn.rmt import RMTLM, MemoryWrapper
 
-        lm = RMTLM(MemoryWrapper.wrap(lm.model, num_memory_tokens=args.memory, segment_length=args.segment))
-    elif args.family != "auto":
-        raise ConfigError(f"unknown --family {args.family!r}; use auto, kv or rmt")
+        lm = RMTLM(MemoryWrapper.wrap(lm.model, num_memory_tokens=args.memory or 16,
+                                      segment_length=args.segment or 512))
     with err_console.status(f"streaming {args.tokens:,} tokens"):
         res = stream_bench(lm, args.tokens, chunk=args.chunk_size)
     res.update({"model": args.model, "family": args.family})

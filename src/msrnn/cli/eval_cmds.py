@@ -150,6 +150,10 @@ def run_generate(args: argparse.Namespace) -> int:
     tok = getattr(lm, "tokenizer", None)
     if tok is None:
         raise ConfigError(f"{args.model} has no tokenizer; save one into the model directory")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (kept as surrogates by Python)
+        raise ConfigError("--prompt is not valid UTF-8 text; pass the prompt in UTF-8") from None
     ids = tok(args.prompt)["input_ids"]
     if not ids:
         raise ConfigError("the prompt is empty after tokenization; give a non-empty --prompt")

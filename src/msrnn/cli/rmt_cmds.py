@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from msrnn.cli.common import add_output_flags, emit, positive_int, resolve_device
+from msrnn.cli.common import add_output_flags, emit, positive_int, resolve_device, seed_int
 from msrnn.cli.training import add_run_folder_flags, check_out, summary, train_config
 from msrnn.errors import ConfigError
 
@@ -38,7 +38,7 @@ def add_train_rmt(ts: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=25, help="validation (and curriculum check) interval")
     p.add_argument("--save-every", type=int, default=100)
     add_run_folder_flags(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_output_flags(p)
     p.set_defaults(func=run_train_rmt)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from msrnn.cli.common import add_output_flags, int_list, positive_int
+from msrnn.cli.common import add_output_flags, int_list, positive_int, seed_int
 from msrnn.errors import ConfigError
 
 
@@ -25,7 +25,7 @@ def add_eval_task(ev: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", default="stdlib", help="noise text (default: stdlib docstrings, test split)")
     p.add_argument("--babilong", default=None, help="score a BABILong JSON file instead of generated samples")
     p.add_argument("--babilong-task", default=None, help="task key inside a multi-task BABILong file (e.g. qa1)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=seed_int, default=1234)
     p.add_argument("--plot", default=None, help="write accuracy versus segments to this PNG")
     add_output_flags(p)
     p.set_defaults(func=run_eval_task)

@@ -85,6 +85,9 @@ def train_config(args: argparse.Namespace) -> Any:
 
 def summary(out: Path, trainer: Any, result: Any) -> dict[str, Any]:
     val = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
+    # final_loss: the exported weights' loss (after the last update); last_step_loss: the last logged step's, which
+    # is computed before that step's update.
+    final = trainer.post_update_loss if trainer.post_update_loss is not None else result.final_loss
     return {"out": str(out), "steps": trainer.step, "tokens": result.tokens, "seconds": result.seconds,
-            "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "final_loss": result.final_loss,
-            "val_loss": val}
+            "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "final_loss": final,
+            "last_step_loss": result.final_loss, "val_loss": val}

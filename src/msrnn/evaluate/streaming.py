@@ -73,7 +73,7 @@ class StreamEvalResult:
         c = self.count_by_pos[:n].sum()
         if not c:
             raise DataError(f"no scored tokens in the first {n} positions")
-        return float(math.exp(self.nll_sum_by_pos[:n].sum() / c))
+        return exp_nll(self.nll_sum_by_pos[:n].sum() / c)
 
     def ppl_by_position(self, window: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(positions, ppl) with NLL averaged over ``window`` consecutive positions."""
@@ -84,6 +84,15 @@ class StreamEvalResult:
         pos = (np.arange(len(s)) * window + window / 2)[keep]
         return pos, np.exp(s[keep] / c[keep])
 
+
+
+def exp_nll(nll: float) -> float:
+    """Perplexity from a mean NLL: inf when it overflows a float (a model that large-finite logits make hopeless is
+    reported as such, not as a traceback)."""
+    try:
+        return float(math.exp(nll))
+    except OverflowError:
+        return math.inf
 
 def default_edges(max_len: int) -> list[int]:
     """Position buckets 0, 16, 32, 64, ... up to ``max_len``."""
@@ -101,7 +110,7 @@ def _bucketize(nll_sum: np.ndarray, count: np.ndarray, edges: Sequence[int]) -> 
         c = int(count[lo:hi].sum())
         if c:
             mean = float(nll_sum[lo:hi].sum() / c)
-            out.append({"start": int(lo), "end": int(hi), "tokens": c, "nll": mean, "ppl": math.exp(mean)})
+            out.append({"start": int(lo), "end": int(hi), "tokens": c, "nll": mean, "ppl": exp_nll(mean)})
     return out
 
 
@@ -157,7 +166,7 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
     mean = float(nll_sum.sum() / max(scored, 1))
     edges = list(cfg.bucket_edges) if cfg.bucket_edges else default_edges(max_len)
     return StreamEvalResult(
-        ppl=math.exp(mean), nll=mean, tokens=scored, documents=len(docs), peak_state_bytes=int(true_peak),
+        ppl=exp_nll(mean), nll=mean, tokens=scored, documents=len(docs), peak_state_bytes=int(true_peak),
         chunk_end_state_bytes=int(peak),
         tokens_per_s=fed / max(busy, 1e-9), seconds=busy, chunk_size=cfg.chunk_size, nonfinite=nonfinite,
         buckets=_bucketize(nll_sum, count, edges), nll_sum_by_pos=nll_sum, count_by_pos=count,

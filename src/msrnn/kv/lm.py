@@ -15,7 +15,7 @@ from msrnn.kv.rope import Rotation
 from msrnn.kv.verify import named_refusals, require_verified, rolling_rotations
 from msrnn.models.hf import HFCausalLM
 from msrnn.models.loading import is_encoder_only
-from msrnn.protocol import tensor_nbytes
+from msrnn.protocol import owner, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class KVEvictionLM(HFCausalLM):
         super().__init__(model, tokenizer, cache_factory=lambda: _cache(model, policy, prefill, positions, reference,
                                                                         storage, rotations))
         self.positions = positions
+        self.prefill = prefill
         self.policy = policy
         self.storage = storage
         # A fixed buffer holds budget + 1 slots while decoding and budget again after a multi-token chunk, so its
@@ -122,6 +123,10 @@ class KVEvictionLM(HFCausalLM):
         if self._compiled is None:
             self._compiled = torch.compile(self.model.forward, dynamic=True)
         return self._compiled
+
+    def state_owner(self) -> str:
+        """A bounded cache's stamp names its policy and modes: a plain or differently bounded cache is refused."""
+        return owner(self, self.model, self.policy, self.prefill, self.positions, self.storage)
 
     def rotates_past_limit(self) -> bool:
         """Whether keys are rotated by their original positions (so past the RoPE limit)."""

@@ -16,7 +16,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from msrnn.compat import cache_kwargs, check_advanced, check_transformers_version, output_cache
 from msrnn.errors import ConfigError
-from msrnn.protocol import check_batch_size, check_chunk, check_state, tensor_nbytes
+from msrnn.protocol import check_batch_size, check_chunk, check_state, owner, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class HFState:
     cache: Cache
     batch_size: int
     seen: int = 0
+    owner: str = ""  # the adapter that made it (msrnn.protocol.owner)
 
 
 # Models already warned about running RoPE past max_position_embeddings: one warning per model, however many
@@ -65,11 +66,15 @@ class HFCausalLM:
 
     def init_state(self, batch_size: int) -> HFState:
         """An empty cache for ``batch_size`` sequences (see :class:`~msrnn.protocol.StatefulLM`)."""
-        return HFState(cache=self._cache_factory(), batch_size=check_batch_size(batch_size))
+        return HFState(cache=self._cache_factory(), batch_size=check_batch_size(batch_size), owner=self.state_owner())
+
+    def state_owner(self) -> str:
+        """The stamp on this adapter's states: the class, the model and what bounds the cache."""
+        return owner(self, self.model)
 
     def forward_chunk(self, input_ids: torch.Tensor, state: HFState) -> tuple[torch.Tensor, HFState]:
         """Feed ``input_ids`` [B, T] at absolute positions after those already seen; logits [B, T, V] fp32."""
-        check_state(state, HFState)
+        check_state(state, HFState, self.state_owner())
         check_chunk(input_ids, state.batch_size, self.vocab_size)
         T = input_ids.shape[1]
         self._check_positions(state.seen + T)

@@ -142,8 +142,11 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
         kwargs["dtype"] = dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if is_local:
+        check_weight_dtypes(path, getattr(config, "num_hidden_layers", None))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(spec), trust_remote_code=False, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(spec), trust_remote_code=False,
+                                                           output_loading_info=True, **kwargs)
     except Exception as exc:
         mismatch = _shape_mismatch(path, config) if is_local else None
         if mismatch:  # transformers points at a report that the CLI's quiet logging never shows: name it here
@@ -153,7 +156,50 @@ def load_hf_causal_lm(spec: str | Path, device: str | torch.device = "cpu", dtyp
             f"cannot load weights of {spec} ({type(exc).__name__}: {one_line(exc)}); "
             "the checkpoint may be corrupt or from another model size, re-save it"
         ) from None
+    check_loading_info(spec, info)
     return model.to(device).eval()
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def check_weight_dtypes(path: Path, layers: Any = None) -> None:
+    """Refuse weight files holding non-float tensors (int8, bool, ...): transformers would cast them into the model
+    without a word (int8 weights of a float model load as garbage; quantised checkpoints need their own loader).
+    ``layers`` (config.json's num_hidden_layers) must match the layers the weights hold: a config that claims a
+    million layers would otherwise be built, for minutes and gigabytes, before the load failed."""
+    import re
+
+    from safetensors import safe_open
+
+    held: set[int] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as fh:
+                keys = list(fh.keys())
+                bad = sorted(f"{k} ({d})" for k in keys if (d := fh.get_slice(k).get_dtype()) not in _FLOAT_DTYPES)
+        except Exception as exc:  # noqa: BLE001 - a damaged file: the load reports it, named
+            raise ModelLoadError(f"{f} is not a readable safetensors file ({type(exc).__name__}); re-save the "
+                                 "model") from None
+        if bad:
+            raise ModelLoadError(f"{f.name} holds non-float tensors ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''}); msrnn loads float checkpoints only")
+        held |= {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", k))}
+    if isinstance(layers, int) and held and layers != max(held) + 1:
+        raise ModelLoadError(f"{path / 'config.json'} says num_hidden_layers = {layers}, but the weights hold "
+                             f"{max(held) + 1} layers; fix config.json or re-save the model")
+
+
+def check_loading_info(spec: str | Path, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not match the model: a missing tensor would be freshly initialised and
+    an unexpected one dropped, both silently (transformers' own report is hidden by msrnn's log level)."""
+    for key, what in (("missing_keys", "missing from the checkpoint (they would be randomly initialised)"),
+                      ("unexpected_keys", "in the checkpoint but not in the model (they would be dropped)"),
+                      ("mismatched_keys", "of another shape than the model's")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            raise ModelLoadError(f"{spec}: {len(names)} weight(s) {what}: {', '.join(names[:3])}"
+                                 f"{', ...' if len(names) > 3 else ''}; re-save the model")
 
 
 def _shape_mismatch(path: Path, config: Any) -> str | None:

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import msrnn.rmt.encoder  # noqa: F401  (registers the encoder config with AutoConfig)
 from msrnn.compat import cache_kwargs, check_advanced
 from msrnn.models.hf import cache_kv_nbytes
-from msrnn.protocol import check_batch_size, check_chunk, check_state, tensor_nbytes
+from msrnn.protocol import check_batch_size, check_chunk, check_state, owner, tensor_nbytes
 from msrnn.rmt.wrapper import MemoryWrapper
 
 
@@ -24,6 +24,7 @@ class RMTState:
     in_segment: int  # tokens of the current segment already consumed
     batch_size: int
     seen: int = 0
+    owner: str = ""  # the adapter that made it (msrnn.protocol.owner)
 
 
 class RMTLM:
@@ -38,7 +39,8 @@ class RMTLM:
     def init_state(self, batch_size: int) -> RMTState:
         """The learned initial memory for ``batch_size`` sequences, before any segment."""
         check_batch_size(batch_size)
-        return RMTState(self.wrapper.initial_memory(batch_size).detach().clone(), None, 0, batch_size)
+        return RMTState(self.wrapper.initial_memory(batch_size).detach().clone(), None, 0, batch_size,
+                        owner=owner(self, self.wrapper))
 
     def _start_segment(self, state: RMTState) -> None:
         model, m = self.wrapper.model, self.wrapper.m
@@ -58,7 +60,7 @@ class RMTLM:
 
     def forward_chunk(self, input_ids: torch.Tensor, state: RMTState) -> tuple[torch.Tensor, RMTState]:
         """Feed tokens across segment boundaries (memory updated at each); logits [B, T, V] fp32."""
-        check_state(state, RMTState)
+        check_state(state, RMTState, owner(self, self.wrapper))
         check_chunk(input_ids, state.batch_size, self.vocab_size)
         model, m, S = self.wrapper.model, self.wrapper.m, self.wrapper.config.segment_length
         outs, pos = [], 0

@@ -11,7 +11,6 @@ paper. Two tasks:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 
 from msrnn.errors import ConfigError, DataError
 from msrnn.evaluate import StreamEvalConfig, evaluate_stream
+from msrnn.evaluate.streaming import exp_nll
 from msrnn.kv.settings import KVSettings, apply_kv, parse_policy_spec
 
 TASKS = ("plain", "copy")
@@ -74,7 +74,7 @@ def task_documents(docs: list[np.ndarray], task: str, context: int, max_document
 
 def _ppl_from(res, first: int) -> float:
     s, c = res.nll_sum_by_pos[first:], res.count_by_pos[first:]
-    return math.exp(s.sum() / c.sum())
+    return exp_nll(float(s.sum() / c.sum()))
 
 
 def run_sweep(lm, docs: list[np.ndarray], cfg: SweepConfig, progress: Any = None) -> dict[str, Any]:

@@ -161,6 +161,9 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.post_update_loss: float | None = None  # the final weights' loss, measured before export
+        # Each weight tensor's largest entry when this run started (checked again before export).
+        self._start_scale = {n: float(p.detach().abs().max()) for n, p in model.named_parameters() if p.numel()}
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -172,8 +175,9 @@ class Trainer:
         """The newest complete checkpoint, or None."""
         if not self.checkpoint_root.exists():
             return None
-        ckpts = sorted(
-            (p for p in self.checkpoint_root.glob("step-*") if (p / STATE_FILE).exists()),
+        ckpts = sorted(  # step-NNNNNNN only: a user's step-0000020.bak copy is not a checkpoint
+            (p for p in self.checkpoint_root.glob("step-*")
+             if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()),
             key=lambda p: int(p.name.split("-")[1]),
         )
         return ckpts[-1] if ckpts else None
@@ -271,6 +275,8 @@ class Trainer:
         self.history = list(state["history"])
         if self.curriculum is not None and state.get("curriculum"):
             self.curriculum.load_state_dict(state["curriculum"])
+        model = self.accelerator.unwrap_model(self.model)
+        self._start_scale = {n: float(p.detach().abs().max()) for n, p in model.named_parameters() if p.numel()}
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -375,6 +381,46 @@ class Trainer:
         return TrainResult(step=self.step, history=self.history,
                            tokens=(self.step - start_step) * tokens_per_step, seconds=seconds)
 
+    def check_final_weights(self) -> float:
+        """The loss of the weights after the last update, on the next batch; refuse to export destroyed weights.
+
+        The logged loss of a step is computed before its update, so one update that wrecks the model (``--lr 1e8``)
+        would otherwise be exported with a healthy-looking final loss. Refused: non-finite weights; a weight tensor
+        whose largest entry grew more than 1000-fold during this run to above 1000 (at ``--lr 1e8`` every weight
+        becomes ~1e8 while a near-uniform model's loss hardly moves); or a loss more than twice (plus one nat) the
+        run's first logged loss."""
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NumericsError(f"after the last update {len(bad)} weight tensor(s) hold NaN or inf ({bad[0]}, ...); "
+                                "nothing was exported. Lower --lr (or raise --warmup-steps) and train again")
+        grown = [(n, before, float(p.detach().abs().max())) for n, p in model.named_parameters()
+                 if (before := self._start_scale.get(n)) is not None and p.numel()]
+        grown = [(n, b, a) for n, b, a in grown if a > 1000.0 and a > 1000.0 * max(b, 1e-6)]
+        if grown:
+            n, b, a = grown[0]
+            raise NumericsError(f"an update destroyed the weights: {len(grown)} tensor(s) grew over 1000-fold during "
+                                f"this run ({n}: largest entry {b:.3g} -> {a:.3g}, lr {self.config.lr:g}); nothing was "
+                                "exported. Lower --lr and train again")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = {k: v.to(self.accelerator.device)
+                     for k, v in self.batch_fn(self.step, 0, self.accelerator.process_index).items()}
+            with torch.no_grad(), self.accelerator.autocast():
+                loss = float(self.loss_fn(self.model, batch))
+        finally:
+            self.model.train(was_training)
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        first = losses[0] if losses else None
+        if not math.isfinite(loss) or (first is not None and loss > 2 * first + 1):
+            start = f" (the run started at {first:.3g})" if first is not None else ""
+            raise NumericsError(f"after the last update the training loss is {loss:.3g}{start}: an update destroyed "
+                                f"the weights (lr {self.config.lr:g}); nothing was exported. Lower --lr and train "
+                                "again (the last checkpoint holds the weights before that update)")
+        self.post_update_loss = loss
+        return loss
+
     def export(self, out_dir: str | Path | None = None, meta: dict[str, Any] | None = None) -> Path:
         """Write the trained model (+ whatever ``save_extra`` adds, e.g. the tokenizer) as a model directory.
 
@@ -382,6 +428,7 @@ class Trainer:
         marks the directory complete.
         """
         out = Path(out_dir) if out_dir else self.out_dir
+        self.check_final_weights()
         # Every rank takes part in gathering the full weights (a no-op copy under DDP, a gather under FSDP).
         weights = self.accelerator.get_state_dict(self.model)
         if not self.accelerator.is_main_process:
