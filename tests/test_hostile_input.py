@@ -611,3 +611,18 @@ def test_perplexity_that_overflows_a_float_is_inf_not_a_traceback():
     from msrnn.evaluate.streaming import exp_nll
 
     assert exp_nll(2.0) == pytest.approx(7.389, rel=1e-3) and exp_nll(1e4) == float("inf")
+
+
+@pytest.mark.parametrize("flag,value", [("--seq-len", "48"), ("--batch-size", "3"), ("--repeat-fraction", "0.5")])
+def test_resume_with_other_data_settings_is_refused(model_dir, tmp_path, tiny_corpus, capsys, flag, value):
+    """Such a resume used to be accepted and recorded as the same run."""
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    argv = ["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume"]
+    i = argv.index(flag) if flag in argv else None
+    if i is None:
+        argv += [flag, value]
+    else:
+        argv[i + 1] = value
+    rc = main(argv)
+    one_error(capsys, rc, f"was trained on other settings ({flag[2:].replace('-', '_')}")

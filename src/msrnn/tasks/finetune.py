@@ -98,7 +98,8 @@ def task_tune(model: Any, tokenizer: Any, cfg: TaskTuneConfig, out: Path, meta: 
     train_cfg = TrainConfig(max_steps=cfg.steps, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), eval_every=0,
                             seed=cfg.seed)
     trainer = Trainer(model, train_cfg, batch_fn, out, loss_fn=loss_fn, val_fn=val_fn,
-                      save_extra=lambda d: tokenizer.save_pretrained(str(d)), progress=progress)
+                      save_extra=lambda d: tokenizer.save_pretrained(str(d)), progress=progress,
+                      run={**cfg.__dict__, **meta})
     trainer.resume()
     trainer.train()
     model.eval()

@@ -93,7 +93,8 @@ def train_task(model: Any, tokenizer: Any, task_cfg: TaskTrainConfig, curriculum
         tokenizer.save_pretrained(str(path))
 
     trainer = Trainer(model, train_cfg, batch_fn, out, loss_fn=loss_fn, val_fn=val_fn,
-                      save_extra=save_extra, progress=progress, curriculum=curriculum)
+                      save_extra=save_extra, progress=progress, curriculum=curriculum,
+                      run={**vars(task_cfg), **meta})
     if resume:
         trainer.resume()
     result = trainer.train()

@@ -111,7 +111,7 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
     trainer = Trainer(
         model, train_cfg, batches.batch, out_dir, val_fn=make_val_fn(val_batches, cfg.val_batches),
         tokens_per_step=batches.tokens_per_batch, save_extra=lambda d: tokenizer.save_pretrained(str(d)),
-        progress=progress,
+        progress=progress, run={**asdict(cfg), **meta},
     )
     if resume and not trainer.resume():
         log.info("no checkpoint in %s; starting from scratch", out_dir)

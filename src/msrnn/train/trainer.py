@@ -133,6 +133,7 @@ class Trainer:
         progress: bool = True,
         accelerator: Any = None,
         curriculum: Any = None,
+        run: dict[str, Any] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -147,6 +148,10 @@ class Trainer:
         # Anything with update(step, record) -> dict, state_dict() and load_state_dict(): told every validation
         # result and saved in every checkpoint (the segment curriculum of RMT training).
         self.curriculum = curriculum
+        # What defines the run besides the optimisation recipe (data, sequence length, batch size, task, model
+        # knobs): saved in every checkpoint and compared on resume, so a resume with other settings is refused
+        # instead of being recorded as the same run. JSON-normalised (tuples become lists) once, here.
+        self.run = json.loads(json.dumps(run, default=str)) if run is not None else None
         mp = config.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -196,7 +201,7 @@ class Trainer:
                 acc.save_state(tmp, safe_serialization=True)
             acc.wait_for_everyone()
             if acc.is_main_process:
-                state = {"step": self.step, "history": self.history, "config": self.config.to_dict(),
+                state = {"step": self.step, "history": self.history, "config": self.config.to_dict(), "run": self.run,
                          "scheduler": self.scheduler.state_dict(),
                          "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
                          "processes": acc.num_processes}
@@ -237,6 +242,7 @@ class Trainer:
             raise ModelLoadError(f"checkpoint {path}'s {STATE_FILE} is corrupt; delete the checkpoint and resume"
                                  ) from None
         self._check_same_recipe(path, state.get("config") or {})
+        self._check_same_run(path, state.get("run"))
         saved_world = state.get("processes", 1)
         if saved_world != self.accelerator.num_processes:
             # Each rank's RNG state and batch stream belong to one world size: another one is a different run.
@@ -291,6 +297,15 @@ class Trainer:
         if changed:
             raise ConfigError(f"checkpoint {path} was trained with other settings ({'; '.join(changed)}); resume with "
                               "the flags it was trained with, or start a new --out")
+
+    def _check_same_run(self, path: Path, saved: Any) -> None:
+        if not isinstance(saved, dict) or self.run is None:
+            return  # a checkpoint from before run settings were saved, or a caller that names none
+        keys = sorted(set(saved) | set(self.run))
+        changed = [f"{k} {saved.get(k)!r} -> {self.run.get(k)!r}" for k in keys if saved.get(k) != self.run.get(k)]
+        if changed:
+            raise ConfigError(f"checkpoint {path} was trained on other settings ({'; '.join(changed)}); resume with "
+                              "the flags it was trained with, or start over with --overwrite")
 
     # ---------------------------------------------------------------- loop
     def _train_step(self) -> float:
