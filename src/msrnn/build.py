@@ -139,7 +139,7 @@ def build(family: str, base: str | Path, budget: int, cfg: BuildConfig, root: st
     whole = getattr(_hooks(family), "train_seq_len", None)  # RMT: whole segments per training sequence
     seq_len = whole(cfg.seq_len, sizing) if whole else cfg.seq_len
     steps = -(-cfg.train_tokens // (seq_len * cfg.batch_size))  # train_tokens rounded up to whole steps
-    train_lm(model, load_tokenizer_for(base), PretrainConfig(data=cfg.data, seq_len=seq_len,
+    train_lm(model, load_tokenizer_for(base), PretrainConfig(preset=None, data=cfg.data, seq_len=seq_len,
                                                              batch_size=cfg.batch_size, val_batches=2),
              TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 10), eval_every=0, seed=cfg.seed),
              out, {"family": family, "built_from": str(base), "budget_bytes": budget, "sizing": sizing,

@@ -9,6 +9,8 @@ import torch
 from msrnn.errors import ConfigError, NumericsError
 from msrnn.protocol import StatefulLM, prefill
 
+MIN_TEMPERATURE = 1e-4
+
 
 @torch.inference_mode()
 def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -19,11 +21,17 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
     ``temperature=0`` is greedy. The prompt is prefilled in chunks of ``prefill_chunk`` tokens and each new
     token is fed alone, so the state stays whatever size the family bounds it to.
     """
-    if max_new_tokens < 0:
-        raise ConfigError("max_new_tokens must be >= 0")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not math.isfinite(temperature) or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ConfigError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, "
                           f"{top_k})")
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-45 overflow to inf: NaN probabilities
+        raise ConfigError(f"temperature {temperature:g} is below {MIN_TEMPERATURE:g}, where sampling overflows; use 0 "
+                          "for greedy decoding")
+    if temperature == 0 and (top_k or top_p < 1):
+        raise ConfigError("top_k and top_p shape sampling, but temperature 0 is greedy and would ignore them; give a "
+                          "temperature > 0 or drop them")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ConfigError("the prompt must be a non-empty [batch, tokens] tensor; give a non-empty --prompt")
     limit = getattr(lm, "max_positions", None) if getattr(lm, "learned_positions", False) else None

@@ -154,8 +154,11 @@ class MsrnnHarnessLM(LM):
             if kwargs:
                 raise ConfigError(f"msrnn's harness model cannot honour the generation option(s) {sorted(kwargs)}; "
                                   "it takes until, max_gen_toks, do_sample, temperature, top_k and top_p")
+            temperature = temperature if (sample or temperature > 0) else 0.0
+            if temperature == 0:  # greedy, as lm-eval's hf model: a task's top_k/top_p only shape sampling
+                top_k, top_p = 0, 1.0
             new = generate(self.lm, torch.tensor([self._encode(context) or self._prefix()]), max_new,
-                           temperature=temperature if (sample or temperature > 0) else 0.0, top_k=top_k, top_p=top_p,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
                            eos_token_id=self.tok.eos_token_id, prefill_chunk=self.chunk_size)
             text = self.tok.decode(new[0].tolist())
             for stop in until:

@@ -95,8 +95,10 @@ def owner(adapter: Any, model: Any, *settings: Any) -> str:
     return f"{type(adapter).__name__}@{id(model):x}{tail}"
 
 
-def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None, vocab_size: int | None = None) -> None:
-    """Validate a chunk before a family touches it: shape, integer dtype, batch size and token ids in range.
+def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None,
+                vocab_size: int | None = None) -> torch.Tensor:
+    """Validate a chunk before a family touches it (shape, integer dtype, batch size, ids in range); returns it as
+    int64 ids.
 
     Out-of-range ids would be an IndexError on CPU and a device-side assert (a dead CUDA context) on a GPU."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -116,6 +118,7 @@ def check_chunk(input_ids: torch.Tensor, batch_size: int | None = None, vocab_si
             bad = lo if lo < 0 else hi
             raise ConfigError(f"token id {bad} is outside this model's vocabulary [0, {vocab_size}); "
                               "tokenize with the model's own tokenizer")
+    return input_ids.long()  # uint8/int16/int32 ids index embeddings as int64
 
 
 @dataclass

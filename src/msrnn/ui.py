@@ -16,11 +16,38 @@ from rich.table import Table
 err_console = Console(stderr=True)
 # Under a multi-process launcher (torchrun sets RANK) only rank 0 prints results: the others hold the same reduced
 # figures, and N copies of a table would read as N runs. Errors and progress still show on every rank.
-MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
+def _env_int(name: str, default: int) -> int | None:
+    """An integer environment variable (None when it is set but not an integer; the CLI refuses that in one line)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+MAIN_PROCESS = _env_int("RANK", 0) in (0, None)
 # Piped to a file or a log, rich would cut tables at 80 columns (wide ones lose every figure); give them room unless
 # the terminal or $COLUMNS says otherwise.
+_COLUMNS = _env_int("COLUMNS", 0)
 out_console = Console(quiet=not MAIN_PROCESS,
-                      width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+                      width=_COLUMNS if _COLUMNS and _COLUMNS >= 40 else None if sys.stdout.isatty() else 200)
+
+
+def check_launch_env() -> None:
+    """Refuse launcher variables that cannot be right, before a command runs: a non-integer RANK or WORLD_SIZE, or a
+    RANK with no WORLD_SIZE above it (a lone RANK=1 process would print nothing, believing rank 0 prints)."""
+    from msrnn.errors import ConfigError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        if name in os.environ and _env_int(name, 0) is None:
+            raise ConfigError(f"{name}={os.environ[name]!r} is not an integer; unset it, or start msrnn with torchrun "
+                              "/ accelerate launch, which set it")
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if rank and not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} with WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}: this process is not "
+                          "part of a launch; unset RANK, or start msrnn with torchrun / accelerate launch")
 
 
 def fmt(v: Any) -> str:

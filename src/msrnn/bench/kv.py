@@ -48,6 +48,10 @@ class KVBenchConfig:
             raise ConfigError("contexts must be >= 2 tokens")
         if self.budget < 1 or self.steps < 1 or self.rounds < 1:
             raise ConfigError("budget, steps and rounds must be >= 1")
+        short = [c for c in self.contexts if c <= self.budget]
+        if short:  # nothing is evicted there: a "speed-up" would compare two full caches
+            raise ConfigError(f"contexts {', '.join(map(str, short))} are within the budget of {self.budget} slots, "
+                              "where nothing is evicted; use contexts longer than --budget")
         check_storage(self.storage)
         if self.compile and self.storage != "fixed":
             raise ConfigError("compile times the in-place decode step of fixed storage; drop --storage naive")

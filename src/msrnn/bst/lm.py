@@ -25,7 +25,7 @@ class BSTLM:
     def forward_chunk(self, input_ids: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Feed any number of tokens (cut at block boundaries inside); logits [B, T, V] fp32."""
         check_state(state, dict, owner(self, self.model))
-        check_chunk(input_ids, len(state["layers"][0]["k"]), self.vocab_size)
+        input_ids = check_chunk(input_ids, len(state["layers"][0]["k"]), self.vocab_size)
         return self.model.step(input_ids.to(self.model.embed_tokens.weight.device), state).float(), state
 
     def state_nbytes(self, state: dict[str, Any]) -> int:

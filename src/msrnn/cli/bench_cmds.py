@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from msrnn.cli.common import add_output_flags, positive_int, resolve_device, save_results
+from msrnn.cli.common import add_output_flags, int_list, positive_float, positive_int, resolve_device, save_results
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="generated tokens/s at a fixed KV memory budget: the largest batch of full caches vs of "
                         "bounded caches that fit (one context; --steps decode steps per round)")
     p.add_argument("--policy", default=None, help="with --throughput: the bounded cache's policy (default tova)")
-    p.add_argument("--memory-mib", type=float, default=None,
+    p.add_argument("--memory-mib", type=positive_float, default=None,
                    help="with --throughput: the KV memory budget (default: what --full-batch full caches hold)")
     p.add_argument("--full-batch", type=positive_int, default=None,
                    help="with --throughput and no --memory-mib: full-cache sequences the budget holds (default 4)")
@@ -230,7 +230,6 @@ def run_bench_kv_prefill(args: argparse.Namespace) -> int:
 
 def run_bench_costs(args: argparse.Namespace) -> int:
     from msrnn.bench.costs import Arch, cost_table, plot_costs
-    from msrnn.errors import ConfigError
     from msrnn.ui import out_console, print_json, table
 
     if args.model:
@@ -244,10 +243,7 @@ def run_bench_costs(args: argparse.Namespace) -> int:
         from msrnn.models.presets import preset_config
 
         cfg = preset_config(args.preset, 4096)
-    try:
-        lengths = [int(x) for x in args.lengths.split(",") if x]
-    except ValueError:
-        raise ConfigError("--lengths takes comma-separated integers") from None
+    lengths = int_list(args.lengths, "--lengths")
     rows = cost_table(Arch.from_config(cfg), lengths, budget=args.budget, block=args.block, segment=args.segment,
                       memory=args.memory)
     plot = plot_costs(rows, args.plot) if args.plot else None

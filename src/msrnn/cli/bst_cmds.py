@@ -19,13 +19,13 @@ def add_train_bst(ts: argparse._SubParsersAction) -> None:
                         "SSM is new) instead of a --preset model from scratch")
     p.add_argument("--variant", default="sh", help="sh | mh | mf | slide | full (default sh)")
     p.add_argument("--kernel", default="s4", help="s4 (structured, any length) | unstruct (explicit taps)")
-    p.add_argument("--preset", default="small", help="size preset: tiny | small | base (default small)")
+    p.add_argument("--preset", default=None, help="size preset: tiny | small | base (default small; not with --from)")
     p.add_argument("--block-size", type=positive_int, default=None, help="W (default seq-len / 8)")
     p.add_argument("--state-size", type=int, default=16, help="S4D state size N, even (default 16)")
     p.add_argument("--mf-states", type=positive_int, default=8, help="MF: number of filters/context states")
     p.add_argument("--ssm-layers", default=None, help="comma-separated layer indices (default: the middle one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the cached stdlib BPE)")
-    p.add_argument("--vocab-size", type=positive_int, default=4096)
+    p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE size without --tokenizer (default 4096)")
     add_training_flags(p, max_steps=400, lr=2e-3, warmup_steps=30, eval_every=100, save_every=100)
     p.set_defaults(func=run_train_bst)
 
@@ -37,6 +37,13 @@ def run_train_bst(args: argparse.Namespace) -> int:
     from msrnn.errors import ConfigError
     from msrnn.train.pretrain import PretrainConfig, ensure_tokenizer, train_lm
 
+    ignored = [flag for flag, value in (("--preset", args.preset), ("--vocab-size", args.vocab_size),
+                                        ("--tokenizer", args.tokenizer)) if value is not None]
+    if args.source and ignored:  # the source model's size and tokenizer win: these would be ignored and recorded
+        raise ConfigError(f"{', '.join(ignored)} size a model from scratch, but --from {args.source} brings its own; "
+                          "drop them")
+    if args.tokenizer and args.vocab_size is not None:
+        raise ConfigError("--vocab-size sizes the BPE msrnn trains, but --tokenizer brings its own; drop one")
     out = check_out(args)
     try:
         layers = [int(x) for x in args.ssm_layers.split(",")] if args.ssm_layers else None
@@ -54,14 +61,15 @@ def run_train_bst(args: argparse.Namespace) -> int:
         cfg = model.config
         model = model.to(resolve_device("auto"))
     else:
-        tokenizer = ensure_tokenizer(args.data, args.vocab_size, args.tokenizer)
-        cfg = BSTConfig.from_preset(args.preset, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        tokenizer = ensure_tokenizer(args.data, args.vocab_size or 4096, args.tokenizer)
+        cfg = BSTConfig.from_preset(args.preset or "small", len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                     eos_token_id=tokenizer.eos_token_id, **shape)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             model = BSTForCausalLM(cfg).to(resolve_device("auto"))
-    data = PretrainConfig(preset=args.preset, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                          repeat_fraction=args.repeat_fraction)
+    data = PretrainConfig(preset=None if args.source else args.preset or "small", data=args.data,
+                          seq_len=args.seq_len, batch_size=args.batch_size, repeat_fraction=args.repeat_fraction,
+                          vocab_size=len(tokenizer), tokenizer=args.tokenizer)
     meta = {"family": "bst", "name": cfg.name, "variant": args.variant, "kernel": args.kernel,
             "block_size": W, "train_length": args.seq_len, "started_from": args.source}
     trainer, result = train_lm(model, tokenizer, data, train_config(args), out, meta, resume=args.resume,
@@ -96,6 +104,12 @@ def run_bench_bst(args: argparse.Namespace) -> int:
 
     ssm_lengths = int_list(args.ssm_lengths, "--ssm-lengths")
     layer_lengths = int_list(args.layer_lengths, "--layer-lengths")
+    ragged = [L for L in layer_lengths if L % args.block_size]
+    if ragged:  # the block-sequential timing walks whole blocks: a ragged tail would time another length
+        from msrnn.errors import ConfigError
+
+        raise ConfigError(f"--block-size {args.block_size} does not divide --layer-lengths "
+                          f"{', '.join(map(str, ragged))}; use lengths that are multiples of the block size")
     with err_console.status("timing the S4D layer: FFT vs recurrent scan"):
         ssm = bench_ssm(ssm_lengths, channels=args.channels, rounds=args.rounds)
     with err_console.status("timing one layer: BST vs full attention vs block-sequential"):

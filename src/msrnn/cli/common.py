@@ -18,6 +18,19 @@ def positive_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (nan and inf are floats too, and every comparison with nan is False)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """A comma-separated list of positive integers (``--segments 1,2,4``), or one clear error naming ``flag``."""
     try:
@@ -55,10 +68,14 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(name)
+        kind = torch.device(name).type
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if kind == "mps" and torch.backends.mps.is_available():
+        return name
+    if kind not in ("cpu", "cuda"):  # meta holds no data; xla/mps/... are untested here
+        raise ConfigError(f"--device {name} is not supported; use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
     return name
 

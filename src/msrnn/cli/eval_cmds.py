@@ -101,6 +101,11 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     # only needs its own minimum of 2 tokens.
     cfg = StreamEvalConfig(chunk_size=args.chunk_size, max_tokens=args.max_tokens, max_documents=args.max_docs)
     check_compile_applies(args, args.chunk_size, "eval ppl", "use --chunk-size 1 or drop --compile")
+    from msrnn.errors import ConfigError
+
+    at = int_list(args.at, "--at") if args.at else []  # checked before any work, not after it
+    if at and max(at) > args.max_tokens:
+        raise ConfigError(f"--at {max(at)} is past --max-tokens {args.max_tokens}; no document is scored that far")
     lm = load_for_cli(args)
     docs = eval_documents(args.data, getattr(lm, "tokenizer", None), unit=args.documents,
                           max_documents=args.max_docs, min_tokens=max(2, args.min_tokens), max_tokens=args.max_tokens,
@@ -109,7 +114,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     out = {"model": str(args.model), "data": args.data, "policy": getattr(getattr(lm, "policy", None), "describe",
                                                                          lambda: "full")(), **res.to_dict()}
     if args.at:
-        out["ppl_at"] = {str(n): res.ppl_first(n) for n in int_list(args.at, "--at")}
+        out["ppl_at"] = {str(n): res.ppl_first(n) for n in at}
     if args.plot:
         plot_ppl_vs_position({str(args.model): log_buckets(res)}, args.plot, title=f"{args.model} on {args.data}")
         out["plot"] = args.plot
@@ -199,14 +204,20 @@ def run_eval_harness(args: argparse.Namespace) -> int:
         from msrnn.harness import MsrnnHarnessLM
     except ImportError:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'msrnn[harness]'") from None
+    from lm_eval.tasks import TaskManager
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    manager = TaskManager(include_path=args.include_path)
+    unknown = sorted(set(tasks) - set(manager.match_tasks(tasks)))
+    if not tasks or unknown:  # before loading the model, not as lm-eval's traceback after it
+        named = ", ".join(unknown) or repr(args.tasks)
+        raise ConfigError(f"--tasks names no task lm-eval knows ({named}); list them "
+                          "with `lm-eval ls tasks`, or add --include-path for your own YAMLs")
     kv = {} if settings is None else asdict(settings)
     lm = MsrnnHarnessLM(args.model, chunk_size=args.chunk_size, device=resolve_device(args.device),
                         batch_size=args.batch_size, **kv)
-    from lm_eval.tasks import TaskManager
-
-    res = lm_eval.simple_evaluate(model=lm, tasks=[t for t in args.tasks.split(",") if t], limit=args.limit,
-                                  num_fewshot=args.num_fewshot,
-                                  task_manager=TaskManager(include_path=args.include_path))
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                                  task_manager=manager)
     report = {"model": args.model, "tasks": args.tasks, "kv": kv or None, "num_fewshot": args.num_fewshot,
               "batch_size": args.batch_size,
               "results": res["results"]}  # lm-eval's nested metrics

@@ -88,14 +88,19 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
 def run_analyze_cmd(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from msrnn.errors import ConfigError
     from msrnn.evaluate.documents import eval_documents
     from msrnn.kv import KVSettings, apply_kv
     from msrnn.models import load_lm
     from msrnn.studies.kv_analysis import plot_retention, token_kind, trace_retention
     from msrnn.ui import out_console, print_json, table
 
+    settings = KVSettings(args.policy, args.budget)  # checked before the model loads
+    if settings.budget is None or args.max_tokens <= settings.budget:
+        raise ConfigError(f"--max-tokens {args.max_tokens} never fills a budget of {settings.budget} slots, so nothing "
+                          "would be evicted and every retention figure would read 'kept'; use --max-tokens > --budget")
     lm = load_lm(args.model, device=resolve_device(args.device))
-    blm = apply_kv(lm, KVSettings(args.policy, args.budget))
+    blm = apply_kv(lm, settings)
     docs = eval_documents("stdlib:test" if args.data is None else args.data, lm.tokenizer,
                           min_tokens=args.max_tokens, max_tokens=args.max_tokens, max_documents=args.max_docs)
     survival, kinds = [], []

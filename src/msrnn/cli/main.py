@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DISK_FULL = ("No space left on device", "StorageFull", "file write failed", "Errno 28", "code: 28")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (an OSError, or torch's / safetensors' own writer errors) means the disk filled up."""
+    return getattr(exc, "errno", None) == 28 or any(sign in str(exc) for sign in _DISK_FULL)
+
+
 def main(argv: list[str] | None = None) -> int:
     from msrnn.cli.common import check_output_paths, setup_logging
     from msrnn.compat import check_transformers_version
@@ -61,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
+        from msrnn.ui import check_launch_env
+
+        check_launch_env()
         check_output_paths(args)
         return int(args.func(args) or 0)
     except MsrnnError as exc:
@@ -69,14 +80,32 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"msrnn: error: {exc.filename or exc} does not exist; check the path", file=sys.stderr)
         return 2
-    except OSError as exc:  # an unwritable folder, a file where a folder was expected, a full disk, ...
-        target = exc.filename2 if isinstance(exc, IsADirectoryError) and exc.filename2 else exc.filename
-        what = f"cannot use {target}" if target else "a file operation failed"
-        print(f"msrnn: error: {what}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("msrnn: interrupted (checkpoints already written are intact; rerun with --resume)", file=sys.stderr)
+        resumable = getattr(args, "resume", None) is not None
+        print("msrnn: interrupted" + (" (checkpoints already written are intact; rerun with --resume)" if resumable
+                                      else "; nothing was written"), file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, never a traceback (-v shows it)
+        rerun = " with --resume" if getattr(args, "resume", None) is not None else ""
+        if isinstance(exc, OSError):  # an unwritable folder, a file where a folder was expected, a full disk, ...
+            target = exc.filename2 if isinstance(exc, IsADirectoryError) and exc.filename2 else exc.filename
+            what = f"cannot use {target}" if target else "a file operation failed"
+            hint = (f"the disk is full: free some space and rerun{rerun}" if disk_full(exc)
+                    else "check the path and its permissions")
+            print(f"msrnn: error: {what}: {exc.strerror or exc}; {hint}", file=sys.stderr)
+            return 2
+        if disk_full(exc):  # torch's and safetensors' writers raise their own types for ENOSPC
+            print("msrnn: error: the disk is full; nothing half-written was kept (what was complete before is intact). "
+                  f"Free some space and rerun{rerun}", file=sys.stderr)
+            return 2
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"msrnn: error: internal error, {type(exc).__name__}: {first} (this is a bug in msrnn or a library it "
+              "uses; rerun with -v for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msrnn.cli.common import add_output_flags, add_seed, emit, positive_int, resolve_device
+from msrnn.cli.common import add_output_flags, add_seed, emit, int_list, positive_int, resolve_device
 from msrnn.cli.training import add_training_flags, check_out, summary, train_config
 from msrnn.errors import ConfigError
 
@@ -68,7 +68,7 @@ def run_train_supra(args: argparse.Namespace) -> int:
     out = check_out(args)
     model = load_hf_causal_lm(src, device=resolve_device("auto")).train()
     tokenizer = load_tokenizer_for(src)
-    cfg = PretrainConfig(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+    cfg = PretrainConfig(preset=None, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                          repeat_fraction=args.repeat_fraction)
     meta = {**read_meta(src), "family": "supra", "uptrained_from": str(src)}
     trainer, result = train_lm(model, tokenizer, cfg, train_config(args), out, meta, resume=args.resume,
@@ -94,11 +94,7 @@ def run_bench_supra(args: argparse.Namespace) -> int:
     from msrnn.io import write_json
     from msrnn.ui import err_console, out_console, print_json, table
 
-    try:
-        lengths = [int(x) for x in args.lengths.split(",") if x]
-        positions = [int(x) for x in args.positions.split(",") if x]
-    except ValueError:
-        raise ConfigError("--lengths/--positions take comma-separated integers") from None
+    lengths, positions = int_list(args.lengths, "--lengths"), int_list(args.positions, "--positions")
     with err_console.status("timing linear attention forms"):
         ops = bench_ops(lengths, heads=args.heads, dim=args.dim, rounds=args.rounds)
     if args.model:

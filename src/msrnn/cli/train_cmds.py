@@ -31,6 +31,10 @@ def run_tokenizer(args: argparse.Namespace) -> int:
         spec = spec.__class__(spec.source, spec.name, "train")
     if Path(args.out).exists() and not args.overwrite:
         raise ConfigError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    held = [name for name in ("config.json", "msrnn.json", "checkpoints") if (Path(args.out) / name).exists()]
+    if held:  # --overwrite replaces a tokenizer folder, never a model or a run
+        raise ConfigError(f"{args.out} holds a model or a run ({', '.join(held)}), not just a tokenizer; "
+                          "--overwrite would delete it: choose another --out")
     docs = load_documents(spec)
     with err_console.status(f"training a {args.vocab_size}-token BPE on {len(docs)} documents"):
         tok = train_bpe((d.text for d in docs), vocab_size=args.vocab_size)
@@ -47,7 +51,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
                                    "directory (weights, tokenizer, msrnn.json) to --out.")
     p.add_argument("--preset", default="small", help="tiny | small | base (default small)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train and cache a BPE)")
-    p.add_argument("--vocab-size", type=positive_int, default=4096)
+    p.add_argument("--vocab-size", type=positive_int, default=None,
+                   help="tokens of the BPE trained when no --tokenizer is given (default 4096)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     add_training_flags(p, max_steps=1000, lr=2e-3, warmup_steps=50, eval_every=100, save_every=200)
     p.set_defaults(func=run_pretrain)
@@ -56,8 +61,11 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     from msrnn.train.pretrain import PretrainConfig, pretrain
 
+    if args.tokenizer and args.vocab_size is not None:  # the tokenizer's own size wins: the flag would be ignored
+        raise ConfigError("--vocab-size sizes the BPE msrnn trains, but --tokenizer brings its own; drop one")
     out = check_out(args)
-    cfg = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+    cfg = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer,
+                         vocab_size=args.vocab_size or 4096,
                          seq_len=args.seq_len, batch_size=args.batch_size, repeat_fraction=args.repeat_fraction,
                          attn_implementation=args.attn)
     trainer, result = pretrain(cfg, train_config(args), out, resume=args.resume, progress=not args.quiet)

@@ -27,6 +27,8 @@ def eval_documents(data: str, tokenizer: Any, unit: str = "file", max_documents:
     """
     if tokenizer is None:
         raise DataError("this model has no tokenizer; save one in the model directory")
+    if add_bos and tokenizer.bos_token_id is None:
+        raise DataError("add_bos asks for a BOS token, but this model's tokenizer has none; drop --add-bos")
     # 0 or a negative count would slice silently (ids[:0] is "no truncation" here, ids[:-5] drops five tokens).
     for name, value, least in (("max_tokens", max_tokens, 1), ("max_documents", max_documents, 1),
                                ("min_tokens", min_tokens, 1)):

@@ -70,6 +70,9 @@ class StreamEvalResult:
 
     def ppl_first(self, n: int) -> float:
         """Perplexity over the first ``n`` positions of every document (one pass gives every length)."""
+        if n > len(self.count_by_pos):
+            raise DataError(f"no document reaches position {n} (the longest scored has {len(self.count_by_pos)} "
+                            "positions); ask for a smaller --at or longer documents")
         c = self.count_by_pos[:n].sum()
         if not c:
             raise DataError(f"no scored tokens in the first {n} positions")
@@ -114,6 +117,15 @@ def _bucketize(nll_sum: np.ndarray, count: np.ndarray, edges: Sequence[int]) -> 
     return out
 
 
+def _token_ids(doc: Sequence[int] | np.ndarray) -> np.ndarray:
+    """A document as int64 token ids; refuses fractional or non-numeric ids (a cast would silently truncate 2.7)."""
+    arr = np.asarray(doc)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise DataError(f"a document must be a flat sequence of integer token ids, got {arr.dtype} with shape "
+                        f"{arr.shape}; tokenize it first")
+    return arr.astype(np.int64)
+
+
 @torch.inference_mode()
 def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarray], cfg: StreamEvalConfig,
                     progress: bool = False) -> StreamEvalResult:
@@ -121,7 +133,7 @@ def evaluate_stream(lm: StatefulLM, documents: Sequence[Sequence[int] | np.ndarr
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # min_tokens selects documents by their full length; max_tokens then truncates the selected ones.
-    docs = [np.asarray(d, dtype=np.int64) for d in documents]
+    docs = [_token_ids(d) for d in documents]
     docs = [d[: cfg.max_tokens] for d in docs if len(d) >= cfg.min_tokens][: cfg.max_documents]
     if not docs:
         raise DataError(f"no document has at least {cfg.min_tokens} tokens; use more or longer data")

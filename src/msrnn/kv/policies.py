@@ -103,10 +103,20 @@ class Full(Policy):
         return _recency(c)
 
 
+def _no_per_head(policy: Policy) -> None:
+    if policy.per_head:
+        raise ConfigError(f"{policy.name} keeps the same tokens for every head (by position), so per_head would change "
+                          "nothing; drop it")
+
+
 @dataclass
 class Window(Policy):
     """Window: keep the last ``budget`` tokens."""
     name: ClassVar[str] = "window"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _no_per_head(self)
 
     def score(self, c: Candidates) -> torch.Tensor:
         """Recency: newer slots score higher."""
@@ -121,6 +131,7 @@ class Sink(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _no_per_head(self)
         if self.sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
         if self.budget is not None and self.sinks >= self.budget:
@@ -174,6 +185,7 @@ class TOVA(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _no_per_head(self)
         if self.sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
         if self.budget is not None and self.sinks + self.keep_newest >= self.budget:
@@ -215,7 +227,8 @@ def make_policy(name: str, budget: int | None, **options) -> Policy:
         raise ConfigError(f"policy {name!r} takes no option {', '.join(unknown)}; remove it")
     kwargs = {k: v for k, v in options.items() if v is not None and k in fields}
     if name == "full":
-        budget = None
+        if budget is not None:
+            raise ConfigError(f"policy 'full' keeps every slot, so a budget ({budget}) would be ignored; drop it")
     elif budget is None:
         raise ConfigError(f"policy {name!r} needs a budget; pass --budget K (slots per layer)")
     return cls(budget=budget, **kwargs)

@@ -75,7 +75,7 @@ class HFCausalLM:
     def forward_chunk(self, input_ids: torch.Tensor, state: HFState) -> tuple[torch.Tensor, HFState]:
         """Feed ``input_ids`` [B, T] at absolute positions after those already seen; logits [B, T, V] fp32."""
         check_state(state, HFState, self.state_owner())
-        check_chunk(input_ids, state.batch_size, self.vocab_size)
+        input_ids = check_chunk(input_ids, state.batch_size, self.vocab_size)
         T = input_ids.shape[1]
         self._check_positions(state.seen + T)
         input_ids = input_ids.to(self.device)

@@ -231,12 +231,23 @@ def load_full(spec: str | Path, device: str | torch.device = "cpu", dtype: torch
 
 
 def family_of(spec: str | Path) -> str:
-    """The family a model directory belongs to: its ``msrnn.json``, else its config's model_type, else ``hf``."""
+    """The family a model directory belongs to: its config's model_type when that is an msrnn family's, else its
+    ``msrnn.json`` (which must name a known family and agree with the config), else ``hf``."""
     path = Path(spec)
     if not path.is_dir():
         return "hf"
-    family = family_of_model_type(_model_type(path))
-    return read_meta(path).get("family") or (family.name if family else "hf")
+    by_type = family_of_model_type(_model_type(path))
+    named = read_meta(path).get("family")
+    if named is not None and (not isinstance(named, str) or named not in FAMILIES.names()
+                              or FAMILIES.get(named).loader is None):
+        loadable = ", ".join(f.name for f in FAMILIES.values() if f.loader)
+        raise ModelLoadError(f"{path / MSRNN_META} names family {named!r}, which is not one msrnn loads ({loadable}); "
+                             "fix it or re-create the model directory")
+    if by_type is not None and named is not None and named != by_type.name:
+        # A SUPRA folder marked "hf" would load as a plain model and report 0 state bytes.
+        raise ModelLoadError(f"{path / MSRNN_META} says family {named!r} but config.json is a {_model_type(path)!r} "
+                             f"({by_type.name}) model; fix msrnn.json or re-create the model directory")
+    return by_type.name if by_type else (named or "hf")
 
 
 def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -27,6 +27,10 @@ class RMTConfig(PretrainedConfig):
                  task: str | None = None, label_names: list[str] | None = None, **kwargs: Any) -> None:
         if backbone_kind not in BACKBONE_KINDS:
             raise ConfigError(f"backbone_kind must be one of {BACKBONE_KINDS}, got {backbone_kind!r}")
+        for name, value in (("num_memory_tokens", num_memory_tokens), ("segment_length", segment_length),
+                            ("bptt_depth", bptt_depth)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
         if num_memory_tokens < 1:
             raise ConfigError("num_memory_tokens must be >= 1 (zero memory tokens is a plain segmented model)")
         if segment_length < 1:

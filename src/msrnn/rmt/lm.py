@@ -61,7 +61,7 @@ class RMTLM:
     def forward_chunk(self, input_ids: torch.Tensor, state: RMTState) -> tuple[torch.Tensor, RMTState]:
         """Feed tokens across segment boundaries (memory updated at each); logits [B, T, V] fp32."""
         check_state(state, RMTState, owner(self, self.wrapper))
-        check_chunk(input_ids, state.batch_size, self.vocab_size)
+        input_ids = check_chunk(input_ids, state.batch_size, self.vocab_size)
         model, m, S = self.wrapper.model, self.wrapper.m, self.wrapper.config.segment_length
         outs, pos = [], 0
         while pos < input_ids.shape[1]:
@@ -91,7 +91,7 @@ class RMTLM:
         (``MemoryWrapper.final_logits``: segments aligned to the end, the first one front-padded). Streaming cuts
         segments from the start instead, so when T is not a multiple of S the two see different segment
         boundaries and give different answers; the task scorer uses this method for that reason."""
-        check_chunk(input_ids, vocab_size=self.vocab_size)
+        input_ids = check_chunk(input_ids, vocab_size=self.vocab_size)
         return self.wrapper.final_logits(input_ids.to(self.wrapper.memory.device))
 
 

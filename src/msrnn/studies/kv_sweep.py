@@ -55,7 +55,13 @@ class SweepConfig:
             if t not in TASKS:
                 raise ConfigError(f"unknown task {t!r}; use plain or copy")
         for p in self.policies:
-            parse_policy_spec(p)
+            name, opts = parse_policy_spec(p)
+            if name == "full":  # always the reference row: as a swept policy its rows would be labelled with budgets
+                raise ConfigError("the full cache is always the sweep's reference row; drop 'full' from --policies")
+            for frac in self.fractions:  # every option value, at every budget, before any evaluation runs
+                budget = max(1, int(self.context * frac))
+                if not (name == "sink" and opts.get("sinks", 4) >= budget):  # skipped by the sweep, as below
+                    KVSettings(name, budget, **opts)
 
 
 def task_documents(docs: list[np.ndarray], task: str, context: int, max_documents: int) -> tuple[list[np.ndarray], int]:

@@ -8,7 +8,7 @@ context. Everything the run needs to be reproduced is written next to the model 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainConfig:
-    """What a pretraining run trains on: preset, data, sequence length, batch."""
-    preset: str = "small"
+    """What a pretraining run trains on: preset (None when training starts from an existing model), data, sequence
+    length, batch."""
+    preset: str | None = "small"
     data: str = "stdlib"
     tokenizer: str | None = None  # a tokenizer folder; None trains (and caches) a BPE on the train split
     vocab_size: int = 4096
@@ -39,7 +40,8 @@ class PretrainConfig:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        PRESETS.get(self.preset)  # unknown preset -> one clear error listing the choices
+        if self.preset is not None:
+            PRESETS.get(self.preset)  # unknown preset -> one clear error listing the choices
         if self.seq_len < 8:
             raise ConfigError(f"seq_len must be >= 8, got {self.seq_len}")
         if self.batch_size < 1:
@@ -130,6 +132,8 @@ def pretrain(cfg: PretrainConfig, train_cfg: TrainConfig, out_dir: str | Path, r
              progress: bool = True) -> tuple[Trainer, TrainResult]:
     """Train a preset model on ``cfg.data`` and write a model directory (weights + tokenizer + meta)."""
     tokenizer = ensure_tokenizer(cfg.data, cfg.vocab_size, cfg.tokenizer)
+    if cfg.tokenizer:  # record the size the run used, not the unused default
+        cfg = replace(cfg, vocab_size=len(tokenizer))
     model = build_model(cfg.preset, len(tokenizer), seed=train_cfg.seed, bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, attn_implementation=cfg.attn_implementation)
     return train_lm(model, tokenizer, cfg, train_cfg, out_dir, {"family": "hf", "preset": cfg.preset},

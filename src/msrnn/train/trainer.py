@@ -241,6 +241,7 @@ class Trainer:
         except (ValueError, UnicodeDecodeError):
             raise ModelLoadError(f"checkpoint {path}'s {STATE_FILE} is corrupt; delete the checkpoint and resume"
                                  ) from None
+        self._check_state_fields(path, state)
         self._check_same_recipe(path, state.get("config") or {})
         self._check_same_run(path, state.get("run"))
         saved_world = state.get("processes", 1)
@@ -297,6 +298,22 @@ class Trainer:
         if changed:
             raise ConfigError(f"checkpoint {path} was trained with other settings ({'; '.join(changed)}); resume with "
                               "the flags it was trained with, or start a new --out")
+
+    def _check_state_fields(self, path: Path, state: dict[str, Any]) -> None:
+        """Every field resume reads, with the right type and consistent with each other (a crafted or damaged file
+        is named, not a traceback; a step the history does not account for is not exported as trained)."""
+        step, history = state.get("step"), state.get("history")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1 or not isinstance(history, list) \
+                or not all(isinstance(h, dict) for h in history) or not isinstance(state.get("scheduler"), dict) \
+                or not isinstance(state.get("config", {}), dict):
+            raise ModelLoadError(f"checkpoint {path}'s {STATE_FILE} has missing or mistyped fields (step, history, "
+                                 "scheduler, config); delete the checkpoint and resume from an earlier one")
+        if len(history) != step:
+            raise ModelLoadError(f"checkpoint {path} claims step {step} but logs {len(history)} steps; its "
+                                 f"{STATE_FILE} was edited or damaged: delete it and resume from an earlier one")
+        if step > self.config.max_steps:  # exporting it would record a run of --max-steps that never happened
+            raise ConfigError(f"checkpoint {path} is at step {step}, past --max-steps {self.config.max_steps}; pass "
+                              f"--max-steps {step} or more to resume it")
 
     def _check_same_run(self, path: Path, saved: Any) -> None:
         if not isinstance(saved, dict) or self.run is None:
