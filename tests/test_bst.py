@@ -280,3 +280,18 @@ def test_generate_and_pipeline_follow_msrnn_generate(variant, tmp_path, task_tok
                                    num_attention_heads=4, intermediate_size=64, block_size=8, state_size=4,
                                    ssm_layers=[1], variant=variant)).eval()
     assert_pipeline_generates(big, task_tokenizer, tmp_path / "m")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bst_loaded_in_half_precision_streams(tmp_path, dtype):
+    """The block caches used to start in fp32, so a bf16/fp16 model's streaming step failed inside SDPA."""
+    from msrnn.models.loading import load_hf_causal_lm
+
+    make("sh").save_pretrained(tmp_path / "m")
+    ref = load_hf_causal_lm(tmp_path / "m")
+    half = load_hf_causal_lm(tmp_path / "m", dtype=dtype)
+    x = torch.randint(0, V, (1, 21))
+    with torch.no_grad():
+        parallel = half(x).logits.float()
+        assert_close("stream = parallel", parallel, stream_logits(BSTLM(half), x, 5).float(), atol=1e-6)
+        assert_close("half vs fp32", ref(x).logits, parallel, atol=3e-2)

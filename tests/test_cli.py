@@ -137,7 +137,12 @@ def test_eval_harness_passes_every_flag_on(tmp_path, monkeypatch, capsys):
     lm_eval = types.ModuleType("lm_eval")
     lm_eval.simple_evaluate = lambda **kw: seen.setdefault("eval", kw) and {"results": {"t": {"acc": 0.5}}}
     tasks = types.ModuleType("lm_eval.tasks")
-    tasks.TaskManager = lambda include_path=None: ("tm", include_path)
+
+    class Manager(tuple):  # lm-eval's TaskManager: knows the names it is asked about
+        def match_tasks(self, names):
+            return list(names)
+
+    tasks.TaskManager = lambda include_path=None: Manager(("tm", include_path))
     for name, mod in (("msrnn.harness", harness), ("lm_eval", lm_eval), ("lm_eval.tasks", tasks)):
         monkeypatch.setitem(sys.modules, name, mod)
     (tmp_path / "yaml").mkdir()

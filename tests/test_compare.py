@@ -96,3 +96,27 @@ def test_compare_bad_input(dirs, tmp_path, capsys):
     assert main(["compare", "--base", str(dirs / "base"), "--policies", "lru", "--out", str(tmp_path),
                  "--quiet"]) == 2
     assert "unknown KV policy 'lru'" in capsys.readouterr().err
+
+
+def test_a_damaged_report_folder_is_named_or_rerun(dirs, tiny_corpus, tmp_path, capsys):
+    """A damaged plan.json is one line; a damaged entry, or one whose perplexity is not a number (which used to be
+    accepted and then fail inside matplotlib), is evaluated again."""
+    argv = ["compare", "--base", str(dirs / "base"), "--budgets", "8192", "--policies", "window",
+            "--data", str(tiny_corpus), "--documents", "file", "--max-tokens", "48", "--max-docs", "1",
+            "--chunk-size", "16", "--profile-tokens", "32", "--out", str(tmp_path / "rep"), "--json", "--quiet"]
+    assert main(argv) == 0
+    folder = Path(json.loads(capsys.readouterr().out)["folder"])
+    entries = sorted((folder / "entries").glob("*.json"))
+    entries[0].write_text("{cut short")
+    second = json.loads(entries[1].read_text())
+    entries[1].write_text(json.dumps({**second, "ppl": float("nan")}))
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not any(e["resumed"] for e in report["entries"][:0])
+    rerun = {e["name"]: e["resumed"] for e in report["entries"]}
+    assert sum(not r for r in rerun.values()) == 2  # both damaged entries ran again, the rest resumed
+    assert all(e["ppl"] == e["ppl"] for e in report["entries"])  # no NaN
+    (folder / "plan.json").write_text("[]")
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("msrnn: error:") and "plan.json is damaged" in err and "\n" not in err

@@ -186,11 +186,15 @@ def test_bad_policy_option_values(model_dir, tiny_corpus, capsys):
 def test_a_binary_babilong_file(model_dir, tmp_path, capsys):
     blob = tmp_path / "qa1.txt"
     blob.write_bytes(bytes(range(256)) * 40)
-    argv = ["eval", "task", "--model", str(model_dir), "--task", "detect", "--segment-length", "16", "--segments",
-            "1", "--babilong", str(blob)]
+    argv = ["eval", "task", "--model", str(model_dir), "--task", "detect", "--segment-length", "16",
+            "--babilong", str(blob)]
     one_error(capsys, main(argv), "not UTF-8 text")
     blob.write_text("5")
     one_error(capsys, main(argv), "not in BABILong format")
+    blob.write_text(json.dumps([{"input": ["a list"], "question": "q?", "target": "yes"}]))
+    one_error(capsys, main(argv), "sample 0 has non-text input (list)")
+    blob.write_text(json.dumps([{"input": "x", "question": "q?", "target": "yes"}]))
+    one_error(capsys, main([*argv, "--segments", "1,2"]), "drop --segments")
 
 
 # ---------------------------------------------------------------- training runs that would silently differ
@@ -683,7 +687,8 @@ def test_at_past_every_document_is_refused_not_called_first_n(model_dir, tiny_co
 
 @pytest.mark.parametrize("env,fragment", [({"RANK": "abc"}, "RANK='abc' is not an integer"),
                                           ({"RANK": "1"}, "RANK=1 with WORLD_SIZE=unset"),
-                                          ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer")])
+                                          ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+                                          ({"WORLD_SIZE": "2"}, "no launcher started the other processes")])
 def test_launcher_variables_that_cannot_be_right(monkeypatch, capsys, env, fragment, tmp_path):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -851,3 +856,32 @@ def test_studies_refuse_what_would_be_figures_of_nothing(model_dir, capsys, tmp_
     one_error(capsys, rc, "drop 'full' from --policies")
     rc = main(["bench", "bst", "--block-size", "100", "--layer-lengths", "1024"])
     one_error(capsys, rc, "--block-size 100 does not divide --layer-lengths 1024")
+
+
+def test_misleading_one_liners_now_name_the_problem(model_dir, tmp_path, capsys):
+    from msrnn.supra import convert
+
+    supra = tmp_path / "s"
+    convert(tiny("llama")).save_pretrained(supra)
+    shutil.copy(model_dir / "tokenizer.json", supra / "tokenizer.json")
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / f).exists():
+            shutil.copy(model_dir / f, supra / f)
+    rc = main(["bench", "stream", "--model", str(supra), "--family", "rmt", "--tokens", "64"])
+    one_error(capsys, rc, "is a SupraLM, not a plain HF causal LM")  # it used to blame transformers
+    rc = main(["bench", "costs", "--model", str(tmp_path / "missing")])
+    one_error(capsys, rc, "does not exist")  # it used to talk of repo ids
+    rc = main(["demo", "--eval-tokens", "64", "--out", str(tmp_path / "d")])
+    one_error(capsys, rc, "--eval-tokens 64 is too short")  # refused before training, not after
+
+
+@pytest.mark.parametrize("columns,width", [("0", 200), ("abc", 200), ("120", 120)])
+def test_columns_that_cannot_be_a_width_are_ignored(columns, width):
+    """COLUMNS=0 used to give a zero-width console that printed nothing."""
+    import subprocess
+    import sys
+
+    code = "from msrnn.ui import out_console; print(out_console.width)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": columns})
+    assert r.returncode == 0 and int(r.stdout.strip()) == width, r.stderr[-500:]

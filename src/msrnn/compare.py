@@ -266,6 +266,21 @@ def _entry_file(out: Path, entry: Entry) -> Path:
     return out / "entries" / (entry.name.replace(":", "_").replace("@", "_at_").replace("/", "_") + ".json")
 
 
+def _saved_entry(path: Path) -> dict[str, Any] | None:
+    """A finished entry's results, or None when the file is damaged or its perplexity is not a finite number (the
+    evaluator never writes one, so such a file was edited or cut short)."""
+    import math
+
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ppl = saved.get("ppl") if isinstance(saved, dict) else None
+    if not isinstance(ppl, int | float) or isinstance(ppl, bool) or not math.isfinite(ppl):
+        return None
+    return saved
+
+
 def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Evaluate every planned entry into ``root/<cfg.folder_name()>`` (skipping entries already done there) and
     write the report; returns it with ``folder`` set."""
@@ -276,8 +291,12 @@ def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress:
     out = Path(root) / cfg.folder_name()
     plan_file = out / "plan.json"
     if resume and plan_file.exists():  # the plan builds and measures every model and fits every slot count: once
-        saved = json.loads(plan_file.read_text())
-        entries, notes = [Entry(**e) for e in saved["entries"]], saved["notes"]
+        try:
+            saved = json.loads(plan_file.read_text())
+            entries, notes = [Entry(**e) for e in saved["entries"]], list(saved["notes"])
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            raise DataError(f"{plan_file} is damaged (not the plan msrnn wrote); delete it, or rerun with --fresh, to "
+                            "plan again") from None
     else:
         entries, notes = plan(cfg, progress=progress)
         write_json(plan_file, {"entries": [asdict(e) for e in entries], "notes": notes})
@@ -290,8 +309,8 @@ def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress:
             bar.update(job, description=entry.name)
             path = _entry_file(out, entry)
             if resume and path.exists():
-                saved = json.loads(path.read_text())
-                if saved.get("eval_key") == key:
+                saved = _saved_entry(path)  # None when damaged: the entry runs again
+                if saved is not None and saved.get("eval_key") == key:
                     results.append({**saved, "resumed": True})
                     bar.advance(job)
                     continue

@@ -45,6 +45,10 @@ def check_launch_env() -> None:
             raise ConfigError(f"{name}={os.environ[name]!r} is not an integer; unset it, or start msrnn with torchrun "
                               "/ accelerate launch, which set it")
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if world > 1 and ("RANK" not in os.environ or "MASTER_ADDR" not in os.environ):
+        # torch.distributed would wait for the other processes forever
+        raise ConfigError(f"WORLD_SIZE={world} without RANK and MASTER_ADDR: no launcher started the other "
+                          "processes; unset WORLD_SIZE, or start msrnn with torchrun / accelerate launch")
     if rank and not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} with WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}: this process is not "
                           "part of a launch; unset RANK, or start msrnn with torchrun / accelerate launch")

@@ -196,11 +196,14 @@ class BSTLayer(nn.Module):
     # ------------------------------------------------------------------ streaming form
     def init_state(self, batch: int, device: Any) -> dict[str, Any]:
         """Empty block caches (and the SSM state, for SSM layers) for ``batch`` sequences."""
-        empty = torch.zeros(batch, self.hkv, 0, self.cfg.head_dim, device=device)
+        # Block keys/values in the attention's dtype (the SSM state below stays fp32): an fp32 empty cache would
+        # promote a bf16/fp16 model's keys to fp32 and SDPA refuses mixed dtypes.
+        dtype = self.k.weight.dtype
+        empty = torch.zeros(batch, self.hkv, 0, self.cfg.head_dim, device=device, dtype=dtype)
         state: dict[str, Any] = {"k": empty, "v": empty, "kp": None, "vp": None}
         if self.has_ssm:
             state["ssm"] = self.ssm.zero_state(batch, device)
-            empty2 = torch.zeros(batch, self.h, 0, self.cfg.head_dim, device=device)
+            empty2 = torch.zeros(batch, self.h, 0, self.cfg.head_dim, device=device, dtype=dtype)
             state["k2"], state["v2"] = empty2, empty2
             if self.cfg.variant == "mf":
                 state["ctx"] = self.ssm.init_context.float()[None].expand(batch, -1, -1)  # [B, S, d]

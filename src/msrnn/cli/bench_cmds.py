@@ -4,6 +4,7 @@ lives with its commands and is added here."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from msrnn.cli.common import add_output_flags, int_list, positive_float, positive_int, resolve_device, save_results
 
@@ -235,10 +236,17 @@ def run_bench_costs(args: argparse.Namespace) -> int:
     if args.model:
         from transformers import AutoConfig
 
-        from msrnn.models.loading import ensure_registered
+        from msrnn.errors import ModelLoadError
+        from msrnn.models.loading import ensure_registered, reject_remote_code
 
+        if not Path(args.model).exists() and str(args.model).startswith((".", "/", "~")):
+            raise ModelLoadError(f"model path {args.model} does not exist; check the path")
+        reject_remote_code(args.model)
         ensure_registered(args.model)
-        cfg = AutoConfig.from_pretrained(args.model, trust_remote_code=False)
+        try:
+            cfg = AutoConfig.from_pretrained(args.model, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read a config from {args.model} ({str(exc).splitlines()[0]})") from None
     else:
         from msrnn.models.presets import preset_config
 
@@ -293,7 +301,12 @@ def run_bench_stream(args: argparse.Namespace) -> int:
 
         lm = apply_kv(lm, KVSettings(args.policy or "tova", args.budget or 512, prefill="oneshot"))
     elif args.family == "rmt":
+        from msrnn.models.hf import HFCausalLM
         from msrnn.rmt import RMTLM, MemoryWrapper
+
+        if type(lm) is not HFCausalLM:  # a SUPRA/BST/RMT model has no plain decoder to wrap
+            raise ConfigError(f"--family rmt wraps a plain decoder in memory tokens; {args.model} is a "
+                              f"{type(lm).__name__}, not a plain HF causal LM")
 
         lm = RMTLM(MemoryWrapper.wrap(lm.model, num_memory_tokens=args.memory or 16,
                                       segment_length=args.segment or 512))

@@ -49,7 +49,10 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_demo)
 
 
-def induction_check(lm, docs: list[np.ndarray], half: int = 256, max_docs: int = 16) -> dict[str, float]:
+INDUCTION_HALF = 256  # tokens of a held-out window that the induction check repeats
+
+
+def induction_check(lm, docs: list[np.ndarray], half: int = INDUCTION_HALF, max_docs: int = 16) -> dict[str, float]:
     """PPL of a held-out window's first occurrence versus its exact repeat right after it."""
     from msrnn.evaluate import StreamEvalConfig, evaluate_stream
 
@@ -84,6 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from msrnn.data.corpus import fingerprint, load_documents
+    from msrnn.errors import ConfigError
     from msrnn.evaluate import StreamEvalConfig, evaluate_stream
     from msrnn.evaluate.documents import eval_documents
     from msrnn.evaluate.plots import log_buckets, plot_ppl_vs_position
@@ -93,6 +97,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from msrnn.train.pretrain import PretrainConfig, pretrain
     from msrnn.ui import err_console, out_console, print_json, table
 
+    if args.eval_tokens < 2 * INDUCTION_HALF or args.eval_tokens <= args.kv_budget:  # before training, not after
+        raise ConfigError(f"--eval-tokens {args.eval_tokens} is too short: the induction check repeats "
+                          f"{INDUCTION_HALF}-token windows and the KV part needs documents longer than --kv-budget "
+                          f"{args.kv_budget}; use --eval-tokens {max(2 * INDUCTION_HALF, args.kv_budget + 1)} or more")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     data_fp = fingerprint(load_documents("stdlib:train"))

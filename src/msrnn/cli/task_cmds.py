@@ -17,10 +17,11 @@ def add_eval_task(ev: argparse._SubParsersAction) -> None:
                                   "answer after the question. Reports accuracy and peak state bytes per length.")
     add_model_flags(p)
     p.add_argument("--task", default=None, help="memorize | detect | reasoning (default: the model's own task)")
-    p.add_argument("--segments", default="1,2,4,8,16,32", help="lengths in segments (default 1,2,4,8,16,32)")
+    p.add_argument("--segments", default=None, help="lengths in segments (default 1,2,4,8,16,32; not with --babilong)")
     p.add_argument("--segment-length", type=positive_int, default=None,
                    help="tokens per segment (default: the RMT model's; required for other models)")
-    p.add_argument("--samples", type=positive_int, default=100, help="samples per length (default 100)")
+    p.add_argument("--samples", type=positive_int, default=100,
+                   help="samples per length (default 100; with --babilong, the file's first N)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--noise", default="stdlib", help="noise text (default: stdlib docstrings, test split)")
     p.add_argument("--babilong", default=None, help="score a BABILong JSON file instead of generated samples")
@@ -65,11 +66,14 @@ def run_eval_task(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model} has no tokenizer saved; save one next to the weights")
     gen = TaskGenerator(spec, tokenizer, noise_sentences(args.noise, "test"))
     cfg = TaskEvalConfig(samples=args.samples, batch_size=args.batch_size, chunk_size=S, seed=args.seed)
-    segments = int_list(args.segments, "--segments")
+    if args.babilong and args.segments is not None:  # a BABILong file fixes its own lengths
+        raise ConfigError("--segments sets the lengths of generated samples; a --babilong file brings its own, so "
+                          "drop --segments")
+    segments = int_list(args.segments or "1,2,4,8,16,32", "--segments")
     fixed = None
     if args.babilong:
         data, _ = babilong_samples(args.babilong, tokenizer, list(spec.labels), args.babilong_task)
-        fixed = {0: data}
+        fixed = {0: data[: args.samples]}
         lengths = [0]
     else:
         if gen.min_length() > min(segments) * S:
@@ -84,7 +88,8 @@ def run_eval_task(args: argparse.Namespace) -> int:
         rows.append(row)
     if args.babilong:
         rows[0]["tokens"] = max(len(s.input_ids) for s in fixed[0])
-    result = {"model": str(args.model), "task": task, "segment_length": S, "samples": args.samples,
+    result = {"model": str(args.model), "task": task, "segment_length": S,
+              "samples": len(fixed[0]) if fixed else args.samples,
               "results": [{"segments": r["segments"], "tokens": r["tokens"], "accuracy": r["accuracy"],
                            "peak_state_bytes": r["peak_state_bytes"], "samples": r["samples"],
                            "seconds": r["seconds"], "peak_rss_mib": r["peak_rss_mib"]} for r in rows]}

@@ -185,7 +185,6 @@ class TOVA(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _no_per_head(self)
         if self.sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
         if self.budget is not None and self.sinks + self.keep_newest >= self.budget:

@@ -40,8 +40,13 @@ def read_babilong(path: str | Path, task: str | None = None) -> list[dict[str, s
             raise DataError(f"{path} has no task {task!r}; it holds {sorted(data)}")
         data = data[task]
     rows = [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
-    if not rows or any(not {"input", "question", "target"} <= set(r) for r in rows):
+    if not rows or len(rows) != len(data) or any(not {"input", "question", "target"} <= set(r) for r in rows):
         raise DataError(f"{path} is not in BABILong format: every sample needs input, question and target fields")
+    for i, r in enumerate(rows):
+        bad = [k for k in ("input", "question", "target") if not isinstance(r[k], str)]
+        if bad:
+            raise DataError(f"{path}: sample {i} has non-text {', '.join(bad)} ({type(r[bad[0]]).__name__}); "
+                            "BABILong fields are strings")
     return rows
 
 
