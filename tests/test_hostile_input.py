@@ -885,3 +885,16 @@ def test_columns_that_cannot_be_a_width_are_ignored(columns, width):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "COLUMNS": columns})
     assert r.returncode == 0 and int(r.stdout.strip()) == width, r.stderr[-500:]
+
+
+def test_a_linked_folder_in_out_is_refused(model_dir, tmp_path, tiny_corpus, capsys):
+    """A linked file is replaced by msrnn's renames (tested above); a linked folder would carry writes outside."""
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(out / "checkpoints"), elsewhere)
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    before = sorted(p.name for p in elsewhere.rglob("*"))
+    rc = main(["pretrain", *TRAIN, "--data", str(tiny_corpus), "--max-steps", "3", "--out", str(out), "--resume"])
+    one_error(capsys, rc, "a link to")
+    assert sorted(p.name for p in elsewhere.rglob("*")) == before

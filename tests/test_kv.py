@@ -64,6 +64,32 @@ def test_matches_independent_dense_reference(arch, policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=pid)
+@pytest.mark.parametrize("prefill,budget", [("oneshot", 11), ("exact", 64)])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_first_chunk_equals_its_masked_twin(arch, prefill, budget, policy):
+    """A prompt's first chunk attends through SDPA's causal kernel (no [T, S] mask): the same logits, kept slots and
+    H2O sums as the explicit-mask twin, with GQA, an odd first chunk (37 tokens), a second chunk on kept slots, and
+    both a budget the chunk overflows (oneshot evicts) and one it fits (any prefill keeps everything)."""
+    name, opts = policy
+    model = tiny(arch, "sdpa", seed=7)
+    x = torch.randint(1, V, (1, 53), generator=torch.Generator().manual_seed(8))
+    runs = {}
+    for reference in (False, True):
+        lm = KVEvictionLM(model, make_policy(name, budget, **opts), prefill=prefill, reference=reference)
+        state, logits = lm.init_state(1), []
+        with torch.no_grad():
+            for lo, hi in ((0, 37), (37, 53)):
+                out, state = lm.forward_chunk(x[:, lo:hi], state)
+                logits.append(out)
+        runs[reference] = (torch.cat(logits, 1), [(layer.kept_positions().clone(), layer.acc)
+                                                  for layer in state.cache.layers])
+    assert_close(f"{arch}/{prefill}/{pid(policy)}", runs[True][0], runs[False][0], atol=1e-5)
+    for (pf, af), (pr, ar) in zip(runs[False][1], runs[True][1], strict=True):
+        assert torch.equal(pf, pr)
+        assert (af is None) == (ar is None) and (af is None or torch.allclose(af, ar, atol=1e-5))
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=pid)
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa")])
 def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeypatch):
     """The fast exact prefill (logits once per query block, a membership mask) against the per-query reference:

@@ -225,3 +225,27 @@ def test_a_folder_that_asks_to_run_its_own_code_is_refused(tmp_path, capsys):
     with pytest.raises(ModelLoadError, match="tokenizer_config.json"):
         load_tokenizer_for(tok)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_msrnn_families_are_self_checked_before_loading(monkeypatch, fresh_verdicts, tmp_path):
+    """SUPRA/BST/RMT get the same treatment as KV: verified once per installed versions (cached), refused by name
+    when a check fails on this transformers."""
+    from msrnn.families import FAMILIES
+    from msrnn.models import load_lm, selfcheck
+    from msrnn.supra import convert
+
+    monkeypatch.setattr(selfcheck, "_MEMORY", {})
+    for family in ("supra", "bst", "rmt"):
+        assert set(selfcheck.family_checks(FAMILIES.get(family)).values()) == {"ok"}, family
+    assert len(list(fresh_verdicts.glob("family-*.json"))) == 3
+    folder = tmp_path / "s"
+    convert(tiny("llama")).save_pretrained(folder)
+
+    def broken(model, lm):
+        raise AssertionError("the state stayed where it was")
+
+    monkeypatch.setattr(selfcheck, "_MEMORY", {})
+    monkeypatch.setitem(selfcheck._RUN, "state", broken)
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "other-cache"))
+    with pytest.raises(ModelLoadError, match="supra family is not verified .* check 'the state advances'"):
+        load_lm(folder)

@@ -2,9 +2,8 @@
 
 * the versions and every transformers contract (:data:`msrnn.compat.CONTRACTS`);
 * KV eviction on a model (its tiny twin's verdict, check by check: :mod:`msrnn.kv.verify`), a tiny Llama by default;
-* each buildable family (SUPRA, BST, RMT) built around a tiny Llama on the installed transformers: streaming in any
-  chunking equals token-by-token feeding and the parallel forward, ``generate()`` equals ``msrnn generate``, and the
-  state advances (a chunk's logits depend on the chunk before it);
+* each of msrnn's own families (SUPRA, BST, RMT) built around a tiny Llama on the installed transformers
+  (:mod:`msrnn.models.selfcheck`, which ``load_lm`` also runs before loading one);
 * ``--architectures``: every causal-LM type the installed transformers ships, verified or refused with its reason
   (:func:`msrnn.kv.verify.check_architecture`).
 
@@ -53,17 +52,6 @@ def version_rows() -> list[Row]:
     return rows
 
 
-def tiny_llama() -> Any:
-    """The base every self-check builds on: a tiny random Llama (msrnn's own base architecture)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def kv_rows(model: Any, subject: str) -> list[Row]:
     """The KV verdict of ``model`` (its class and config) as rows, one per check."""
     from msrnn.kv.lm import check_supported
@@ -83,75 +71,15 @@ def kv_rows(model: Any, subject: str) -> list[Row]:
 
 
 def family_rows() -> list[Row]:
-    """Each buildable family around a tiny Llama: chunk invariance, generate() = msrnn generate, state advances."""
-    from msrnn.bench.costs import Arch
+    """Each family with a self-check (:mod:`msrnn.models.selfcheck`), check by check."""
     from msrnn.families import FAMILIES
+    from msrnn.models.selfcheck import family_checks
 
     rows = []
-    base = tiny_llama()
     for family in FAMILIES.values():
-        if not family.buildable:
-            continue
-        hooks = family.module()
-        try:
-            sizing = hooks.size_for_budget(Arch.from_config(base.config), 64 * 1024)
-            if sizing is None:
-                raise RuntimeError("no sizing fits 64 KiB")
-            torch.manual_seed(0)
-            model = hooks.make(copy.deepcopy(base), sizing).eval()
-            lm = hooks.as_lm(model)
-        except Exception as exc:  # noqa: BLE001 - a family that cannot be built here is reported
-            rows.append(Row(family.name, "build around a tiny Llama", f"failed: {type(exc).__name__}: {exc}"))
-            continue
-        for name, fn in (("chunks equal token by token", _chunk_invariance),
-                         ("generate() equals msrnn generate", _generate_matches),
-                         ("the state advances", _state_advances)):
-            try:
-                with torch.no_grad():
-                    fn(model, lm)
-                rows.append(Row(family.name, name, "ok"))
-            except Exception as exc:  # noqa: BLE001
-                rows.append(Row(family.name, name, f"failed: {type(exc).__name__}: {exc}"))
+        for check, result in (family_checks(family) or {}).items():
+            rows.append(Row(family.name, check, result))
     return rows
-
-
-def _ids(lm: Any, n: int = 24) -> torch.Tensor:
-    return torch.randint(3, int(lm.vocab_size), (1, n), generator=torch.Generator().manual_seed(0))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _chunk_invariance(model: Any, lm: Any) -> None:
-    from msrnn.protocol import stream_logits
-
-    x = _ids(lm)
-    one = stream_logits(lm, x, 1)
-    for chunk in (5, 24):
-        diff = _max_diff(one, stream_logits(lm, x, chunk))
-        if diff > 1e-4:
-            raise AssertionError(f"chunks of {chunk} differ from token by token by {diff:.2e}")
-
-
-def _generate_matches(model: Any, lm: Any) -> None:
-    from msrnn.generate import generate
-
-    x = _ids(lm, 12)
-    want = generate(lm, x, max_new_tokens=6)
-    got = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    if not torch.equal(got[:, x.shape[1]:], want):
-        raise AssertionError("model.generate() and msrnn generate chose different tokens")
-
-
-def _state_advances(model: Any, lm: Any) -> None:
-    x = _ids(lm)
-    state = lm.init_state(1)
-    _, state = lm.forward_chunk(x[:, :12], state)
-    after, _ = lm.forward_chunk(x[:, 12:], state)
-    fresh, _ = lm.forward_chunk(x[:, 12:], lm.init_state(1))
-    if _max_diff(after, fresh) < 1e-6:
-        raise AssertionError("a chunk's logits do not depend on the chunk before it (the state did not advance)")
 
 
 def model_from_config_source(source: str) -> Any:

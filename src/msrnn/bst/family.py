@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 SHRINK = ("block_size", 8, 8)  # the knob a build shrinks until the measured state fits: name, step, floor
+# The size msrnn.models.selfcheck builds around a tiny Llama to verify this family on the installed transformers:
+# 8-token blocks (a 24-token check crosses two boundaries).
+SELF_CHECK_SIZING = {"block_size": 8, "state_size": 4}
 
 
 def cost(a: Any, length: int, block: int = 64, ssm_state: int = 16, ssm_layers: int = 1, **_: Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from msrnn.errors import ConfigError
 
@@ -102,6 +103,25 @@ def check_output_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag} {value} is under {parent}, which is a file; choose another path")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"--{flag} {value}: {parent} is not writable; choose another path")
+        if want_dir and path.is_dir():
+            check_no_links_out(path, f"--{flag}")
+
+
+def check_no_links_out(root: Path, flag: str) -> None:
+    """Refuse an output folder holding a link to outside it: msrnn's writes rename files into place (a linked file
+    is replaced, never written through), but a linked folder (``checkpoints`` -> elsewhere) would take every write
+    made inside it out of --out."""
+    import os
+
+    top = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):  # does not descend into linked folders
+        for name in dirnames + filenames:
+            link = Path(dirpath) / name
+            if link.is_symlink() and (link.is_dir() or name in dirnames):
+                target = link.resolve()
+                if target != top and top not in target.parents:
+                    raise ConfigError(f"{flag} {root} holds {link}, a link to {target} outside it; msrnn never "
+                                      "writes through links: replace the link with a real folder")
 
 
 def setup_logging(verbose: bool) -> None:

@@ -97,10 +97,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from msrnn.train.pretrain import PretrainConfig, pretrain
     from msrnn.ui import err_console, out_console, print_json, table
 
-    if args.eval_tokens < 2 * INDUCTION_HALF or args.eval_tokens <= args.kv_budget:  # before training, not after
-        raise ConfigError(f"--eval-tokens {args.eval_tokens} is too short: the induction check repeats "
-                          f"{INDUCTION_HALF}-token windows and the KV part needs documents longer than --kv-budget "
-                          f"{args.kv_budget}; use --eval-tokens {max(2 * INDUCTION_HALF, args.kv_budget + 1)} or more")
+    if args.eval_tokens < INDUCTION_HALF or args.eval_tokens <= args.kv_budget:  # before training, not after
+        raise ConfigError(f"--eval-tokens {args.eval_tokens} is too short: the induction check repeats a document's "
+                          f"first {INDUCTION_HALF} tokens and the KV part needs documents longer than --kv-budget "
+                          f"{args.kv_budget}; use --eval-tokens {max(INDUCTION_HALF, args.kv_budget + 1)} or more")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     data_fp = fingerprint(load_documents("stdlib:train"))

@@ -27,6 +27,7 @@ def run_doctor(args: argparse.Namespace) -> int:
 
     from msrnn import doctor
     from msrnn.kv.verify import causal_lm_types, check_architecture
+    from msrnn.models.selfcheck import tiny_llama
     from msrnn.ui import err_console, out_console, print_json, table
 
     rows = doctor.version_rows()
@@ -36,7 +37,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     with Progress(TextColumn("[bold]doctor {task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=err_console, disable=args.quiet, transient=True) as bar:
         task = bar.add_task("self-checks", total=2 + (model is not None) + len(types))
-        rows += doctor.kv_rows(doctor.tiny_llama(), "kv: tiny Llama")
+        rows += doctor.kv_rows(tiny_llama(), "kv: tiny Llama")
         bar.advance(task)
         if model is not None:
             rows += doctor.kv_rows(model, f"kv: {args.model}")

@@ -290,8 +290,12 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
     dev = query.device
     # allowed[b, g, i, s]: kept slots are all in the past; new tokens are causal among themselves, padding is
     # visible only to itself (so no query row is empty).
-    if T == 1 and layer.all_valid:
-        allowed_q = None  # one query, every slot real and in its past: no mask at all (the common decode step)
+    # A prompt's first chunk (no kept slot, no padding) is plain causal attention: SDPA's causal kernel, no [T, S]
+    # mask (which forces SDPA's slow math path). ``reference`` keeps the explicit mask as the readable twin.
+    causal = (T > 1 and S0 == 0 and layer.all_valid and not layer.reference and base_name == "sdpa"
+              and kwargs.get("s_aux") is None)
+    if (T == 1 and layer.all_valid) or causal:
+        allowed_q = None  # one query, every slot real and in its past (the common decode step), or causal
     else:
         tri = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         new_ok = tri & valid[:, :, None, S0:] | torch.eye(T, dtype=torch.bool, device=dev)  # [B, G, T, T]
@@ -310,9 +314,13 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
     if acc is not None:
         colsum = torch.zeros(B, Hq, S, device=dev)
         for lo in range(0, T, 256):  # bounded memory for long prefills
+            if causal:  # the rows' causal mask, built for this block only: [1, 1, n, S]
+                rows = torch.arange(lo, min(T, lo + 256), device=dev)
+                block = (torch.arange(S, device=dev)[None] <= rows[:, None])[None, None]
+            else:
+                block = None if allowed_q is None else allowed_q[:, :, lo : lo + 256]
             p = weights[:, :, lo : lo + 256].float() if weights is not None else \
-                _probs(q[:, :, lo : lo + 256], kk, None if allowed_q is None else allowed_q[:, :, lo : lo + 256],
-                       scaling, sink)
+                _probs(q[:, :, lo : lo + 256], kk, block, scaling, sink)
             colsum += p.sum(2)
         acc += _group(colsum, G, "sum")
     if k is None or S <= k:

@@ -259,4 +259,7 @@ def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     if family.loader is None:
         raise ModelLoadError(f"{spec} names family {family.name!r}, which is applied to a model rather than loaded; "
                              "load the base model and apply it (msrnn.kv.apply_kv)")
+    from msrnn.models.selfcheck import require_family_verified
+
+    require_family_verified(family)  # msrnn's own families, checked once per installed versions (cached)
     return family.load(spec, device=device, dtype=dtype, **family_options)

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 SHRINK = ("segment_length", 1, 8)  # the knob a build shrinks until the measured state fits: name, step, floor
+# The size msrnn.models.selfcheck builds around a tiny Llama to verify this family on the installed transformers:
+# 8-token segments (a 24-token check crosses two).
+SELF_CHECK_SIZING = {"segment_length": 8, "num_memory_tokens": 2}
 
 
 def cost(a: Any, length: int, segment: int = 512, memory: int = 16, **_: Any) -> dict[str, float]:

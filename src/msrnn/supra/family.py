@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 SHRINK = ("feature_dim", 2, 2)  # the knob a build shrinks until the measured state fits: name, step, floor
+# The size msrnn.models.selfcheck builds around a tiny Llama to verify this family on the installed transformers:
+# an 8-wide feature map.
+SELF_CHECK_SIZING = {"feature_dim": 8}
 
 
 def cost(a: Any, length: int, feature_dim: int | None = None, **_: Any) -> dict[str, float]:
