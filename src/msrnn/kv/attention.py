@@ -420,12 +420,14 @@ _QUERY_BLOCK = 256  # queries whose logits are computed at once: bounds memory a
 
 
 def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, sink=None):
-    """The same semantics as :func:`_exact_reference`, over a membership mask instead of gathered slots.
+    """The same semantics as :func:`_exact_reference`, a block of queries at a time over a compact candidate set.
 
     Needs S0 <= k (a layer never holds more than its budget between calls), so once the candidates reach k + 1
     every query evicts exactly one slot: the lowest-scoring member, the older one on ties (``argmin`` returns
-    the first index). Slots not (or no longer) members get -inf logits, which gives them probability 0: the
-    softmax over all S slots equals the reference's softmax over its gathered candidates.
+    the first index). A block of queries can only attend the slots alive when it starts plus its own new tokens, so
+    its logits are computed against those m <= k + block columns (gathered once per block), not all S slots; inside
+    the block, slots not (or no longer) members get -inf logits, which gives them probability 0, so the softmax
+    equals the reference's softmax over its gathered candidates.
     """
     B, Hq, T, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
@@ -438,37 +440,51 @@ def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, si
     bias = torch.zeros(B, G, S, device=dev).masked_fill(~valid, neg)  # [B, G, S] 0 = attend, -inf = masked
     bias[:, :, S0:] = neg  # future tokens: not yet members
     kf, vf = key.float(), value.float()
+    Dv = vf.shape[-1]
     slot = torch.arange(S, device=dev)
     sink_g = None if sink is None else sink.float().view(1, G, Hq // G, 1)  # the logits' head order
     outs = []
     for lo in range(0, T, _QUERY_BLOCK):
         hi = min(T, lo + _QUERY_BLOCK)
         n = hi - lo
+        c = min(S0 + lo, k)  # members when the block starts: the same count for every row and group
+        old = slot.expand(B, G, S)[alive].view(B, G, c)  # [B, G, c] ascending (chronological) slot indices
+        cand = torch.cat([old, torch.arange(S0 + lo, S0 + hi, device=dev).expand(B, G, n)], dim=2)  # [B, G, m]
+        m = c + n
+        kidx = cand if G == Hkv else cand.expand(B, Hkv, m)  # [B, Hkv, m]
+        kc = kf.gather(2, kidx[..., None].expand(-1, -1, -1, D))  # [B, Hkv, m, D]
+        vc = vf.gather(2, kidx[..., None].expand(-1, -1, -1, Dv))  # [B, Hkv, m, Dv]
+        alive_c, bias_c = alive.gather(2, cand), bias.gather(2, cand)  # [B, G, m]
+        pos_c, valid_c = positions.gather(2, cand), valid.gather(2, cand)
+        acc_c = acc.gather(2, cand) if acc is not None else None
         qg = (query[:, :, lo:hi].float() * scaling).reshape(B, Hkv, (Hq // Hkv) * n, D)  # [B, Hkv, rep*n, D]
-        logits = torch.matmul(qg, kf.transpose(-1, -2)).view(B, Hkv, Hq // Hkv, n, S)
-        logits = logits.view(B, Hq, n, S).permute(2, 0, 1, 3).reshape(n, B, G, Hq // G, S)  # [n, B, G, Hq/G, S]
-        probs = torch.empty(n, B, G, Hq // G, S, device=dev)
+        logits = torch.matmul(qg, kc.transpose(-1, -2)).view(B, Hkv, Hq // Hkv, n, m)
+        logits = logits.view(B, Hq, n, m).permute(2, 0, 1, 3).reshape(n, B, G, Hq // G, m)  # [n, B, G, Hq/G, m]
+        probs = torch.empty(n, B, G, Hq // G, m, device=dev)
         for i in range(n):
-            j = lo + i
-            s = S0 + j  # the newest token's slot: always visible to its own query (even padding)
-            alive[:, :, s] = True
-            bias[:, :, s] = 0.0
-            p = _softmax(logits[i] + bias[:, :, None], sink_g)  # [B, G, Hq/G, S]
+            s = c + i  # the newest token's column: always visible to its own query (even padding)
+            alive_c[:, :, s] = True
+            bias_c[:, :, s] = 0.0
+            p = _softmax(logits[i] + bias_c[:, :, None], sink_g)  # [B, G, Hq/G, m]
             probs[i] = p
-            if acc is not None:
-                acc += p.sum(2)
-            if not valid[:, :, s].all():
-                bias[:, :, s] = bias[:, :, s].masked_fill(~valid[:, :, s], neg)
-            if s + 1 > k:  # k + 1 members: evict one
+            if acc_c is not None:
+                acc_c += p.sum(2)
+            if not valid_c[:, :, s].all():
+                bias_c[:, :, s] = bias_c[:, :, s].masked_fill(~valid_c[:, :, s], neg)
+            if S0 + lo + i + 1 > k:  # k + 1 members: evict one
                 last = p.mean(2) if policy.needs == "last" else None
-                scores = policy.score(Candidates(positions, valid, acc, last, member=alive))
-                scores = scores.masked_fill(~valid, neg).masked_fill(~alive, float("inf"))
+                scores = policy.score(Candidates(pos_c, valid_c, acc_c, last, member=alive_c))
+                scores = scores.masked_fill(~valid_c, neg).masked_fill(~alive_c, float("inf"))
                 out_idx = scores.argmin(-1, keepdim=True)  # [B, G, 1]
-                alive.scatter_(2, out_idx, False)
-                bias.scatter_(2, out_idx, neg)
-        # [n, B, G, Hq/G, S] -> [B, Hkv, rep*n, S] in the logits' head order, then one matmul with the values
-        p = probs.reshape(n, B, Hq, S).permute(1, 2, 0, 3).reshape(B, Hkv, (Hq // Hkv) * n, S)
-        outs.append(torch.matmul(p, vf).view(B, Hq, n, -1))  # [B, Hq, n, Dv]
+                alive_c.scatter_(2, out_idx, False)
+                bias_c.scatter_(2, out_idx, neg)
+        alive.scatter_(2, cand, alive_c)  # the block's membership, H2O sums and masks back onto the S slots
+        bias.scatter_(2, cand, bias_c)
+        if acc is not None:
+            acc.scatter_(2, cand, acc_c)
+        # [n, B, G, Hq/G, m] -> [B, Hkv, rep*n, m] in the logits' head order, then one matmul with the values
+        p = probs.reshape(n, B, Hq, m).permute(1, 2, 0, 3).reshape(B, Hkv, (Hq // Hkv) * n, m)
+        outs.append(torch.matmul(p, vc).view(B, Hq, n, -1))  # [B, Hq, n, Dv]
     out = torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2).contiguous()  # [B, T, Hq, Dv]
     keep = slot.expand(B, G, S)[alive].view(B, G, k)  # ascending slot indices
     return out, keep
