@@ -183,3 +183,16 @@ def test_constraints_file_pins_a_tested_transformers():
     assert Version(compat.TRANSFORMERS_MIN) <= v < Version(compat.TRANSFORMERS_BELOW)
     assert "torch" in pins and "tokenizers" in pins
     assert "constraints.txt" in (ROOT / "README.md").read_text()
+
+
+def test_a_transformers_that_cannot_import_its_models_is_one_line(monkeypatch, capsys):
+    """transformers 5.4 beside the `kernels` package 5.25 pulls in fails inside its own import; msrnn says so in one
+    line instead of a traceback at `import msrnn`."""
+    from msrnn.cli.main import main
+
+    monkeypatch.setattr(compat, "_IMPORT_ERROR", ValueError("Either a revision or a version must be specified."))
+    with pytest.raises(CompatError, match="cannot import its own Llama model"):
+        compat.check_transformers_version()
+    assert main(["doctor"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msrnn: error: transformers") and "fresh environment" in err and "\n" not in err

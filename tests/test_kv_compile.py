@@ -129,3 +129,27 @@ def test_bench_kv_times_the_compiled_step_beside_the_eager_one(capsys):
     for bad in (["--storage", "naive"], ["--throughput"]):
         assert main(["bench", "kv", "--shape", "tiny", "--contexts", "24", "--compile", *bad]) == 2
     assert "--compile" in capsys.readouterr().err
+
+
+def test_compile_falls_back_loudly_and_models_do_not_share_a_limit():
+    """Dynamo keeps 8 graphs per code object (shared by every model of a class) and then ran eagerly without a word,
+    so 'compiled' figures could be eager ones. Each KV model now compiles in an isolated region, and a limit that is
+    still hit is reported (the step then runs eagerly, with the right result)."""
+    from torch._dynamo.utils import counters
+
+    from msrnn.kv.lm import _compiled_step
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randint(0, V, (1, 14))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for seed in range(2):  # two models of one class, one graph each: no fallback at a limit of 1
+            lm = KVEvictionLM(tiny("llama", seed=seed), make_policy("tova", 8), storage="fixed", compile=True)
+            _run(lm, x, [10, 1, 1, 1, 1])
+            assert not lm.compile_fell_back
+        assert counters["stats"]["unique_graphs"] == 2
+        said = []
+        step = _compiled_step(lambda t: t * 2, said.append)
+        assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+        assert torch.equal(step(torch.ones(2, 2)), torch.full((2, 2), 2.0))  # a new rank: past the limit of 1
+    assert len(said) == 1 and "RecompileLimit" in said[0]

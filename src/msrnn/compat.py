@@ -51,6 +51,11 @@ def check_transformers_version(version: str | None = None) -> None:
     not refused outright: msrnn checks every contract in :data:`CONTRACTS` on it (once per process), warns once,
     and refuses only if a contract fails; every model is then verified before eviction (:mod:`msrnn.kv.verify`)
     and every stateful forward checks that its state advanced."""
+    if _IMPORT_ERROR is not None and version is None:
+        first = (str(_IMPORT_ERROR).strip().splitlines() or [""])[0]
+        raise CompatError(f"transformers {transformers.__version__} cannot import its own Llama model "
+                          f"({type(_IMPORT_ERROR).__name__}: {first}); a package it uses does not match this release: "
+                          f"reinstall it in a fresh environment with pip install 'transformers{TRANSFORMERS_RANGE}'")
     v = Version(version or transformers.__version__)
     if v < Version(TRANSFORMERS_MIN):
         raise CompatError(f"transformers {v} is older than msrnn supports (>={TRANSFORMERS_MIN}); upgrade with "
@@ -91,7 +96,19 @@ def _cache_kwarg() -> str:
                       f"support it yet (tested: {TRANSFORMERS_RANGE})")
 
 
-CACHE_KWARG = _cache_kwarg()
+def _first_cache_kwarg() -> tuple[str, BaseException | None]:
+    """The release's cache keyword, or the error importing transformers' Llama raised: a transformers that cannot
+    import its own models (e.g. beside a ``kernels`` package newer than it knows) is refused in one line by
+    :func:`check_transformers_version`, not a traceback at ``import msrnn``."""
+    try:
+        return _cache_kwarg(), None
+    except CompatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any import failure inside transformers
+        return "cache", exc
+
+
+CACHE_KWARG, _IMPORT_ERROR = _first_cache_kwarg()
 _CACHE_NAMES = ("cache", "past_key_values")
 
 

@@ -168,8 +168,10 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
     for row in rows:  # the best copy of the run: the bandwidth the machine showed it can reach
         for name in variants:
             row[f"{name} limit tok/s"] = max(bandwidth) / (weights + row[f"{name} bytes"])
+    # A compiled step that torch.compile gave up on ran eagerly: its figures are eager ones, and the result says so.
+    fell_back = bool(cfg.compile and bounded[f"tova@{b} compiled"].compile_fell_back)
     return {"budget": b, "steps": cfg.steps, "rounds": cfg.rounds, "storage": cfg.storage, "compile": cfg.compile,
-            "rows": rows,
+            "compile_fell_back_to_eager": fell_back, "rows": rows,
             "weight bytes": weights,
             "copy bandwidth GB/s": max(bandwidth) / 1e9, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(device)}

@@ -155,7 +155,8 @@ def run_bench_kv(args: argparse.Namespace) -> int:
     if cfg.storage == "fixed":
         cols.append("fixed/naive")
     if cfg.compile:
-        cols += [f"tova@{b} compiled", "compiled/eager", "compiled/plain"]
+        label = "compiled (fell back to eager)" if result["compile_fell_back_to_eager"] else "compiled"
+        cols += [f"tova@{b} {label}", f"{label}/eager", f"{label}/plain"]
     out_console.print(table(f"decode tok/s (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps; ceiling "
                             f"= plain@{b} / full)", cols, body))
     cols = ["context", "full KV MiB", f"tova@{b} KV MiB", "full limit tok/s", "full / limit", f"tova@{b} limit tok/s",

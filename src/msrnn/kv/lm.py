@@ -115,14 +115,24 @@ class KVEvictionLM(HFCausalLM):
         self.monotone_state = storage == "naive"
         self.compile = compile
         self._compiled: Any = None
+        self.compile_fell_back = False  # torch.compile gave up (its recompile limit): the step runs eagerly
 
     def _forward_fn(self, state, tokens: int) -> Any:
         """The compiled forward for an in-place decode step when ``compile`` is on; the model otherwise."""
         if not (self.compile and tokens == 1 and all(layer.free is not None for layer in state.cache.layers)):
             return self.model
+        if self.compile_fell_back:
+            return self.model
         if self._compiled is None:
-            self._compiled = torch.compile(self.model.forward, dynamic=True)
+            self._compiled = _compiled_step(self.model.forward, self._on_fallback)
         return self._compiled
+
+    def _on_fallback(self, reason: str) -> None:
+        """torch.compile gave up on the step: say so once, and run the step eagerly from now on."""
+        if not self.compile_fell_back:
+            log.warning("torch.compile fell back to eager for this model's decode step (%s); steps now run eagerly, "
+                        "and compiled figures are eager ones", reason)
+        self.compile_fell_back = True
 
     def state_owner(self) -> str:
         """A bounded cache's stamp names its policy and modes: a plain or differently bounded cache is refused."""
@@ -147,6 +157,37 @@ class KVEvictionLM(HFCausalLM):
                 slot_bytes = slot_bytes // slots * layer.chunk_peak_slots
             total += slot_bytes + _layer_nbytes(layer)
         return total
+
+
+def _compiled_step(fn: Any, on_fallback: Any) -> Any:
+    """``torch.compile(fn, dynamic=True)`` that never falls back to eager silently.
+
+    Dynamo keeps up to ``recompile_limit`` (8) graphs per code object, shared by every model of a class, and then
+    runs eagerly without an error: after 8 compiled models in one process, "compiled" figures were eager ones. Where
+    torch offers it, each step compiles in an isolated region (its graphs count against no other model's limit), and
+    a limit that is hit raises inside Dynamo, which msrnn reports (``on_fallback``) before running the step eagerly.
+    """
+    import inspect
+
+    kwargs: dict[str, Any] = {"dynamic": True}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        kwargs["isolate_recompiles"] = True
+    compiled = torch.compile(fn, **kwargs)
+    config = torch._dynamo.config
+    failure = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
+    loud = failure is not None and hasattr(config, "fail_on_recompile_limit_hit")
+
+    def step(*args: Any, **kw: Any) -> Any:
+        if not loud:
+            return compiled(*args, **kw)
+        try:
+            with config.patch(fail_on_recompile_limit_hit=True):
+                return compiled(*args, **kw)
+        except failure as exc:  # raised before the frame runs: the state is untouched, run it eagerly
+            on_fallback(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'recompile limit'}")
+            return fn(*args, **kw)
+
+    return step
 
 
 def _slot_nbytes(layer) -> int:
