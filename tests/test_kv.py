@@ -116,9 +116,18 @@ def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeyp
         runs[reference] = (torch.cat(logits, 1), [(layer.kept_positions().clone(), layer.acc)
                                                   for layer in state.cache.layers])
     assert_close(f"{arch}/{attn}/{pid(policy)}", runs[True][0], runs[False][0], atol=1e-5)
+    swapped = 0
     for (pf, af), (pr, ar) in zip(runs[False][1], runs[True][1], strict=True):
-        assert torch.equal(pf, pr)
+        # The two paths sum a softmax in different orders, so a score tie at fp32 resolution (seen: a gap of 0.0 in
+        # the twin, 7e-9 in the fast path, per-head TOVA on GPT-2 under transformers 5.4) can be broken differently:
+        # at most one such swap per run, with the logits still equal above; a real difference in the rule would
+        # show up in many decisions and in the logits.
+        for f_row, r_row in zip(pf.flatten(0, 1), pr.flatten(0, 1), strict=True):
+            diff = set(f_row.tolist()) ^ set(r_row.tolist())
+            assert len(diff) in (0, 2), (f_row.tolist(), r_row.tolist())
+            swapped += len(diff) // 2
         assert (af is None) == (ar is None) and (af is None or torch.allclose(af, ar, atol=1e-5))
+    assert swapped <= 1, f"{swapped} kept slots differ between the fast path and its twin"
     prepare_model(model)
     gen = [model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                           **cache_kwargs(make_cache(model, make_policy(name, 11, **opts), reference=r), model))

@@ -5,6 +5,7 @@ attention sinks are honoured; `msrnn doctor` reports it all; folders never run c
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from msrnn.protocol import stream_logits
 # latent caches, local attention windows, recurrent layers).
 MUST_VERIFY = {"llama", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "gpt_neox", "gpt2", "mixtral", "starcoder2",
                "stablelm", "biogpt", "smollm3", "glm", "glm4", "cohere", "helium", "granite", "opt", "ernie4_5"}
-MUST_REFUSE = {"llama4_text": "chunked attention", "diffllama": "more than once per layer", "bloom": "ALiBi",
+# DiffLlama: on 5.25 it calls the attention function twice per layer; on 5.4 its attention bypasses the registry.
+MUST_REFUSE = {"llama4_text": "chunked attention", "diffllama": "more than once per layer|attention-function registry",
+               "bloom": "ALiBi",
                "mpt": "ALiBi", "deepseek_v2": "latent", "deepseek_v3": "latent", "gpt_neo": "local attention",
                "qwen3_next": "non-attention layers", "mistral": "sliding window"}
 ROLLING = {"smollm3": {"half", "none"}, "glm": {"interleaved"}, "cohere": {"interleaved"}, "helium": {"interleaved"},
@@ -51,7 +54,7 @@ def test_every_causal_lm_type_is_verified_or_refused_by_name():
         assert results[t].outcome == "verified", (t, results[t].reason)
     for t, reason in MUST_REFUSE.items():
         if t in built:
-            assert results[t].outcome == "refused" and reason in results[t].reason, (t, results[t].reason)
+            assert results[t].outcome == "refused" and re.search(reason, results[t].reason), (t, results[t].reason)
     for t, layouts in ROLLING.items():
         if t in built:
             assert results[t].rolling == f"yes ({', '.join(sorted(layouts))})", (t, results[t].rolling)
