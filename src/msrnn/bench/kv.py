@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from msrnn.bench.timing import DECODE_WARMUP, sync, timed_decode
 from msrnn.errors import ConfigError, MsrnnError
 from msrnn.kv.cache import check_storage, parse_prefill
 from msrnn.protocol import prefill
@@ -62,30 +63,6 @@ def _prefill(lm, ctx: int, vocab: int, chunk: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, ctx), generator=g)
     return prefill(lm, ids, chunk)[1]
-
-
-_WARMUP = 2  # untimed decode steps before each timed round
-
-
-def _sync(lm) -> None:
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.inference_mode()
-def _timed_decode(lm, state, steps: int, vocab: int) -> tuple[float, Any]:
-    """Seconds for ``steps`` single-token steps of the state's whole batch (after ``_WARMUP`` untimed ones), and the
-    state after them."""
-    tok = torch.zeros(state.batch_size, 1, dtype=torch.long)
-    for _ in range(_WARMUP):
-        _, state = lm.forward_chunk(tok, state)
-    _sync(lm)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        tok.fill_(i % vocab)
-        _, state = lm.forward_chunk(tok, state)
-    _sync(lm)
-    return time.perf_counter() - t0, state
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -144,7 +121,7 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
         for _ in range(cfg.rounds):
             for name, lm in variants.items():
                 # Decoding grows a full cache by `steps` (+2 warm-up) tokens per round: small next to `ctx`.
-                times[name].append(_timed_decode(lm, states[name], cfg.steps, vocab)[0] / cfg.steps)
+                times[name].append(timed_decode(lm, states[name], cfg.steps, vocab)[0] / cfg.steps)
         bandwidth.append(copy_bandwidth(device))
         row: dict[str, Any] = {"context": ctx}
         for name, lm in variants.items():
@@ -205,10 +182,10 @@ class KVPrefillBenchConfig:
 
 @torch.inference_mode()
 def _prefill_time(lm, ids: torch.Tensor, chunk: int) -> float:
-    _sync(lm)
+    sync(lm.device)
     t0 = time.perf_counter()
     prefill(lm, ids, chunk)
-    _sync(lm)
+    sync(lm.device)
     return time.perf_counter() - t0
 
 
@@ -300,7 +277,7 @@ def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: 
     bounded = apply_kv(full, settings)
     g = torch.Generator().manual_seed(0)
     probe_ids = torch.randint(0, vocab, (1, cfg.budget + cfg.bounded_chunk), generator=g)
-    held = cfg.context + _WARMUP + cfg.steps  # slots a full-cache sequence holds at its last decode step
+    held = cfg.context + DECODE_WARMUP + cfg.steps  # slots a full-cache sequence holds at its last decode step
     per_token = full.state_nbytes(prefill(full, probe_ids, cfg.prefill_chunk)[1]) / probe_ids.shape[1]
     # Bytes of one kept slot, from the chronological layout (exactly `budget` slots after a chunked prefill)...
     naive = apply_kv(full, replace(settings, storage="naive"))
@@ -327,7 +304,7 @@ def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: 
     for _ in range(cfg.rounds):
         for k, (lm, _chunk) in variants.items():
             # Every round decodes from a copy of the same prefilled state, so the peak stays known.
-            t, end = _timed_decode(lm, copy.deepcopy(states[k]), cfg.steps, vocab)
+            t, end = timed_decode(lm, copy.deepcopy(states[k]), cfg.steps, vocab)
             times[k].append(t)
             last_bytes[k] = lm.state_nbytes(end)
     rows = []

@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from msrnn.bench.timing import median_time
+from msrnn.bench.timing import median_time, timed_decode
 from msrnn.protocol import prefill
 from msrnn.supra.ops import chunked, log_decay, naive_recurrent
 
@@ -54,17 +53,11 @@ def bench_decode(model: Any, positions: list[int], steps: int = 32, rounds: int 
         g = torch.Generator().manual_seed(pos)
         ids = torch.randint(0, vocab, (1, pos), generator=g)
         states[pos] = prefill(lm, ids, prefill_chunk)[1]
-    tok = torch.zeros(1, 1, dtype=torch.long)
     times: dict[int, list[float]] = {p: [] for p in positions}
     for _ in range(rounds):  # interleaved so both positions see the same machine conditions
         for pos in positions:
-            state = states[pos]
-            t0 = time.perf_counter()
-            for i in range(steps):
-                tok.fill_(i % vocab)
-                _, state = lm.forward_chunk(tok, state)
-            times[pos].append((time.perf_counter() - t0) / steps)
-            states[pos] = state
+            seconds, states[pos] = timed_decode(lm, states[pos], steps, vocab)  # warm-up and CUDA sync included
+            times[pos].append(seconds / steps)
     rows = [{"position": p, "ms/token": 1e3 * statistics.median(times[p]), "state bytes": lm.state_nbytes(states[p])}
             for p in positions]
     return {"rows": rows, "ratio_last_first": rows[-1]["ms/token"] / rows[0]["ms/token"]}

@@ -1,4 +1,5 @@
-"""Timing and memory helpers shared by the benchmarks (medians of repeated runs, peak RSS in a fresh process)."""
+"""Timing and memory helpers shared by the benchmarks: medians of repeated runs and timed decode steps (both with
+warm-up and, on a GPU, a CUDA sync around the clock), and peak RSS in a fresh process."""
 
 from __future__ import annotations
 
@@ -8,17 +9,48 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
+
+import torch
+
+DECODE_WARMUP = 2  # untimed decode steps before each timed round
 
 
-def median_time(fn: Callable[[], object], rounds: int) -> float:
-    """Median seconds of ``rounds`` calls after one warm-up call."""
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued CUDA work (a GPU's kernels run asynchronously: the clock must not stop before they finish)."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], rounds: int, device: torch.device | str | None = "cpu") -> float:
+    """Median seconds of ``rounds`` calls after one warm-up call (synchronised on a CUDA ``device``)."""
     fn()
     times = []
     for _ in range(rounds):
+        sync(device)
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@torch.inference_mode()
+def timed_decode(lm: Any, state: Any, steps: int, vocab: int) -> tuple[float, Any]:
+    """Seconds for ``steps`` single-token steps of the state's whole batch (after ``DECODE_WARMUP`` untimed ones,
+    synchronised on a GPU), and the state after them. Every decode benchmark times through this."""
+    batch = getattr(state, "batch_size", 1)
+    tok = torch.zeros(batch, 1, dtype=torch.long)
+    for _ in range(DECODE_WARMUP):
+        _, state = lm.forward_chunk(tok, state)
+    device = getattr(lm, "device", None)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        tok.fill_(i % vocab)
+        _, state = lm.forward_chunk(tok, state)
+    sync(device)
+    return time.perf_counter() - t0, state
 
 
 def peak_rss_mib(code: str, timeout: float = 600) -> float:
