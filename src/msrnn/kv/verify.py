@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from msrnn.errors import ModelLoadError
+from msrnn.errors import ModelLoadError, one_line
 from msrnn.kv.rope import Rotation, rotary_buffers
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,8 @@ def _run_checks(plain: Any, twin: Any, base: str, verdict: Verdict) -> None:
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - any error inside a check is that check failing
-            verdict.checks[name] = f"failed: {type(exc).__name__}: {_one_line(exc)}"
-            raise CheckFailed(f"{name}: {type(exc).__name__}: {_one_line(exc)}") from exc
+            verdict.checks[name] = f"failed: {type(exc).__name__}: {one_line(exc, 300)}"
+            raise CheckFailed(f"{name}: {type(exc).__name__}: {one_line(exc, 300)}") from exc
         verdict.checks.setdefault(name, "ok")
 
     with torch.no_grad():
@@ -312,7 +312,7 @@ def _run_checks(plain: Any, twin: Any, base: str, verdict: Verdict) -> None:
             ref = plain(ids).logits
         except Exception as exc:  # noqa: BLE001 - the twin itself does not run: nothing can be verified
             raise TwinError(f"msrnn could not run a tiny twin of this {verdict.model_type} model to verify it "
-                            f"({type(exc).__name__}: {_one_line(exc)})") from exc
+                            f"({type(exc).__name__}: {one_line(exc, 300)})") from exc
         _prepare(twin, base)
 
         def registry() -> None:
@@ -468,11 +468,6 @@ def _registry_reason(model: Any) -> str:
             "msrnn cannot evict inside it")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
-
-
 # --------------------------------------------------------------------------- verdicts, cached
 _MEMORY: dict[str, Verdict] = {}
 _VERIFYING: contextvars.ContextVar[bool] = contextvars.ContextVar("msrnn_verifying", default=False)
@@ -516,7 +511,7 @@ def verdict_for(model: Any, use_cache: bool = True) -> Verdict:
         tiny_cfg, mapping = twin_config(model.config)
     except Exception as exc:  # noqa: BLE001 - a config msrnn cannot shrink is reported as such
         tiny_cfg, mapping = None, []
-        build_error = f"{type(exc).__name__}: {_one_line(exc)}"
+        build_error = f"{type(exc).__name__}: {one_line(exc, 300)}"
     key, versions = _cache_key(model, tiny_cfg or model.config, base)
     if use_cache and key in _MEMORY:
         return _MEMORY[key]
@@ -545,7 +540,7 @@ def _verify_twin(model: Any, tiny_cfg: Any, mapping: list[int], base: str, verdi
         plain = build_twin(cls, tiny_cfg)
     except Exception as exc:  # noqa: BLE001
         verdict.reason = (f"msrnn could not build a tiny twin of this {verdict.model_type} model to verify it "
-                          f"({type(exc).__name__}: {_one_line(exc)})")
+                          f"({type(exc).__name__}: {one_line(exc, 300)})")
         return
     finally:
         torch.random.set_rng_state(state)
@@ -696,13 +691,13 @@ def check_architecture(model_type: str) -> ArchitectureResult:
     try:
         model = tiny_of_type(model_type)
     except Exception as exc:  # noqa: BLE001 - a config that cannot be built tiny is reported, not verified
-        return ArchitectureResult(model_type, cls_name, "not built", f"{type(exc).__name__}: {_one_line(exc)}"[:160],
-                                  seconds=round(time.perf_counter() - start, 2))
+        why = f"{type(exc).__name__}: {one_line(exc, 140)}"
+        return ArchitectureResult(model_type, cls_name, "not built", why, seconds=round(time.perf_counter() - start, 2))
     try:
         check_supported(model)
         verdict = verdict_for(model)
     except ModelLoadError as exc:
-        return ArchitectureResult(model_type, type(model).__name__, "refused", _one_line(exc),
+        return ArchitectureResult(model_type, type(model).__name__, "refused", one_line(exc, 300),
                                   seconds=round(time.perf_counter() - start, 2))
     if not verdict.ok:
         return ArchitectureResult(model_type, type(model).__name__, "refused", verdict.reason or "",
