@@ -29,10 +29,6 @@ class Row:
     check: str
     result: str  # "ok", "failed: ...", "refused: ...", "not run: ..."
 
-    @property
-    def ok(self) -> bool:
-        return self.result.startswith("ok") or self.result.startswith("not run")
-
 
 def version_rows() -> list[Row]:
     import transformers
@@ -86,7 +82,6 @@ def model_from_config_source(source: str) -> Any:
     """A randomly initialised model of the class and config a model folder (or hub name) names: verification needs
     only the config, never the weights, and never runs code from the folder."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from msrnn.models.loading import reject_remote_code
 
@@ -95,15 +90,11 @@ def model_from_config_source(source: str) -> Any:
         cfg = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read a config from {source}: {str(exc).splitlines()[0]}") from exc
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg), None)
-    if cls is None:
-        raise ModelLoadError(f"{source}: transformers has no causal-LM class for model type {cfg.model_type!r}")
-    from msrnn.kv.verify import build_twin, twin_config
+    from msrnn.kv.verify import tiny_of_config
 
-    tiny, _ = twin_config(cfg)
     try:
-        twin = build_twin(cls, tiny)
-    except Exception as exc:  # noqa: BLE001 - TwinError or the model's own error
+        twin = tiny_of_config(cfg)
+    except Exception as exc:  # noqa: BLE001 - no causal-LM class, TwinError or the model's own error
         raise ModelLoadError(f"{source}: msrnn cannot build a tiny {cfg.model_type} to verify ({exc})") from exc
     return _with_config(twin, cfg)
 

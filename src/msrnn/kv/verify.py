@@ -662,15 +662,22 @@ def build_twin(cls: type, tiny_cfg: Any) -> Any:
     return cls(tiny_cfg).float().eval()
 
 
-def tiny_of_type(model_type: str) -> Any:
-    """A tiny random causal LM of ``model_type`` built from its default config, shrunk as a twin would be."""
-    from transformers import AutoConfig
+def tiny_of_config(config: Any) -> Any:
+    """A tiny random model of the causal-LM class transformers maps ``config`` to, shrunk as a twin would be."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    cfg = AutoConfig.for_model(model_type)
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
-    tiny, _ = twin_config(cfg)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if cls is None:
+        raise ModelLoadError(f"transformers has no causal-LM class for model type {config.model_type!r}")
+    tiny, _ = twin_config(config)
     return build_twin(cls, tiny)
+
+
+def tiny_of_type(model_type: str) -> Any:
+    """A tiny random causal LM of ``model_type`` built from its default config."""
+    from transformers import AutoConfig
+
+    return tiny_of_config(AutoConfig.for_model(model_type))
 
 
 def causal_lm_types() -> list[str]:
