@@ -66,7 +66,7 @@ def check_kv(device: str, quick: bool) -> None:
         policy = KVSettings.from_spec(spec, budget).make_policy()
         runs = {}
         for reference in (False, True):
-            cache = make_cache(model, policy, reference=reference)
+            cache = make_cache(model, policy, ref=reference)
             with torch.inference_mode():
                 logits = [model(input_ids=x[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True,
                                 **cache_kwargs(cache, model)).logits.float()
@@ -76,7 +76,7 @@ def check_kv(device: str, quick: bool) -> None:
         err = (runs[False][0] - runs[True][0]).abs().max().item()
         with torch.inference_mode():
             gen = [model.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                  **cache_kwargs(make_cache(model, policy, reference=r), model)) for r in (False, True)]
+                                  **cache_kwargs(make_cache(model, policy, ref=r), model)) for r in (False, True)]
         same_gen = torch.equal(gen[0], gen[1])
         # Both paths attend the same kept slots in bf16, so the logits agree to bf16 rounding of the attention.
         record(f"kv bf16 sdpa fast exact == readable twin [{spec}]", kept and same_gen and err < 5e-2,

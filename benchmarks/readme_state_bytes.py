@@ -133,20 +133,21 @@ def _supra() -> str:
 
 @cache
 def _fit(family: str, budget: int) -> tuple[dict[str, int], int]:
-    from msrnn.build import BuildConfig, fit
+    from msrnn.build import fit
 
-    sizing, nbytes = fit(family, _small(), budget, BuildConfig())
-    return sizing, nbytes
+    knobs, nbytes = fit(family, _small(), budget)
+    return knobs.sizing(), nbytes
 
 
 @cache
 def _slots(policy: str, budget: int) -> tuple[int, int]:
-    from msrnn.bench.costs import Arch
-    from msrnn.compare import fit_slots
-    from msrnn.models import HFCausalLM
+    from msrnn.build import fit
+    from msrnn.compare import KV_PREFILL
+    from msrnn.families import FAMILIES
 
-    base = HFCausalLM(_small())
-    return fit_slots(base, policy, budget, Arch.from_config(base.model.config).kv_bytes_per_slot())
+    kv = FAMILIES.get("kv")
+    knobs, nbytes = fit(kv.name, _small(), budget, kv.knobs(policy=policy, prefill=KV_PREFILL))
+    return knobs.budget, nbytes
 
 
 def _fit_figures() -> list[Figure]:

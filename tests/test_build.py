@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from helpers import tiny
 
-from msrnn.build import BuildConfig, _as_lm, fit, make_model, size_for_budget
+from msrnn.build import BuildConfig, fit, make_model, size_for_state_bytes
 from msrnn.cli.main import main
 from msrnn.errors import ConfigError
+from msrnn.families import FAMILIES
 from msrnn.protocol import measure_state_bytes
 
 BUDGETS = [8192, 20000]
@@ -20,30 +21,31 @@ KNOB = {"supra": ("feature_dim", 2), "bst": ("block_size", 8), "rmt": ("segment_
 def test_sizing_is_the_largest_that_fits_measured(family):
     base = tiny("llama", seed=1)
     cfg = BuildConfig(seq_len=64)
+    spec = FAMILIES.get(family)
     for budget in BUDGETS:
-        sizing, nbytes = fit(family, base, budget, cfg)
-        assert sizing is not None
-        span = sizing.get("block_size", sizing.get("segment_length", 8))
+        knobs, nbytes = fit(family, base, budget, cfg.options(family))
+        assert knobs is not None
+        span = spec.probe(knobs)[0]
 
-        def measured(sz, span=span):
-            lm = _as_lm(family, make_model(family, base, sz, cfg).eval())
-            return measure_state_bytes(lm, tokens=3 * span + 40)
+        def measured(kn, span=span):
+            lm = spec.as_lm(make_model(family, base, kn, cfg).eval())
+            return measure_state_bytes(lm, tokens=2 * span)
 
-        assert measured(sizing) == nbytes <= budget  # a longer probe finds no larger peak
+        assert measured(knobs) == nbytes <= budget  # a longer probe finds no larger peak
         knob, step = KNOB[family]
-        assert measured({**sizing, knob: sizing[knob] + step}) > budget  # one step larger does not fit
+        assert measured(knobs.replace(**{knob: getattr(knobs, knob) + step})) > budget  # one step larger won't fit
 
 
 def test_sizes_that_cannot_fit_and_bad_configs():
     base = tiny("llama", seed=1)
-    assert size_for_budget("rmt", base.config, 600) is None  # not even 2 memory tokens and an 8-token segment
-    assert size_for_budget("bst", base.config, 600) is None
+    assert size_for_state_bytes("rmt", base.config, 600) is None  # not even 2 memory tokens and an 8-token segment
+    assert size_for_state_bytes("bst", base.config, 600) is None
     with pytest.raises(ConfigError, match="cannot build lstm"):
         BuildConfig(families=("lstm",))
     with pytest.raises(ConfigError, match="less than one batch"):
         BuildConfig(train_tokens=10)
     with pytest.raises(ConfigError, match="bounded variant"):
-        BuildConfig(bst_variant="full")
+        BuildConfig(knobs={"bst": {"variant": "full"}})
 
 
 def _compare_argv(tmp_path, corpus, tokenizer, *settings: str) -> list[str]:
@@ -89,15 +91,15 @@ def test_compare_build_equal_tokens_cached_and_reported(tmp_path, tiny_corpus, t
 @pytest.mark.parametrize("variant", ["mh", "mf", "slide"])
 def test_bst_variants_are_sized_as_large_as_fits(variant):
     base = tiny("llama", seed=1)
-    cfg = BuildConfig(seq_len=64, bst_variant=variant)
-    sizing, nbytes = fit("bst", base, 20000, cfg)
-    W = sizing["block_size"]
-    bigger = make_model("bst", base, {**sizing, "block_size": W + 8}, cfg).eval()
-    assert nbytes <= 20000 < measure_state_bytes(_as_lm("bst", bigger), tokens=3 * W + 64)
+    cfg = BuildConfig(seq_len=64, knobs={"bst": {"variant": variant}})
+    knobs, nbytes = fit("bst", base, 20000, cfg.options("bst"))
+    W = knobs.block_size
+    bigger = make_model("bst", base, knobs.replace(block_size=W + 8), cfg).eval()
+    assert nbytes <= 20000 < measure_state_bytes(FAMILIES.get("bst").as_lm(bigger), tokens=3 * W + 64)
 
 
 def test_task_tune_schedule_is_by_steps_and_equal_for_everyone():
-    from msrnn.tasks.finetune import TaskTuneConfig
+    from msrnn.train.tasks import TaskTuneConfig
 
     cfg = TaskTuneConfig(max_segments=4, steps=10, batch_size=3, segment_length=50)
     stages = [cfg.segments_at(s) for s in range(10)]

@@ -53,7 +53,8 @@ def test_state_bytes_match_the_implementations():
                         num_key_value_heads=2, intermediate_size=96, block_size=16, state_size=8, ssm_layers=[1])
         bst = BSTLM(BSTForCausalLM(cfg).eval())
         _, st = bst.forward_chunk(x[:, :47], bst.init_state(1))  # 2 blocks + 15 tokens: the peak
-        assert bst.state_nbytes(st) == costs(Arch.from_config(cfg), "bst", 47, block=16, ssm_state=8)["state_bytes"]
+        bst_cost = costs(Arch.from_config(cfg), "bst", 47, block_size=16, state_size=8)
+        assert bst.state_nbytes(st) == bst_cost["state_bytes"]
 
 
 def test_cli_costs(tmp_path, capsys):

@@ -349,7 +349,7 @@ def test_api_refusals():
         with pytest.raises(ConfigError, match="positive number of bytes"):
             build("rmt", "unused", budget, BuildConfig())
         with pytest.raises(ConfigError, match="positive number of bytes"):
-            fit("rmt", tiny("llama"), budget, BuildConfig())
+            fit("rmt", tiny("llama"), budget)
     with pytest.raises(ConfigError, match="budget must be an integer"):
         make_policy("tova", True)
     with pytest.raises(ConfigError, match="sinks is an integer"):

@@ -75,7 +75,7 @@ def test_causal_first_chunk_equals_its_masked_twin(arch, prefill, budget, policy
     x = torch.randint(1, V, (1, 53), generator=torch.Generator().manual_seed(8))
     runs = {}
     for reference in (False, True):
-        lm = KVEvictionLM(model, make_policy(name, budget, **opts), prefill=prefill, reference=reference)
+        lm = KVEvictionLM(model, make_policy(name, budget, **opts), prefill=prefill, ref=reference)
         state, logits = lm.init_state(1), []
         with torch.no_grad():
             for lo, hi in ((0, 37), (37, 53)):
@@ -106,7 +106,7 @@ def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeyp
     x[1, :9], mask[1, :9] = 0, 0  # row 1 is left-padded: padding slots are evicted first
     runs = {}
     for reference in (False, True):
-        lm = KVEvictionLM(model, make_policy(name, 11, **opts), reference=reference)
+        lm = KVEvictionLM(model, make_policy(name, 11, **opts), ref=reference)
         state, logits = lm.init_state(2), []
         with torch.no_grad():
             for lo, hi in ((0, 23), (23, 24), (24, 40), (40, 53)):
@@ -130,7 +130,7 @@ def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeyp
     assert swapped <= 1, f"{swapped} kept slots differ between the fast path and its twin"
     prepare_model(model)
     gen = [model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                          **cache_kwargs(make_cache(model, make_policy(name, 11, **opts), reference=r), model))
+                          **cache_kwargs(make_cache(model, make_policy(name, 11, **opts), ref=r), model))
            for r in (False, True)]
     assert torch.equal(gen[0], gen[1])
 

@@ -153,7 +153,7 @@ def test_kv_prefill_bench_and_cli(task_model_dir, tmp_path, capsys):
     from msrnn.cli.main import main
 
     res = run_kv_prefill_bench(tiny("llama"), KVPrefillBenchConfig(tokens=40, chunk=9, budget=8, policies=["tova"],
-                                                                   rounds=2, reference=True))
+                                                                   rounds=2, ref=True))
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"full", "tova@8 exact", "tova@8 chunked:64", "tova@8 oneshot", "tova@8 exact (reference twin)"}
     assert rows["full"]["vs full"] == 1.0 and rows["tova@8 exact (reference twin)"]["rounds"] == 1

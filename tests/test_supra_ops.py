@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 
 from msrnn.errors import ConfigError
-from msrnn.supra import chunked, log_decay, naive_recurrent, recurrent_step
+from msrnn.supra import chunked, chunked_ref, log_decay, recurrent_step
 
 
 def inputs(B=2, H=3, T=63, Dk=60, Dv=60, seed=0, requires_grad=False):
@@ -37,7 +37,7 @@ def masked_parallel(q, k, v, lg, scale, s0):
 def test_chunked_equals_naive_with_carried_state(decay, chunk):
     q, k, v, s0 = inputs()
     lg = log_decay(3, decay)
-    o_ref, s_ref = naive_recurrent(q, k, v, lg, initial_state=s0)
+    o_ref, s_ref = chunked_ref(q, k, v, lg, initial_state=s0)
     o, s = chunked(q, k, v, lg, initial_state=s0, chunk_size=chunk)
     assert_close(f"o[{decay},{chunk}]", o_ref, o, atol=1e-5, rtol=1e-5)
     assert_close(f"state[{decay},{chunk}]", s_ref, s, atol=1e-4, rtol=1e-5)
@@ -64,7 +64,7 @@ def test_gradients_agree():
     q, k, v, s0 = inputs(T=63, requires_grad=True)
     lg = log_decay(3)
     grads = []
-    for fn in (lambda: naive_recurrent(q, k, v, lg, initial_state=s0),
+    for fn in (lambda: chunked_ref(q, k, v, lg, initial_state=s0),
                lambda: chunked(q, k, v, lg, initial_state=s0, chunk_size=16)):
         o, s = fn()
         loss = (o * torch.linspace(-1, 1, o.shape[-1])).sum() + (s * 0.3).sum()
@@ -106,7 +106,7 @@ def test_several_blocks_equal_naive_outputs_state_and_gradients():
     q, k, v, s0 = inputs(T=63, requires_grad=True)
     lg = log_decay(3)
     results = []
-    for fn in (lambda: naive_recurrent(q, k, v, lg, initial_state=s0),
+    for fn in (lambda: chunked_ref(q, k, v, lg, initial_state=s0),
                lambda: chunked(q, k, v, lg, initial_state=s0, chunk_size=8, block_chunks=2)):
         o, s = fn()
         loss = (o * torch.linspace(-1, 1, o.shape[-1])).sum() + (s * 0.3).sum()
@@ -123,7 +123,7 @@ def test_feature_width_differs_from_value_width():
     q, k, v, s0 = inputs(T=63, Dk=24, Dv=60, requires_grad=True)
     lg = log_decay(3)
     results = []
-    for fn in (lambda: naive_recurrent(q, k, v, lg, initial_state=s0),
+    for fn in (lambda: chunked_ref(q, k, v, lg, initial_state=s0),
                lambda: chunked(q, k, v, lg, initial_state=s0, chunk_size=16)):
         o, s = fn()
         loss = (o * torch.linspace(-1, 1, o.shape[-1])).sum() + (s * 0.3).sum()

@@ -76,13 +76,15 @@ def test_curriculum_advances_on_threshold_and_budget_and_stops_at_max():
 
 
 def test_train_task_runs_the_curriculum_and_resumes_it(tmp_path, task_tokenizer):
-    from msrnn.tasks.rmt_training import TaskTrainConfig, train_task
+    from msrnn.families import FAMILIES
     from msrnn.train import TrainConfig
+    from msrnn.train.tasks import TaskTrainConfig, train_task
 
     def run(steps, resume):
         w = MemoryWrapper.wrap(tiny("llama", seed=1), num_memory_tokens=2, segment_length=96)
         cfg = TrainConfig(max_steps=steps, eval_every=2, save_every=2, warmup_steps=1, lr=1e-3)
-        return train_task(w, task_tokenizer, TaskTrainConfig(task="memorize", batch_size=2, val_samples=4),
+        return train_task(w, task_tokenizer, FAMILIES.get("rmt"),
+                          TaskTrainConfig(task="memorize", batch_size=2, val_samples=4),
                           CurriculumConfig(max_segments=3, stage_steps=1), cfg, tmp_path / "rmt", {},
                           resume=resume, progress=False)
 

@@ -2,8 +2,7 @@
 
 from msrnn.errors import MsrnnError
 from msrnn.protocol import StatefulLM, stream_logits, tensor_nbytes
-
-__version__ = "0.1.0"
+from msrnn.version import __version__
 
 
 def register_models() -> None:

@@ -85,7 +85,7 @@ class CompareConfig:
 
     def task_tune_config(self) -> Any:
         """The task fine-tuning settings this comparison implies."""
-        from msrnn.tasks.finetune import TaskTuneConfig
+        from msrnn.train.tasks import TaskTuneConfig
 
         return TaskTuneConfig(task=self.task, segment_length=self.segment_length, steps=self.task_steps)
 
@@ -120,6 +120,15 @@ class Entry:
     state_bytes: int | None = None  # the peak measured when the entry was planned
     sizing: dict[str, int] | None = None  # a built model's size knobs
 
+    def knobs(self) -> Any:
+        """The entry's family knobs where its family is applied to the model rather than saved with it (KV: the
+        policy at ``slots``, prefilled exactly), else None."""
+        from msrnn.families import FAMILIES
+
+        if self.policy is None:
+            return None
+        return FAMILIES.get(self.family).knobs(policy=self.policy, budget=self.slots, prefill=KV_PREFILL)
+
 
 def _tokenizer_id(tok: Any) -> str:
     return hashlib.sha1(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
@@ -128,13 +137,14 @@ def _tokenizer_id(tok: Any) -> str:
 def plan(cfg: CompareConfig, progress: bool = True) -> tuple[list[Entry], list[str]]:
     """The entries to evaluate (the full cache, KV policies at each budget and at each given model's bytes, the
     given models, and the models built at each budget) and notes on what could not be planned."""
-    from msrnn.bench.costs import Arch
+    from msrnn.build import fit
+    from msrnn.families import FAMILIES
     from msrnn.models import load_lm
     from msrnn.models.loading import family_of
 
     base = load_lm(cfg.base)
-    per_slot = Arch.from_config(base.model.config).kv_bytes_per_slot()
-    entries, notes = [Entry("full", "full", cfg.base)], []
+    full, kv = FAMILIES.get("hf"), FAMILIES.get("kv")
+    entries, notes = [Entry(full.cost_label, full.cost_label, cfg.base)], []
     budgets = {b: f"{b}" for b in cfg.budgets}
 
     def add_model(path: str, name: str, budget: int | None = None, sizing: dict[str, int] | None = None) -> int:
@@ -164,11 +174,11 @@ def plan(cfg: CompareConfig, progress: bool = True) -> tuple[list[Entry], list[s
                 add_model(str(path), f"{family}@{b}", budget=b, sizing=sizing)
     for b in sorted(budgets):
         for p in cfg.policies:
-            slots, nbytes = fit_slots(base, p, b, per_slot)
-            if slots < 8:
+            knobs, nbytes = fit(kv.name, base.model, b, kv.knobs(policy=p, prefill=KV_PREFILL))
+            if knobs is None:
                 notes.append(f"kv:{p} skipped at {b:,} bytes: fewer than 8 slots per layer fit")
                 continue  # fewer than 8 slots per layer is not a meaningful cache
-            entries.append(Entry(f"kv:{p}@{b}", "kv", cfg.base, policy=p, slots=slots, budget_bytes=b,
+            entries.append(Entry(f"kv:{p}@{b}", kv.name, cfg.base, policy=p, slots=knobs.budget, budget_bytes=b,
                                  state_bytes=nbytes))
     if cfg.task_steps:
         entries += _task_tuned(cfg, entries, progress)
@@ -181,41 +191,27 @@ def _task_tuned(cfg: CompareConfig, entries: list[Entry], progress: bool) -> lis
     from msrnn.build import build_task
 
     tune = cfg.task_tune_config()
-    tuned_base = str(build_task("kv", cfg.base, tune, progress=progress))
+    tuned: dict[tuple[str, str], str] = {}  # (family, base) -> the tuned model: the base once for every policy
     out = []
     for e in entries:
-        if e.family == "kv" and e.model == cfg.base:
-            out.append(Entry(**{**asdict(e), "name": f"{e.name}+{cfg.task}", "model": tuned_base}))
+        if e.knobs() is not None and e.model == cfg.base:  # a family applied to the base model: tune the base
+            key = (e.family, e.model)
+            if key not in tuned:
+                tuned[key] = str(build_task(e.family, cfg.base, tune, progress=progress))
+            out.append(Entry(**{**asdict(e), "name": f"{e.name}+{cfg.task}", "model": tuned[key]}))
         elif e.sizing:
             model = str(build_task(e.family, e.model, tune, progress=progress))
             out.append(Entry(**{**asdict(e), "name": f"{e.name}+{cfg.task}", "model": model}))
     return out
 
 
-def fit_slots(base: Any, policy: str, budget: int, per_slot: int) -> tuple[int, int]:
-    """(slots, measured bytes): the most KV slots whose measured state (keys, values and the policy's
-    bookkeeping) fits ``budget``, at every offset (exact prefill: see ``KV_PREFILL``)."""
-    from msrnn.kv import KVSettings, apply_kv
-
-    slots = budget // per_slot
-    while slots >= 8:
-        nbytes = measure_state_bytes(apply_kv(base, KVSettings(policy, int(slots), prefill=KV_PREFILL)),
-                                     tokens=4 * slots + 64, chunk=7)
-        if nbytes <= budget:
-            return int(slots), nbytes
-        slots -= 1
-    return int(slots), 0
-
-
 def _load(entry: Entry) -> Any:
+    """The entry's model, bound by its family's knobs where the family is applied to a loaded model (KV)."""
+    from msrnn.families import FAMILIES
     from msrnn.models import load_lm
 
-    lm = load_lm(entry.model)
-    if entry.family == "kv":
-        from msrnn.kv import KVSettings, apply_kv
-
-        lm = apply_kv(lm, KVSettings(entry.policy, entry.slots, prefill=KV_PREFILL))
-    return lm
+    lm, knobs = load_lm(entry.model), entry.knobs()
+    return lm if knobs is None else FAMILIES.get(entry.family).apply(lm, knobs)
 
 
 def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[str, Any]:
@@ -243,12 +239,13 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
     prof = stream_bench(lm, cfg.profile_tokens, chunk=chunk, samples=8)
     out["profile"] = [{"tokens": r["tokens"], "state_bytes": r["state_bytes"], "rss_mib": r["rss_mib"],
                        "tokens_per_s": chunk / max(r["ms_per_chunk"] / 1e3, 1e-9)} for r in prof["rows"]]
+    from msrnn.families import lm_family
     from msrnn.models.loading import read_meta
 
     # msrnn.json names the task for models msrnn trained; an RMT's own config names it too (saved by hand or
     # elsewhere)
     trained_task = (read_meta(Path(entry.model)).get("task") if Path(entry.model).is_dir() else None) or \
-        getattr(getattr(getattr(lm, "wrapper", None), "config", None), "task", None)
+        lm_family(lm).trained_task(lm)[0]
     if cfg.task:
         from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
         from msrnn.tasks import TaskGenerator, noise_sentences

@@ -5,9 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from msrnn.families import FAMILIES
 from msrnn.io import atomic_file
 
-MARKERS = {"full": "*", "supra": "s", "bst": "D", "rmt": "^", "hf": "x"}
+
+def _spec(e: dict[str, Any]) -> Any:
+    return FAMILIES.get(e["family"])
+
+
+def _reference(e: dict[str, Any]) -> bool:
+    """The comparison's unbounded reference: the entry named by the reference family's cost label (``full``)."""
+    return _spec(e).reference and e["family"] == _spec(e).cost_label
 
 
 def _tuned(e: dict[str, Any]) -> bool:
@@ -22,10 +30,9 @@ def _series(entries: list[dict[str, Any]], tuned: bool = False) -> dict[str, lis
     for e in entries:
         if _tuned(e) != tuned:
             continue
-        if e["family"] == "kv":
-            out.setdefault(f"kv {e['policy']}", []).append(e)
-        elif e.get("sizing"):
-            out.setdefault(f"{e['family']} (built)", []).append(e)
+        series = _spec(e).series(e)
+        if series is not None:
+            out.setdefault(series, []).append(e)
     return out
 
 
@@ -37,13 +44,14 @@ def _plot_ppl_vs_state(entries: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for label, series in _series(entries).items():
         pts = sorted((e["state_bytes"], e["ppl"]) for e in series)
-        style = {"lw": 1, "ms": 3, "marker": "o"} if label.startswith("kv") else \
-            {"lw": 2, "ms": 7, "marker": MARKERS.get(series[0]["family"], "x")}
+        applied = series[0].get("policy") is not None  # a policy applied at many budgets: a thin line
+        style = {"lw": 1, "ms": 3, "marker": "o"} if applied else \
+            {"lw": 2, "ms": 7, "marker": _spec(series[0]).marker}
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
     for e in entries:
-        if e["family"] != "kv" and not e.get("sizing") and not _tuned(e):
-            ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=MARKERS.get(e["family"], "x"), s=60, zorder=3,
-                       label=e["name"], color="black" if e["family"] == "full" else None)
+        if _spec(e).series(e) is None and not _tuned(e):
+            ax.scatter(max(e["state_bytes"], 1), e["ppl"], marker=_spec(e).marker, s=60, zorder=3,
+                       label=e["name"], color="black" if _reference(e) else None)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("state bytes per sequence (largest held at any offset)")
@@ -56,7 +64,7 @@ def _plot_ppl_vs_state(entries: list[dict[str, Any]], path: Path) -> None:
 
 def _shown(e: dict[str, Any]) -> bool:
     """Entries drawn in the per-position and speed plots (all KV policies would crowd them: TOVA stands in)."""
-    return e["family"] != "kv" or e["policy"] == "tova"
+    return _spec(e).shown(e)
 
 
 def _plot_position(entries: list[dict[str, Any]], path: Path) -> None:

@@ -7,7 +7,7 @@
 * ``--architectures``: every causal-LM type the installed transformers ships, verified or refused with its reason
   (:func:`msrnn.kv.verify.check_architecture`).
 
-Nothing here branches on a family name: the families come from :data:`msrnn.families.FAMILIES` and their hooks.
+Nothing here branches on a family name: the families come from :data:`msrnn.families.FAMILIES` and their specs.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class Row:
 def version_rows() -> list[Row]:
     import transformers
 
-    from msrnn import __version__
     from msrnn.compat import CONTRACTS, TRANSFORMERS_RANGE, TRANSFORMERS_TESTED
+    from msrnn.version import __version__
 
     rows = [Row("versions", "msrnn", __version__), Row("versions", "torch", torch.__version__),
             Row("versions", "transformers", f"{transformers.__version__} (declared {TRANSFORMERS_RANGE}, newest "

@@ -71,8 +71,17 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_file(path) as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
+        json.dump(obj, fh, indent=2, sort_keys=True, default=json_form)
         fh.write("\n")
+
+
+def json_form(obj: Any) -> Any:
+    """The JSON form of an object that defines one (``to_json``: typed benchmark rows); anything else is refused,
+    as ``json`` would."""
+    to_json = getattr(obj, "to_json", None)
+    if callable(to_json):
+        return to_json()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,11 @@ from msrnn.errors import ConfigError
 
 @runtime_checkable
 class StatefulLM(Protocol):
-    """A language model driven chunk by chunk with an explicit state."""
+    """A language model driven chunk by chunk with an explicit state.
+
+    msrnn's adapters also name their family (``family = "supra"``): callers that need a family-specific answer ask
+    that family's spec (:func:`msrnn.families.lm_family`); an adapter written elsewhere that names none is driven
+    as a plain streaming model."""
 
     vocab_size: int
 

@@ -82,6 +82,8 @@ def print_json(obj: Any) -> None:
 
 
 def _default(o: Any) -> Any:
+    if callable(getattr(o, "to_json", None)):  # typed benchmark rows
+        return o.to_json()
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)

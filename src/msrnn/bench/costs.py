@@ -1,16 +1,16 @@
 """Analytic forward FLOPs and state bytes versus stream length, for every family, from one model config.
 
 Counts matmul FLOPs (2 per multiply-add) of a Llama-style decoder processing a stream of L tokens, and the bytes
-of state it carries at the end. Families:
+of state it carries at the end. Each family's spec (``msrnn.families``) owns its formula and its typed knobs:
 
 * ``full``  -- softmax attention with the whole KV cache: attention FLOPs grow as L^2, state as L;
-* ``kv``    -- KV eviction at ``budget`` slots per layer (TOVA adds one probability row per token);
+* ``kv``    -- KV eviction at ``budget`` slots per layer (a policy that scores from attention adds one row per token);
 * ``supra`` -- linear attention: phi maps plus a [H, F, d] fp32 state per layer (constant; F = feature_dim,
                default d);
-* ``bst``   -- Block-State Transformer: FFT SSM over the stream + attention inside blocks of ``block`` tokens
-               and to ``block`` context states; state = SSM states + the current block's keys/values;
-* ``rmt``   -- Recurrent Memory Transformer: full attention inside segments of ``segment`` tokens plus
-               2 * ``memory`` memory slots; state = the memory vectors.
+* ``bst``   -- Block-State Transformer: FFT SSM over the stream + attention inside blocks of ``block_size`` tokens
+               and to ``block_size`` context states; state = SSM states + the current block's keys/values;
+* ``rmt``   -- Recurrent Memory Transformer: full attention inside segments of ``segment_length`` tokens plus
+               2 * ``num_memory_tokens`` memory slots; state = the memory vectors.
 
 These are models, not measurements: tests tie the state-byte formulas to the bytes the implementations really hold.
 """
@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from msrnn.errors import ConfigError
-from msrnn.families import COST_FAMILIES, by_cost_label
+from msrnn.families import FAMILIES as SPECS
+from msrnn.families import Knobs, cost_families
 
-FAMILIES = COST_FAMILIES  # the families' own cost models (each family.py), by their cost-table names
+FAMILIES = cost_families()  # the families' cost-table names (the full cache is "full")
 
 
 @dataclass(frozen=True)
@@ -59,26 +60,31 @@ class Arch:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value
 
 
-def costs(arch: Arch, family: str, length: int, budget: int = 512, block: int = 64, ssm_state: int = 16,
-          segment: int = 512, memory: int = 16, score_row: bool = True, ssm_layers: int = 1,
-          feature_dim: int | None = None) -> dict[str, float]:
-    """{"flops": forward FLOPs for the whole stream, "state_bytes": state held after it}."""
+def costs(arch: Arch, family: str, length: int, knobs: Knobs | None = None, **values: Any) -> dict[str, float]:
+    """{"flops": forward FLOPs for the whole stream, "state_bytes": state held after it}, for ``family`` (its
+    cost-table name) at ``knobs``, or at its knobs made from ``values`` (e.g. ``budget=256`` for kv); a knob that
+    is not the family's is refused."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     if length < 1:
         raise ConfigError("length must be >= 1")
-    return by_cost_label(family).module().cost(arch, length, budget=budget, block=block, ssm_state=ssm_state,
-                                               segment=segment, memory=memory, score_row=score_row,
-                                               ssm_layers=ssm_layers, feature_dim=feature_dim)
+    spec = SPECS.get(family)
+    if knobs is None:
+        knobs = spec.knobs(**values)
+    elif values:
+        raise ConfigError("give the family's knobs or knob values, not both")
+    return spec.cost(arch, length, knobs)
 
 
-def cost_table(arch: Arch, lengths: list[int], **kw: Any) -> list[dict[str, Any]]:
-    """Cost rows for every family at every length."""
-    rows = []
-    for L in lengths:
-        for fam in FAMILIES:
-            rows.append({"family": fam, "length": L, **costs(arch, fam, L, **kw)})
-    return rows
+def cost_table(arch: Arch, lengths: list[int], **values: Any) -> list[dict[str, Any]]:
+    """Cost rows for every family at every length; each knob value goes to the families that have that knob
+    (``budget`` to kv, ``block_size`` to bst, ...), and one that no family has is refused."""
+    specs = SPECS.values()
+    unknown = sorted(k for k in values if not any(k in s.knob_names() for s in specs))
+    if unknown:
+        raise ConfigError(f"no family has a knob {', '.join(unknown)}")
+    knobs = {s.cost_label: s.knobs(**{k: v for k, v in values.items() if k in s.knob_names()}) for s in specs}
+    return [{"family": fam, "length": L, **costs(arch, fam, L, knobs[fam])} for L in lengths for fam in FAMILIES]
 
 
 def plot_costs(rows: list[dict[str, Any]], out: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from msrnn.bench.rows import Row
 from msrnn.bench.timing import DECODE_WARMUP, sync, timed_decode
 from msrnn.errors import ConfigError, MsrnnError
 from msrnn.kv.cache import check_storage, parse_prefill
@@ -56,6 +57,68 @@ class KVBenchConfig:
         check_storage(self.storage)
         if self.compile and self.storage != "fixed":
             raise ConfigError("compile times the in-place decode step of fixed storage; drop --storage naive")
+
+
+# The variants of ``bench kv`` (decode). A bounded one is named ``<policy>@<budget>[ <form>]`` in results.
+FULL, PLAIN, WINDOW, TOVA, TOVA_NAIVE, TOVA_COMPILED = "full", "plain", "window", "tova", "tova naive", "tova compiled"
+
+
+@dataclass
+class DecodeRow(Row):
+    """One context of ``bench kv``: each variant's decode tokens/s, the state it holds, and the memory-bound limit
+    of its step (filled in once the run's best copy bandwidth is known)."""
+
+    context: int
+    budget: int
+    tok_s: dict[str, float]  # variant -> median decode tokens/s
+    state_bytes: dict[str, int]  # variant -> bytes held after prefill
+    limit_tok_s: dict[str, float] = field(default_factory=dict)  # variant -> bandwidth / (weights + state bytes)
+
+    def label(self, variant: str) -> str:
+        """The variant's name in results: ``full``, or ``<policy>@<budget>`` and its form (``tova@512 naive``)."""
+        if variant == FULL:
+            return variant
+        policy, _, form = variant.partition(" ")
+        return f"{policy}@{self.budget}" + (f" {form}" if form else "")
+
+    def speed(self, a: str, b: str) -> float | None:
+        """Decode speed of variant ``a`` over ``b`` (None when either was not run)."""
+        return self.tok_s[a] / self.tok_s[b] if a in self.tok_s and b in self.tok_s else None
+
+    @property
+    def tova_full(self) -> float:
+        return self.speed(TOVA, FULL)
+
+    @property
+    def ceiling(self) -> float:
+        """What a free eviction would give: a plain cache of ``budget`` tokens over the full cache."""
+        return self.speed(PLAIN, FULL)
+
+    @property
+    def tova_of_ceiling(self) -> float:
+        """TOVA's speed-up as a share of the ceiling (= tova / plain)."""
+        return self.tova_full / self.ceiling
+
+    def limit_share(self, variant: str) -> float:
+        """The variant's measured speed as a share of its memory-bound limit."""
+        return self.tok_s[variant] / self.limit_tok_s[variant]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"context": self.context}
+        for v in self.tok_s:
+            out[f"{self.label(v)} tok/s"] = self.tok_s[v]
+            out[f"{self.label(v)} bytes"] = self.state_bytes[v]
+        out.update({"tova/full speed": self.tova_full, "tova overhead vs window": self.speed(WINDOW, TOVA) - 1,
+                    "tova/window": self.speed(TOVA, WINDOW), "tova/plain": self.speed(TOVA, PLAIN),
+                    "ceiling": self.ceiling, "tova/full of ceiling": self.tova_of_ceiling})
+        if TOVA_NAIVE in self.tok_s:
+            out["tova fixed/naive"] = self.speed(TOVA, TOVA_NAIVE)
+        if TOVA_COMPILED in self.tok_s:
+            out["tova compiled/eager"] = self.speed(TOVA_COMPILED, TOVA)
+            out["tova compiled/plain"] = self.speed(TOVA_COMPILED, PLAIN)
+        for v, limit in self.limit_tok_s.items():
+            out[f"{self.label(v)} limit tok/s"] = limit
+        return out
 
 
 @torch.inference_mode()
@@ -101,52 +164,36 @@ def run_kv_bench(model: Any, cfg: KVBenchConfig, progress: Any = None) -> dict[s
     device = next(model.parameters()).device
     full = HFCausalLM(model)
     b = cfg.budget
-    bounded = {f"{p}@{b}": apply_kv(full, KVSettings(p, b, prefill="oneshot", storage=cfg.storage))
-               for p in ("window", "tova")}
+    bounded = {p: apply_kv(full, KVSettings(p, b, prefill="oneshot", storage=cfg.storage)) for p in (WINDOW, TOVA)}
     if cfg.storage == "fixed":
-        bounded[f"tova@{b} naive"] = apply_kv(full, KVSettings("tova", b, prefill="oneshot"))
+        bounded[TOVA_NAIVE] = apply_kv(full, KVSettings("tova", b, prefill="oneshot"))
     if cfg.compile:  # compiled during the first round's untimed warm-up steps
-        bounded[f"tova@{b} compiled"] = apply_kv(full, KVSettings("tova", b, prefill="oneshot", storage="fixed",
-                                                                  compile=True))
+        bounded[TOVA_COMPILED] = apply_kv(full, KVSettings("tova", b, prefill="oneshot", storage="fixed", compile=True))
     plain = _prefill(full, b, vocab, cfg.prefill_chunk, seed=1)
     weights = weight_bytes(model)
     bandwidth = [copy_bandwidth(device)]
     rows = []
     for ctx in cfg.contexts:
-        variants = {"full": full, f"plain@{b}": full, **bounded}
+        variants = {FULL: full, PLAIN: full, **bounded}
         states = {name: _prefill(lm, ctx, vocab, cfg.prefill_chunk, seed=ctx) for name, lm in variants.items()
-                  if name != f"plain@{b}"}
-        states[f"plain@{b}"] = copy.deepcopy(plain)  # the same `budget` tokens at every context
+                  if name != PLAIN}
+        states[PLAIN] = copy.deepcopy(plain)  # the same `budget` tokens at every context
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(cfg.rounds):
             for name, lm in variants.items():
                 # Decoding grows a full cache by `steps` (+2 warm-up) tokens per round: small next to `ctx`.
                 times[name].append(timed_decode(lm, states[name], cfg.steps, vocab)[0] / cfg.steps)
         bandwidth.append(copy_bandwidth(device))
-        row: dict[str, Any] = {"context": ctx}
-        for name, lm in variants.items():
-            row[f"{name} tok/s"] = 1.0 / statistics.median(times[name])
-            row[f"{name} bytes"] = lm.state_nbytes(states[name])
-        row["tova/full speed"] = row[f"tova@{b} tok/s"] / row["full tok/s"]
-        row["tova overhead vs window"] = row[f"window@{b} tok/s"] / row[f"tova@{b} tok/s"] - 1
-        row["tova/window"] = row[f"tova@{b} tok/s"] / row[f"window@{b} tok/s"]
-        row["tova/plain"] = row[f"tova@{b} tok/s"] / row[f"plain@{b} tok/s"]
-        row["ceiling"] = row[f"plain@{b} tok/s"] / row["full tok/s"]
-        row["tova/full of ceiling"] = row["tova/full speed"] / row["ceiling"]
-        if cfg.storage == "fixed":
-            row["tova fixed/naive"] = row[f"tova@{b} tok/s"] / row[f"tova@{b} naive tok/s"]
-        if cfg.compile:
-            row["tova compiled/eager"] = row[f"tova@{b} compiled tok/s"] / row[f"tova@{b} tok/s"]
-            row["tova compiled/plain"] = row[f"tova@{b} compiled tok/s"] / row[f"plain@{b} tok/s"]
+        row = DecodeRow(ctx, b, {name: 1.0 / statistics.median(times[name]) for name in variants},
+                        {name: lm.state_nbytes(states[name]) for name, lm in variants.items()})
         rows.append(row)
         if progress:
             progress(row)
         del states
     for row in rows:  # the best copy of the run: the bandwidth the machine showed it can reach
-        for name in variants:
-            row[f"{name} limit tok/s"] = max(bandwidth) / (weights + row[f"{name} bytes"])
+        row.limit_tok_s = {name: max(bandwidth) / (weights + row.state_bytes[name]) for name in variants}
     # A compiled step that torch.compile gave up on ran eagerly: its figures are eager ones, and the result says so.
-    fell_back = bool(cfg.compile and bounded[f"tova@{b} compiled"].compile_fell_back)
+    fell_back = bool(cfg.compile and bounded[TOVA_COMPILED].compile_fell_back)
     return {"budget": b, "steps": cfg.steps, "rounds": cfg.rounds, "storage": cfg.storage, "compile": cfg.compile,
             "compile_fell_back_to_eager": fell_back, "rows": rows,
             "weight bytes": weights,
@@ -164,7 +211,7 @@ class KVPrefillBenchConfig:
     policies: list[str] = field(default_factory=lambda: ["tova", "h2o", "window"])
     modes: list[str] = field(default_factory=lambda: ["exact", "chunked:64", "oneshot"])
     rounds: int = 3
-    reference: bool = False  # also time the exact prefill's readable twin (slow: one query at a time)
+    ref: bool = False  # also time the exact prefill's readable twin (slow: one query at a time)
 
     def __post_init__(self) -> None:
         if not self.modes:
@@ -195,13 +242,13 @@ def run_kv_prefill_bench(model: Any, cfg: KVPrefillBenchConfig, progress: Any = 
     from msrnn.models import HFCausalLM
 
     full = HFCausalLM(model)
-    variants: dict[str, Any] = {"full": full}
+    variants: dict[str, Any] = {FULL: full}
     for p in cfg.policies:
         for mode in cfg.modes:
             variants[f"{p}@{cfg.budget} {mode}"] = apply_kv(full, KVSettings(p, cfg.budget, prefill=mode))
-        if cfg.reference:
+        if cfg.ref:
             variants[f"{p}@{cfg.budget} exact (reference twin)"] = KVEvictionLM(
-                model, KVSettings(p, cfg.budget).make_policy(), reference=True)
+                model, KVSettings(p, cfg.budget).make_policy(), ref=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, cfg.tokens), generator=g)
     _prefill_time(full, ids[:, : min(cfg.tokens, 2 * cfg.chunk)], cfg.chunk)  # warm-up (allocator, kernels)
@@ -213,13 +260,59 @@ def run_kv_prefill_bench(model: Any, cfg: KVPrefillBenchConfig, progress: Any = 
             times[name].append(_prefill_time(lm, ids, cfg.chunk))
             if progress:
                 progress(name, cfg.tokens / times[name][-1])
-    full_tps = cfg.tokens / statistics.median(times["full"])
-    rows = []
-    for name, ts in times.items():
-        tps = cfg.tokens / statistics.median(ts)
-        rows.append({"variant": name, "tok/s": tps, "vs full": tps / full_tps, "rounds": len(ts)})
+    full_tps = cfg.tokens / statistics.median(times[FULL])
+    rows = [PrefillRow(name, cfg.tokens / statistics.median(ts), full_tps, len(ts)) for name, ts in times.items()]
     return {"tokens": cfg.tokens, "chunk": cfg.chunk, "budget": cfg.budget, "rounds": cfg.rounds, "rows": rows,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+@dataclass
+class PrefillRow(Row):
+    """One variant of ``bench kv-prefill``: prompt tokens/s (median of its rounds) and its speed over the full
+    cache's."""
+
+    variant: str
+    tok_s: float
+    full_tok_s: float
+    rounds: int
+
+    @property
+    def vs_full(self) -> float:
+        return self.tok_s / self.full_tok_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "tok/s": self.tok_s, "vs full": self.vs_full, "rounds": self.rounds}
+
+
+@dataclass
+class ThroughputRow(Row):
+    """One side of ``bench kv --throughput``: the batch that fits the KV memory budget and its decode speed."""
+
+    variant: str
+    batch: int
+    capped: bool  # --max-batch stopped a larger batch
+    peak_bytes_per_sequence: int
+    last_step_bytes: int  # the whole batch's KV bytes at its last step, measured
+    seconds: float  # median time of the decode steps
+    steps: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.batch * self.peak_bytes_per_sequence
+
+    @property
+    def tok_s_per_sequence(self) -> float:
+        return self.steps / self.seconds
+
+    @property
+    def tok_s(self) -> float:
+        return self.batch * self.tok_s_per_sequence
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "batch": self.batch, "capped": self.capped,
+                "peak KV bytes per sequence": self.peak_bytes_per_sequence, "peak KV bytes": self.peak_bytes,
+                "KV bytes at the last step": self.last_step_bytes, "tok/s per sequence": self.tok_s_per_sequence,
+                "tok/s": self.tok_s}
 
 
 @dataclass
@@ -285,14 +378,14 @@ def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: 
     # ... and what the cache really holds while decoding (budget + 1 slots in place for fixed storage).
     probe = prefill(bounded, probe_ids, cfg.bounded_chunk)[1]
     decode_bytes = bounded.state_nbytes(bounded.forward_chunk(probe_ids[:, :1], probe)[1])
-    peak = {"full": int(per_token * held),
+    peak = {FULL: int(per_token * held),
             name: max(int(per_slot * (cfg.budget + cfg.bounded_chunk)), decode_bytes)}
-    memory = cfg.memory_bytes if cfg.memory_bytes is not None else cfg.full_batch * peak["full"]
+    memory = cfg.memory_bytes if cfg.memory_bytes is not None else cfg.full_batch * peak[FULL]
     batch = {k: min(cfg.max_batch, memory // v) for k, v in peak.items()}
-    if batch["full"] < 1:
+    if batch[FULL] < 1:
         raise ConfigError(f"one full-cache sequence of {cfg.context} tokens needs {peak['full']:,} KV bytes, more "
                           f"than the {memory:,}-byte budget; raise --memory-mib or lower --contexts")
-    variants = {"full": (full, cfg.prefill_chunk), name: (bounded, cfg.bounded_chunk)}
+    variants = {FULL: (full, cfg.prefill_chunk), name: (bounded, cfg.bounded_chunk)}
     states = {}
     for k, (lm, chunk) in variants.items():
         ids = torch.randint(0, vocab, (batch[k], cfg.context), generator=g)
@@ -307,23 +400,18 @@ def run_kv_throughput_bench(model: Any, cfg: KVThroughputBenchConfig, progress: 
             t, end = timed_decode(lm, copy.deepcopy(states[k]), cfg.steps, vocab)
             times[k].append(t)
             last_bytes[k] = lm.state_nbytes(end)
-    rows = []
-    for k in variants:
-        t = statistics.median(times[k])
-        rows.append({"variant": k, "batch": batch[k], "capped": batch[k] == cfg.max_batch and memory // peak[k] >
-                     cfg.max_batch, "peak KV bytes per sequence": peak[k], "peak KV bytes": batch[k] * peak[k],
-                     "KV bytes at the last step": last_bytes[k], "tok/s per sequence": cfg.steps / t,
-                     "tok/s": batch[k] * cfg.steps / t})
+    rows = [ThroughputRow(k, batch[k], batch[k] == cfg.max_batch and memory // peak[k] > cfg.max_batch, peak[k],
+                          last_bytes[k], statistics.median(times[k]), cfg.steps) for k in variants]
+    # The batch's real state at its last step, measured, must be what the sizing assumed (the full cache is at its
+    # peak then; a bounded one holds its decode-time slots).
+    per_sequence_at_end = {FULL: peak[FULL], name: decode_bytes}
     for r in rows:
-        # The batch's real state at its last step, measured, must be what the sizing assumed (the full cache is at
-        # its peak then; a bounded one holds its decode-time slots).
-        assumed = r["batch"] * (r["peak KV bytes per sequence"] if r["variant"] == "full" else decode_bytes)
-        if r["KV bytes at the last step"] != assumed or r["peak KV bytes"] > memory:
-            raise MsrnnError(f"{r['variant']}: the batch holds {r['KV bytes at the last step']:,} KV bytes where "
-                             f"the sizing assumed {assumed:,} within {memory:,} (a bug in the sizing; please "
-                             "report it)")
+        assumed = r.batch * per_sequence_at_end[r.variant]
+        if r.last_step_bytes != assumed or r.peak_bytes > memory:
+            raise MsrnnError(f"{r.variant}: the batch holds {r.last_step_bytes:,} KV bytes where the sizing assumed "
+                             f"{assumed:,} within {memory:,} (a bug in the sizing; please report it)")
     return {"context": cfg.context, "budget": cfg.budget, "policy": cfg.policy, "steps": cfg.steps,
             "rounds": cfg.rounds, "storage": cfg.storage, "memory bytes": memory,
             "cache fraction": cfg.budget / cfg.context,
-            "throughput ratio": rows[1]["tok/s"] / rows[0]["tok/s"], "rows": rows,
+            "throughput ratio": rows[1].tok_s / rows[0].tok_s, "rows": rows,
             "torch": torch.__version__, "threads": torch.get_num_threads()}

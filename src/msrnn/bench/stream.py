@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from msrnn.bench.rows import Row
 from msrnn.errors import ConfigError
 from msrnn.protocol import stream_chunks
 
@@ -23,6 +25,17 @@ def rss_bytes() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+@dataclass
+class StreamRow(Row):
+    """A sample of a long stream: tokens so far, resident memory, the state's bytes and time per chunk since the
+    previous sample."""
+
+    tokens: int
+    rss_mib: float
+    state_bytes: int
+    ms_per_chunk: float
 
 
 @torch.inference_mode()
@@ -42,13 +55,13 @@ def stream_bench(lm: Any, tokens: int, chunk: int = 512, samples: int = 16, seed
         done += chunk
         if (i + 1) % every == 0 or i == n_chunks - 1:
             now = time.perf_counter()
-            span = done - (rows[-1]["tokens"] if rows else 0)
-            rows.append({"tokens": done, "rss_mib": rss_bytes() / 2**20, "state_bytes": lm.state_nbytes(state),
-                         "ms_per_chunk": 1e3 * (now - t_last) / max(1, span // chunk)})
+            span = done - (rows[-1].tokens if rows else 0)
+            rows.append(StreamRow(done, rss_bytes() / 2**20, lm.state_nbytes(state),
+                                  1e3 * (now - t_last) / max(1, span // chunk)))
             t_last = now
     total = time.perf_counter() - t_start
     steady = rows[1:] or rows  # the first sample includes warm-up
     return {"tokens": done, "chunk": chunk, "seconds": total, "tokens_per_s": done / total, "nonfinite": nonfinite,
-            "rss_first_mib": steady[0]["rss_mib"], "rss_last_mib": rows[-1]["rss_mib"],
-            "ms_per_chunk_first": steady[0]["ms_per_chunk"], "ms_per_chunk_last": rows[-1]["ms_per_chunk"],
+            "rss_first_mib": steady[0].rss_mib, "rss_last_mib": rows[-1].rss_mib,
+            "ms_per_chunk_first": steady[0].ms_per_chunk, "ms_per_chunk_last": rows[-1].ms_per_chunk,
             "rows": rows}

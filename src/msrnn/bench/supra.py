@@ -8,14 +8,52 @@
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from msrnn.bench.rows import Row
 from msrnn.bench.timing import median_time, timed_decode
 from msrnn.protocol import prefill
-from msrnn.supra.ops import chunked, log_decay, naive_recurrent
+from msrnn.supra.ops import chunked, chunked_ref, log_decay
+
+
+@dataclass
+class OpsRow(Row):
+    """One length of ``bench supra`` ops: the linear-attention forms and causal softmax SDPA, ms each."""
+
+    T: int
+    chunked_ms: float
+    sdpa_ms: float
+    naive_ms: float | None = None  # the token loop, timed up to ``naive_max``
+
+    @property
+    def chunked_vs_naive(self) -> float | None:
+        return None if self.naive_ms is None else self.naive_ms / self.chunked_ms
+
+    @property
+    def sdpa_over_chunked(self) -> float:
+        return self.sdpa_ms / self.chunked_ms
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"T": self.T, "chunked ms": self.chunked_ms, "sdpa ms": self.sdpa_ms}
+        if self.naive_ms is not None:
+            out.update({"naive ms": self.naive_ms, "chunked vs naive": self.chunked_vs_naive})
+        return {**out, "sdpa / chunked": self.sdpa_over_chunked}
+
+
+@dataclass
+class SupraDecodeRow(Row):
+    """Decode time per token after ``position`` tokens, and the state held there."""
+
+    position: int
+    ms_per_token: float
+    state_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"position": self.position, "ms/token": self.ms_per_token, "state bytes": self.state_bytes}
 
 
 @torch.inference_mode()
@@ -27,16 +65,13 @@ def bench_ops(lengths: list[int], heads: int = 8, dim: int = 64, chunk: int = 64
     for T in lengths:
         g = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(1, heads, T, dim, generator=g) for _ in range(3))
-        row: dict[str, Any] = {"T": T}
         x = (q, k, v)
-        row["chunked ms"] = 1e3 * median_time(lambda x=x: chunked(*x, lg, chunk_size=chunk), rounds)
-        row["sdpa ms"] = 1e3 * median_time(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True), rounds)
+        row = OpsRow(T, 1e3 * median_time(lambda x=x: chunked(*x, lg, chunk_size=chunk), rounds),
+                     1e3 * median_time(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True), rounds))
         if T <= naive_max:
-            row["naive ms"] = 1e3 * median_time(lambda x=x: naive_recurrent(*x, lg), max(1, rounds - 2))
-            row["chunked vs naive"] = row["naive ms"] / row["chunked ms"]
-        row["sdpa / chunked"] = row["sdpa ms"] / row["chunked ms"]
+            row.naive_ms = 1e3 * median_time(lambda x=x: chunked_ref(*x, lg), max(1, rounds - 2))
         rows.append(row)
-    cross = next((r["T"] for r in rows if r["sdpa / chunked"] > 1.0), None)
+    cross = next((r.T for r in rows if r.sdpa_over_chunked > 1.0), None)
     return {"rows": rows, "crossover_T": cross, "heads": heads, "dim": dim, "chunk": chunk}
 
 
@@ -58,6 +93,5 @@ def bench_decode(model: Any, positions: list[int], steps: int = 32, rounds: int 
         for pos in positions:
             seconds, states[pos] = timed_decode(lm, states[pos], steps, vocab)  # warm-up and CUDA sync included
             times[pos].append(seconds / steps)
-    rows = [{"position": p, "ms/token": 1e3 * statistics.median(times[p]), "state bytes": lm.state_nbytes(states[p])}
-            for p in positions]
-    return {"rows": rows, "ratio_last_first": rows[-1]["ms/token"] / rows[0]["ms/token"]}
+    rows = [SupraDecodeRow(p, 1e3 * statistics.median(times[p]), lm.state_nbytes(states[p])) for p in positions]
+    return {"rows": rows, "ratio_last_first": rows[-1].ms_per_token / rows[0].ms_per_token}

@@ -14,6 +14,8 @@ from msrnn.protocol import check_batch_size, check_chunk, check_state, owner, te
 class BSTLM:
     """A :class:`BSTForCausalLM` as a StatefulLM: constant state (SSM states + current block keys/values)."""
 
+    family = "bst"  # its spec in msrnn.families
+
     def __init__(self, model: BSTForCausalLM, tokenizer: Any = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.config.vocab_size

@@ -115,9 +115,10 @@ def _saved_or_printed(args: argparse.Namespace, result: dict) -> bool:
 
 
 def run_bench_kv(args: argparse.Namespace) -> int:
-    from msrnn.bench.kv import KVBenchConfig, run_kv_bench
+    from msrnn.bench.kv import FULL, PLAIN, TOVA, TOVA_COMPILED, TOVA_NAIVE, WINDOW, KVBenchConfig, run_kv_bench
+    from msrnn.bench.rows import Column, percent, ratio, render
     from msrnn.errors import ConfigError
-    from msrnn.ui import err_console, out_console, table
+    from msrnn.ui import err_console, out_console
 
     try:
         contexts = [int(x) for x in args.contexts.split(",") if x]
@@ -137,43 +138,49 @@ def run_bench_kv(args: argparse.Namespace) -> int:
 
     def progress(row):
         if not (args.quiet or args.json):
-            err_console.print(f"  context {row['context']}: tova/full speed {row['tova/full speed']:.2f}x")
+            err_console.print(f"  context {row.context}: tova/full speed {row.tova_full:.2f}x")
 
     result = run_kv_bench(model, cfg, progress=progress)
     if _saved_or_printed(args, result):
         return 0
-    b = cfg.budget
+    rows, b = result["rows"], cfg.budget
+    label = rows[0].label
+
+    def speed(v):
+        return Column(label(v), lambda r: r.tok_s[v])
+
     # "of ceiling" is (tova/full) / (plain/full) = tova/plain: one column for both.
-    cols = ["context", "full", f"plain@{b}", f"window@{b}", f"tova@{b}", "tova/full", "ceiling", "of ceiling",
-            "tova/window"]
-    body = [[r["context"], r["full tok/s"], r[f"plain@{b} tok/s"], r[f"window@{b} tok/s"], r[f"tova@{b} tok/s"],
-             f"{r['tova/full speed']:.2f}x", f"{r['ceiling']:.2f}x", f"{100 * r['tova/full of ceiling']:.0f}%",
-             f"{r['tova/window']:.2f}x"]
-            + ([f"{r['tova fixed/naive']:.2f}x"] if "tova fixed/naive" in r else [])
-            + ([r[f"tova@{b} compiled tok/s"], f"{r['tova compiled/eager']:.2f}x", f"{r['tova compiled/plain']:.2f}x"]
-               if cfg.compile else []) for r in result["rows"]]
+    cols = [Column("context", lambda r: r.context), *map(speed, (FULL, PLAIN, WINDOW, TOVA)),
+            Column("tova/full", lambda r: ratio(r.tova_full)), Column("ceiling", lambda r: ratio(r.ceiling)),
+            Column("of ceiling", lambda r: percent(r.tova_of_ceiling)),
+            Column("tova/window", lambda r: ratio(r.speed(TOVA, WINDOW)))]
     if cfg.storage == "fixed":
-        cols.append("fixed/naive")
+        cols.append(Column("fixed/naive", lambda r: ratio(r.speed(TOVA, TOVA_NAIVE))))
     if cfg.compile:
-        label = "compiled (fell back to eager)" if result["compile_fell_back_to_eager"] else "compiled"
-        cols += [f"tova@{b} {label}", f"{label}/eager", f"{label}/plain"]
-    out_console.print(table(f"decode tok/s (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps; ceiling "
-                            f"= plain@{b} / full)", cols, body))
-    cols = ["context", "full KV MiB", f"tova@{b} KV MiB", "full limit tok/s", "full / limit", f"tova@{b} limit tok/s",
-            "tova / limit"]
-    body = [[r["context"], r["full bytes"] / 2**20, r[f"tova@{b} bytes"] / 2**20, r["full limit tok/s"],
-             f"{100 * r['full tok/s'] / r['full limit tok/s']:.0f}%", r[f"tova@{b} limit tok/s"],
-             f"{100 * r[f'tova@{b} tok/s'] / r[f'tova@{b} limit tok/s']:.0f}%"] for r in result["rows"]]
-    out_console.print(table(f"physical limit: copy bandwidth {result['copy bandwidth GB/s']:.1f} GB/s over weights "
-                            f"({result['weight bytes'] / 2**20:.1f} MiB) + KV bytes per step", cols, body))
+        form = "compiled (fell back to eager)" if result["compile_fell_back_to_eager"] else "compiled"
+        cols += [Column(f"tova@{b} {form}", lambda r: r.tok_s[TOVA_COMPILED]),
+                 Column(f"{form}/eager", lambda r: ratio(r.speed(TOVA_COMPILED, TOVA))),
+                 Column(f"{form}/plain", lambda r: ratio(r.speed(TOVA_COMPILED, PLAIN)))]
+    out_console.print(render(f"decode tok/s (median of {cfg.rounds} interleaved rounds of {cfg.steps} steps; "
+                             f"ceiling = plain@{b} / full)", rows, cols))
+    cols = [Column("context", lambda r: r.context),
+            Column("full KV MiB", lambda r: r.state_bytes[FULL] / 2**20),
+            Column(f"{label(TOVA)} KV MiB", lambda r: r.state_bytes[TOVA] / 2**20),
+            Column("full limit tok/s", lambda r: r.limit_tok_s[FULL]),
+            Column("full / limit", lambda r: percent(r.limit_share(FULL))),
+            Column(f"{label(TOVA)} limit tok/s", lambda r: r.limit_tok_s[TOVA]),
+            Column("tova / limit", lambda r: percent(r.limit_share(TOVA)))]
+    out_console.print(render(f"physical limit: copy bandwidth {result['copy bandwidth GB/s']:.1f} GB/s over weights "
+                             f"({result['weight bytes'] / 2**20:.1f} MiB) + KV bytes per step", rows, cols))
     return 0
 
 
 def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> int:
     from msrnn.bench.kv import KVThroughputBenchConfig, run_kv_throughput_bench
+    from msrnn.bench.rows import Column, render
     from msrnn.errors import ConfigError
     from msrnn.kv import KVSettings
-    from msrnn.ui import err_console, out_console, table
+    from msrnn.ui import err_console, out_console
 
     if len(contexts) != 1:
         raise ConfigError(f"--throughput measures one context; give one, e.g. --contexts {contexts[-1]}")
@@ -194,27 +201,30 @@ def _run_bench_kv_throughput(args: argparse.Namespace, contexts: list[int]) -> i
     result = run_kv_throughput_bench(model, cfg, progress=progress)
     if _saved_or_printed(args, result):
         return 0
-    body = [[r["variant"], f"{r['batch']}{' (capped)' if r['capped'] else ''}",
-             r["peak KV bytes per sequence"] / 2**20, r["peak KV bytes"] / 2**20, r["tok/s per sequence"],
-             r["tok/s"]] for r in result["rows"]]
-    out_console.print(table(
+    cols = [Column("variant", lambda r: r.variant),
+            Column("batch", lambda r: f"{r.batch}{' (capped)' if r.capped else ''}"),
+            Column("KV MiB / seq", lambda r: r.peak_bytes_per_sequence / 2**20),
+            Column("KV MiB", lambda r: r.peak_bytes / 2**20), Column("tok/s / seq", lambda r: r.tok_s_per_sequence),
+            Column("tok/s", lambda r: r.tok_s)]
+    out_console.print(render(
         f"throughput at a {result['memory bytes'] / 2**20:.1f} MiB KV budget, context {cfg.context} "
         f"(median of {cfg.rounds} interleaved rounds of {cfg.steps} steps): {result['throughput ratio']:.2f}x",
-        ["variant", "batch", "KV MiB / seq", "KV MiB", "tok/s / seq", "tok/s"], body))
+        result["rows"], cols))
     return 0
 
 
 def run_bench_kv_prefill(args: argparse.Namespace) -> int:
     from msrnn.bench.kv import KVPrefillBenchConfig, run_kv_prefill_bench
+    from msrnn.bench.rows import Column, ratio, render
     from msrnn.kv import KVSettings
-    from msrnn.ui import err_console, out_console, table
+    from msrnn.ui import err_console, out_console
 
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
         KVSettings(p, args.budget)  # an unknown policy is refused before the model loads
     cfg = KVPrefillBenchConfig(tokens=args.tokens, chunk=args.chunk, budget=args.budget, policies=policies,
                                modes=[m for m in args.modes.split(",") if m], rounds=args.rounds,
-                               reference=args.reference)
+                               ref=args.reference)
     model = load_bench_model(args)
 
     def progress(name, tps):
@@ -224,9 +234,10 @@ def run_bench_kv_prefill(args: argparse.Namespace) -> int:
     result = run_kv_prefill_bench(model, cfg, progress=progress)
     if _saved_or_printed(args, result):
         return 0
-    body = [[r["variant"], r["tok/s"], f"{r['vs full']:.2f}x", r["rounds"]] for r in result["rows"]]
-    out_console.print(table(f"prefill of {cfg.tokens} tokens in {cfg.chunk}-token chunks (median of interleaved "
-                            "rounds)", ["variant", "tok/s", "vs full", "rounds"], body))
+    cols = [Column("variant", lambda r: r.variant), Column("tok/s", lambda r: r.tok_s),
+            Column("vs full", lambda r: ratio(r.vs_full)), Column("rounds", lambda r: r.rounds)]
+    out_console.print(render(f"prefill of {cfg.tokens} tokens in {cfg.chunk}-token chunks (median of interleaved "
+                             "rounds)", result["rows"], cols))
     return 0
 
 
@@ -253,8 +264,8 @@ def run_bench_costs(args: argparse.Namespace) -> int:
 
         cfg = preset_config(args.preset, 4096)
     lengths = int_list(args.lengths, "--lengths")
-    rows = cost_table(Arch.from_config(cfg), lengths, budget=args.budget, block=args.block, segment=args.segment,
-                      memory=args.memory)
+    rows = cost_table(Arch.from_config(cfg), lengths, budget=args.budget, block_size=args.block,
+                      segment_length=args.segment, num_memory_tokens=args.memory)
     plot = plot_costs(rows, args.plot) if args.plot else None
     if args.json:
         print_json({"rows": rows, "plot": plot})
@@ -281,36 +292,34 @@ def add_bench_stream(bs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_bench_stream)
 
 
+# bench stream's flags -> the knob each sets, in the family that has it (--policy/--budget: kv; --memory/--segment: rmt)
+STREAM_KNOBS = {"policy": "policy", "budget": "budget", "memory": "num_memory_tokens", "segment": "segment_length"}
+
+
 def run_bench_stream(args: argparse.Namespace) -> int:
+    from msrnn.bench.rows import Column, render
     from msrnn.bench.stream import stream_bench
     from msrnn.errors import ConfigError
+    from msrnn.families import FAMILIES
     from msrnn.models import load_lm
-    from msrnn.ui import err_console, out_console, print_json, table
+    from msrnn.ui import err_console, out_console, print_json
 
-    if args.family not in ("auto", "kv", "rmt"):
-        raise ConfigError(f"unknown --family {args.family!r}; use auto, kv or rmt")
-    takes = {"auto": (), "kv": ("policy", "budget"), "rmt": ("memory", "segment")}[args.family]
-    ignored = [f"--{name}" for name in ("policy", "budget", "memory", "segment")
-               if getattr(args, name) is not None and name not in takes]
+    applied = [n for n in FAMILIES.names() if FAMILIES.get(n).applies]
+    if args.family != "auto" and args.family not in applied:
+        raise ConfigError(f"unknown --family {args.family!r}; use auto, {' or '.join(applied)}")
+    given = {knob: getattr(args, flag) for flag, knob in STREAM_KNOBS.items() if getattr(args, flag) is not None}
+    spec = FAMILIES.get(args.family) if args.family != "auto" else None
+    ignored = [flag for flag, knob in STREAM_KNOBS.items()
+               if knob in given and (spec is None or knob not in spec.knob_names())]
     if ignored:  # refused before loading anything, not accepted and ignored
-        owner = {"--policy": "kv", "--budget": "kv", "--memory": "rmt", "--segment": "rmt"}
-        raise ConfigError(f"{', '.join(ignored)} only apply with --family "
-                          f"{owner[ignored[0]]}; with --family {args.family} they would be ignored")
+        owner = next(n for n in applied if STREAM_KNOBS[ignored[0]] in FAMILIES.get(n).knob_names())
+        raise ConfigError(f"{', '.join('--' + f for f in ignored)} only apply with --family {owner}; with --family "
+                          f"{args.family} they would be ignored")
     lm = load_lm(args.model)
-    if args.family == "kv":
-        from msrnn.kv import KVSettings, apply_kv
-
-        lm = apply_kv(lm, KVSettings(args.policy or "tova", args.budget or 512, prefill="oneshot"))
-    elif args.family == "rmt":
-        from msrnn.models.hf import HFCausalLM
-        from msrnn.rmt import RMTLM, MemoryWrapper
-
-        if type(lm) is not HFCausalLM:  # a SUPRA/BST/RMT model has no plain decoder to wrap
-            raise ConfigError(f"--family rmt wraps a plain decoder in memory tokens; {args.model} is a "
-                              f"{type(lm).__name__}, not a plain HF causal LM")
-
-        lm = RMTLM(MemoryWrapper.wrap(lm.model, num_memory_tokens=args.memory or 16,
-                                      segment_length=args.segment or 512))
+    if spec is not None:
+        # A million-token stream prefills each chunk in one shot where the family has that choice (KV eviction).
+        streaming = {"prefill": "oneshot"} if "prefill" in spec.knob_names() else {}
+        lm = spec.apply(lm, spec.knobs(**streaming, **given))
     with err_console.status(f"streaming {args.tokens:,} tokens"):
         res = stream_bench(lm, args.tokens, chunk=args.chunk_size)
     res.update({"model": args.model, "family": args.family})
@@ -318,8 +327,8 @@ def run_bench_stream(args: argparse.Namespace) -> int:
     if args.json:
         print_json(res)
         return 0
-    out_console.print(table(f"stream of {res['tokens']:,} tokens ({res['tokens_per_s']:,.0f} tok/s, "
-                            f"{res['nonfinite']} non-finite logits)", ["tokens", "RSS MiB", "state bytes",
-                                                                       "ms/chunk"],
-                            [[r["tokens"], r["rss_mib"], r["state_bytes"], r["ms_per_chunk"]] for r in res["rows"]]))
+    cols = [Column("tokens", lambda r: r.tokens), Column("RSS MiB", lambda r: r.rss_mib),
+            Column("state bytes", lambda r: r.state_bytes), Column("ms/chunk", lambda r: r.ms_per_chunk)]
+    out_console.print(render(f"stream of {res['tokens']:,} tokens ({res['tokens_per_s']:,.0f} tok/s, "
+                             f"{res['nonfinite']} non-finite logits)", res["rows"], cols))
     return 0

@@ -99,8 +99,9 @@ def run_bench_bst(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from msrnn.bench.bst import bench_layers, bench_memory, bench_ssm
+    from msrnn.bench.rows import Column, dash, render
     from msrnn.io import write_json
-    from msrnn.ui import err_console, out_console, print_json, table
+    from msrnn.ui import err_console, out_console, print_json
 
     ssm_lengths = int_list(args.ssm_lengths, "--ssm-lengths")
     layer_lengths = int_list(args.layer_lengths, "--layer-lengths")
@@ -124,13 +125,19 @@ def run_bench_bst(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    cols = ["L", "fft ms", "scan ms", "scan / fft"]
-    out_console.print(table(f"S4D, 1 x {args.channels} channels, N=16", cols, [[r.get(c, "-") for c in cols]
-                                                                              for r in ssm]))
-    cols = ["L", "bst ms", "full attn ms", "block-sequential ms", "full / bst", "sequential / bst"]
-    out_console.print(table(f"one layer, d={args.channels}, W={args.block_size}", cols,
-                            [[r.get(c, "-") for c in cols] for r in layers]))
+    # The slow forms are timed only up to a length: "-" above it.
+    out_console.print(render(f"S4D, 1 x {args.channels} channels, N=16", ssm,
+                             [Column("L", lambda r: r.L), Column("fft ms", lambda r: r.fft_ms),
+                              Column("scan ms", lambda r: dash(r.scan_ms)),
+                              Column("scan / fft", lambda r: dash(r.scan_over_fft))]))
+    out_console.print(render(f"one layer, d={args.channels}, W={args.block_size}", layers,
+                             [Column("L", lambda r: r.L), Column("bst ms", lambda r: r.bst_ms),
+                              Column("full attn ms", lambda r: r.full_ms),
+                              Column("block-sequential ms", lambda r: dash(r.sequential_ms)),
+                              Column("full / bst", lambda r: r.full_over_bst),
+                              Column("sequential / bst", lambda r: dash(r.sequential_over_bst))]))
     if memory:
-        out_console.print(table("peak RSS growth of one forward (MiB)", ["L", "bst MiB", "full attn MiB"],
-                                [[r["L"], r["bst MiB"], r["full attn MiB"]] for r in memory]))
+        out_console.print(render("peak RSS growth of one forward (MiB)", memory,
+                                 [Column("L", lambda r: r.L), Column("bst MiB", lambda r: r.bst_mib),
+                                  Column("full attn MiB", lambda r: r.full_mib)]))
     return 0

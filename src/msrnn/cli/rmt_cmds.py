@@ -84,15 +84,16 @@ def build_rmt(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run_train_rmt(args: argparse.Namespace) -> int:
-    from msrnn.tasks.rmt_training import TaskTrainConfig, train_task
+    from msrnn.families import FAMILIES
     from msrnn.train.curriculum import CurriculumConfig
+    from msrnn.train.tasks import TaskTrainConfig, train_task
 
     out = check_out(args)
     task_cfg = TaskTrainConfig(task=args.task, batch_size=args.batch_size, noise=args.noise)
     cur_cfg = CurriculumConfig(max_segments=args.max_segments, threshold=args.threshold,
                                stage_steps=args.stage_steps)
     model, tokenizer = build_rmt(args)
-    trainer, result = train_task(model, tokenizer, task_cfg, cur_cfg, train_config(args), out,
+    trainer, result = train_task(model, tokenizer, FAMILIES.get("rmt"), task_cfg, cur_cfg, train_config(args), out,
                                  {"source": args.source}, resume=args.resume, progress=not args.quiet)
     res = summary(out, trainer, result)
     accs = [h for h in result.history if "val_acc" in h]

@@ -59,18 +59,20 @@ def run_convert_supra(args: argparse.Namespace) -> int:
 
 
 def run_train_supra(args: argparse.Namespace) -> int:
-    from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for, read_meta
+    from msrnn.families import FAMILIES
+    from msrnn.models.loading import family_of, load_hf_causal_lm, load_tokenizer_for, read_meta
     from msrnn.train.pretrain import PretrainConfig, train_lm
 
     src = Path(args.source)
-    if read_meta(src).get("family") != "supra":
+    supra = FAMILIES.get("supra")
+    if FAMILIES.get(family_of(src)) is not supra:
         raise ConfigError(f"{src} is not a SUPRA model directory; make one with 'msrnn convert supra --from M'")
     out = check_out(args)
     model = load_hf_causal_lm(src, device=resolve_device("auto")).train()
     tokenizer = load_tokenizer_for(src)
     cfg = PretrainConfig(preset=None, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                          repeat_fraction=args.repeat_fraction)
-    meta = {**read_meta(src), "family": "supra", "uptrained_from": str(src)}
+    meta = {**read_meta(src), "family": supra.name, "uptrained_from": str(src)}
     trainer, result = train_lm(model, tokenizer, cfg, train_config(args), out, meta, resume=args.resume,
                                progress=not args.quiet)
     return emit(args, "train supra", summary(out, trainer, result))
@@ -90,9 +92,10 @@ def add_bench_supra(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_supra(args: argparse.Namespace) -> int:
+    from msrnn.bench.rows import Column, dash, render
     from msrnn.bench.supra import bench_decode, bench_ops
     from msrnn.io import write_json
-    from msrnn.ui import err_console, out_console, print_json, table
+    from msrnn.ui import err_console, out_console, print_json
 
     lengths, positions = int_list(args.lengths, "--lengths"), int_list(args.positions, "--positions")
     with err_console.status("timing linear attention forms"):
@@ -114,12 +117,16 @@ def run_bench_supra(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    cols = ["T", "naive ms", "chunked ms", "sdpa ms", "chunked vs naive", "sdpa / chunked"]
-    out_console.print(table(f"linear attention, 1 x {args.heads} heads x d {args.dim} (median of {args.rounds})",
-                            cols, [[r.get(c, "-") for c in cols] for r in ops["rows"]]))
+    cols = [Column("T", lambda r: r.T), Column("naive ms", lambda r: dash(r.naive_ms)),
+            Column("chunked ms", lambda r: r.chunked_ms), Column("sdpa ms", lambda r: r.sdpa_ms),
+            Column("chunked vs naive", lambda r: dash(r.chunked_vs_naive)),
+            Column("sdpa / chunked", lambda r: r.sdpa_over_chunked)]
+    out_console.print(render(f"linear attention, 1 x {args.heads} heads x d {args.dim} (median of {args.rounds})",
+                             ops["rows"], cols))
     out_console.print(f"crossover (linear faster than softmax SDPA from): T = {ops['crossover_T']}")
-    out_console.print(table("decode", ["position", "ms/token", "state bytes"],
-                            [[r["position"], r["ms/token"], r["state bytes"]] for r in dec["rows"]]))
-    out_console.print(f"ratio {dec['rows'][-1]['position']} vs {dec['rows'][0]['position']}: "
+    out_console.print(render("decode", dec["rows"], [Column("position", lambda r: r.position),
+                                                     Column("ms/token", lambda r: r.ms_per_token),
+                                                     Column("state bytes", lambda r: r.state_bytes)]))
+    out_console.print(f"ratio {dec['rows'][-1].position} vs {dec['rows'][0].position}: "
                       f"{dec['ratio_last_first']:.3f}")
     return 0

@@ -43,21 +43,21 @@ def _peak_rss_mib() -> float:
 def run_eval_task(args: argparse.Namespace) -> int:
     from msrnn.cli.eval_cmds import check_compile_applies, load_for_cli
     from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
+    from msrnn.families import lm_family
     from msrnn.tasks import TASKS, TaskGenerator, babilong_samples, noise_sentences
     from msrnn.ui import out_console, print_json, table
 
     model = load_for_cli(args, stream=False)
-    rmt_config = getattr(getattr(model, "wrapper", None), "config", None) or getattr(model, "config", None)
-    is_rmt = getattr(rmt_config, "model_type", "").startswith("msrnn_rmt")
-    task = args.task or (rmt_config.task if is_rmt else None)
+    trained, trained_S = lm_family(model).trained_task(model)  # what the model's own config records, if anything
+    task = args.task or trained
     if task is None:
         raise ConfigError("this model was not trained on a task; name one with --task "
                           f"({', '.join(TASKS.names())})")
     spec = TASKS.get(task)
-    if is_rmt and rmt_config.task and task != rmt_config.task:
-        raise ConfigError(f"{args.model} was trained on {rmt_config.task!r}, not {task!r}; drop --task or "
+    if trained and task != trained:
+        raise ConfigError(f"{args.model} was trained on {trained!r}, not {task!r}; drop --task or "
                           "evaluate a model trained on it")
-    S = args.segment_length or (rmt_config.segment_length if is_rmt else None)
+    S = args.segment_length or trained_S
     if S is None:
         raise ConfigError("--segment-length is required for a model without segments (it sets tokens per segment)")
     check_compile_applies(args, S, "eval task", "drop --compile")

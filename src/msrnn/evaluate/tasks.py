@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from msrnn.errors import ConfigError
-from msrnn.protocol import chunk_held_nbytes, peak_state_bytes, split, stream_chunks, tensor_nbytes
+from msrnn.families import lm_family
+from msrnn.protocol import StatefulLM, chunk_held_nbytes, peak_state_bytes, split, stream_chunks, tensor_nbytes
 from msrnn.tasks.samples import TaskGenerator, TaskSample, collate
 from msrnn.ui import err_console
 
@@ -37,13 +38,14 @@ class TaskEvalConfig:
 
 
 def _is_classifier(model: Any) -> bool:
-    return getattr(getattr(model, "config", None), "backbone_kind", None) == "encoder"
+    """An encoder RMT classifier answers with its head; it is not a StatefulLM (no next-token stream)."""
+    return not isinstance(model, StatefulLM)
 
 
 @torch.no_grad()
 def _answer_stream(lm: Any, batch: list[TaskSample], label_ids: list[int], chunk: int) -> tuple[list[int], int]:
     ids = torch.tensor([s.input_ids for s in batch])  # [B, T]: one length per call
-    if hasattr(lm, "final_logits"):
+    if lm_family(lm).answers_itself(lm):
         # A model whose task training scores the answer its own way (RMT: segments aligned to the end) is scored
         # the same way here; streaming from the start would cut other segments when T % S != 0.
         return lm.final_logits(ids)[:, label_ids].argmax(-1).tolist(), 0

@@ -22,13 +22,13 @@ import contextvars
 import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from msrnn.errors import MsrnnError
-from msrnn.kv.cache import ACTIVE_LAYER, EvictionLayer
-from msrnn.kv.policies import Candidates
+from msrnn.kv.cache import ACTIVE_LAYER, EvictionLayer, SlotTable
 from msrnn.kv.rope import rotate
 
 _REGISTERED = False
@@ -150,6 +150,33 @@ def _new_validity(mask: torch.Tensor | None, B: int, T: int, S0: int, device) ->
     return ok.expand(B, T).to(device)
 
 
+@dataclass
+class AttentionCall:
+    """One call of msrnn's attention function for a bounded layer: what transformers passed, and the name of the
+    attention it stands for (``sdpa`` or ``eager``)."""
+
+    base_name: str
+    module: Any
+    query: torch.Tensor  # [B, Hq, T, D]
+    key: torch.Tensor  # [B, Hkv, S, D]: the layer's kept slots, then the T new tokens
+    value: torch.Tensor  # [B, Hkv, S, Dv]
+    mask: torch.Tensor | None
+    scaling: float
+    dropout: float
+    kwargs: dict[str, Any]
+
+    @property
+    def sink(self) -> torch.Tensor | None:
+        """Per-head attention sink logits (``s_aux``), which every softmax here includes."""
+        return self.kwargs.get("s_aux")
+
+    def base(self, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base attention over ``key``/``self.value`` with msrnn's own boolean mask ``allowed``."""
+        return _base(self.base_name, self.kwargs)(self.module, query, key, self.value, allowed, scaling=self.scaling,
+                                                  dropout=self.dropout, **self.kwargs)
+
+
 def evicting_attention(base_name: str):
     """msrnn's attention function wrapping transformers' ``name`` one (registry entry)."""
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -173,99 +200,91 @@ def evicting_attention(base_name: str):
                 raise MsrnnError(f"{type(module).__name__} asks for attention with {what} ({rule}), which KV "
                                  "eviction does not apply; use a model without it")
         scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-        return _attend_and_evict(layer, base_name, module, query, key, value, attention_mask, scaling, dropout,
-                                 kwargs)
+        return _attend_and_evict(layer, AttentionCall(base_name, module, query, key, value, attention_mask, scaling,
+                                                      dropout, kwargs))
 
     attention.__name__ = f"msrnn_{base_name}"
     return attention
 
 
-def _attend_and_evict(layer: EvictionLayer, base_name, module, query, key, value, mask, scaling, dropout, kwargs):
+def _attend_and_evict(layer: EvictionLayer, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     if layer.free is not None:
-        return _decode_in_place(layer, base_name, module, query, key, value, mask, scaling, dropout, kwargs)
-    B, Hq, T, _ = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
+        return _decode_in_place(layer, call)
+    B, Hq, T, _ = call.query.shape
+    S = call.key.shape[2]
     S0 = S - T
-    G = layer.groups(Hkv)
-    dev = query.device
+    dev = call.query.device
     policy = layer.policy
-    new_valid = _new_validity(mask, B, T, S0, dev)  # [B, T]
+    new_valid = _new_validity(call.mask, B, T, S0, dev)  # [B, T]
     layer.all_valid = layer.all_valid and bool(new_valid.all())
     if T == 1 and layer.all_valid:
         new_pos = layer.counter[:, None]  # the common decode step: one real token
     else:
         new_pos = torch.where(new_valid, layer.counter[:, None] + new_valid.long().cumsum(1) - 1, -1)  # [B, T]
-    positions = torch.cat([layer.positions, new_pos[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
-    valid = torch.cat([layer.valid, new_valid[:, None].expand(B, G, T)], dim=2)  # [B, G, S]
-    acc = None
-    if layer.acc is not None:
-        acc = torch.cat([layer.acc, layer.acc.new_zeros(B, G, T)], dim=2)
+    table = layer.slots.append(new_pos.expand(B, T), new_valid)  # [B, G, S]: the kept slots and the new tokens
     k = policy.budget
     # One new token: "exact" and "oneshot" coincide, and the one-shot path avoids the per-query gathers.
     carried = None  # exact: the token-by-token state never exceeds the budget
     if k is None or S <= k or layer.prefill == "oneshot" or T == 1:
-        out, weights, keep = _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
-                                      S0, scaling, dropout, kwargs)
+        out, weights, keep = _oneshot(layer, call, table, S0)
         if keep is not None and T > 1:
             carried = S - 1  # one eviction at the end: the chunk's tokens pile up on the kept slots until then
     elif layer.prefill_chunk is not None:
-        out, keep, carried = _chunked(layer, query, key, value, positions, valid, acc, S0, scaling,
-                                      layer.prefill_chunk, kwargs.get("s_aux"))
+        out, keep, carried = _chunked(layer, call, table, S0, layer.prefill_chunk)
         weights = None
-    elif layer.reference or layer.rolling or S0 > k:
-        out, keep = _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling,
-                                     kwargs.get("s_aux"))
+    elif layer.ref or layer.rolling or S0 > k:
+        out, keep = _exact_ref(layer, call, table, S0)
         weights = None
     else:
-        out, keep = _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, kwargs.get("s_aux"))
+        out, keep = _exact(layer, call, table, S0)
         weights = None
-    layer.commit(keep, positions, valid, acc, T, new_valid.long().sum(1) if not layer.all_valid else T, carried)
+    layer.commit(keep, table, T, new_valid.long().sum(1) if not layer.all_valid else T, carried)
     return out, weights
 
 
-def _decode_in_place(layer: EvictionLayer, base_name, module, query, key, value, mask, scaling, dropout, kwargs):
+def _decode_in_place(layer: EvictionLayer, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decode step on a fixed buffer: the new token is already written into the free slot, so the query attends
     all budget + 1 slots (all in its past), the policy scores them, and the lowest-scoring slot becomes the free
     one. The same rule as the naive step, which keeps the top ``budget``: one slot goes, the older one on ties
     (slots are not chronological here, so ties are broken by original position). Padding slots of a left-padded
     prompt are masked and scored -inf, so they go first, as in the naive layout."""
+    query, key, value, table = call.query, call.key, call.value, layer.slots
     B = query.shape[0]
-    if mask is not None:
-        real = _new_validity(mask, B, 1, key.shape[2] - 1, query.device).all()
+    if call.mask is not None:
+        real = _new_validity(call.mask, B, 1, key.shape[2] - 1, query.device).all()
         message = "a padding token arrived while decoding in place; only left padding is supported"
         if torch.compiler.is_compiling():  # no host sync inside a captured step: raised when the step runs
             torch._assert_async(real, message)
         elif not bool(real):
             raise MsrnnError(message)
-    G = layer.positions.shape[1]
+    G = table.groups
     Hq = query.shape[1]
     policy = layer.policy
     p = None
     allowed_q = None  # every slot real: no mask (the common case)
     if not layer.all_valid:  # padding slots from a left-padded prompt: masked until they are evicted
-        allowed = layer.valid[:, :, None, :]  # [B, G, 1, S]
+        allowed = table.valid[:, :, None, :]  # [B, G, 1, S]
         allowed_q = allowed if G == 1 else _repeat_heads(allowed, Hq // G)
-    if policy.needs == "none" or base_name == "eager" or module.training:
-        out, weights = _base(base_name, kwargs)(module, query, key, value, allowed_q, scaling=scaling, dropout=dropout,
-                                        **kwargs)
+    if policy.needs == "none" or call.base_name == "eager" or call.module.training:
+        out, weights = call.base(query, key, allowed_q)
         if policy.needs != "none":
             p = weights[:, :, -1].float()
     else:
         # The policy needs the query's probabilities, which SDPA does not return: compute them once in fp32 and
         # attend with them, rather than running SDPA and then recomputing the same row (one q.K instead of two).
         Hkv = key.shape[1]
-        p = _probs(query, key, allowed_q, scaling, kwargs.get("s_aux"))[:, :, 0]  # [B, Hq, S]
+        p = _probs(query, key, allowed_q, call.scaling, call.sink)[:, :, 0]  # [B, Hq, S]
         pv = torch.matmul(p.view(B, Hkv, Hq // Hkv, -1), value.float())  # [B, Hkv, Hq/Hkv, Dv]
         out = pv.view(B, Hq, 1, -1).transpose(1, 2).to(query.dtype)  # [B, 1, Hq, Dv]
         weights = None
-    if layer.acc is not None:
-        layer.acc += _group(p, G, "sum")
+    if table.acc is not None:
+        table.acc += _group(p, G, "sum")
     last = _group(p, G, "mean") if policy.needs == "last" else None
-    scores = policy.score(Candidates(layer.positions, layer.valid, layer.acc, last))  # [B, G, k + 1]
+    scores = policy.score(table.candidates(last))  # [B, G, k + 1]
     if not layer.all_valid:
-        scores = scores.masked_fill(~layer.valid, float("-inf"))
+        scores = scores.masked_fill(~table.valid, float("-inf"))
     lowest = scores == scores.min(dim=-1, keepdim=True).values
-    evict = layer.positions.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1)  # [B, G] oldest
+    evict = table.positions.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1)  # [B, G] oldest
     layer.commit_in_place(evict)
     return out, weights
 
@@ -276,24 +295,28 @@ def _rolling_deltas(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return torch.where(valid, cache_pos - positions, 0)
 
 
-def _select(policy, cand_positions, cand_valid, cand_acc, last, k, all_valid: bool = False) -> torch.Tensor:
-    scores = policy.score(Candidates(cand_positions, cand_valid, cand_acc, last))
+def _select(policy: Any, cand: SlotTable, last: torch.Tensor | None, k: int, all_valid: bool = False
+            ) -> torch.Tensor:
+    """[B, G, k] indices of the ``k`` candidates the policy scores highest, ascending."""
+    scores = policy.score(cand.candidates(last))
     if not all_valid:
-        scores = scores.masked_fill(~cand_valid, float("-inf"))
+        scores = scores.masked_fill(~cand.valid, float("-inf"))
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values  # chronological order, as TOVA's code keeps it
 
 
-def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc, S0, scaling, dropout, kwargs):
+def _oneshot(layer: EvictionLayer, call: AttentionCall, table: SlotTable, S0: int
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    query, key, scaling, sink = call.query, call.key, call.scaling, call.sink
     B, Hq, T, _ = query.shape
     S = key.shape[2]
-    G = positions.shape[1]
+    G = table.groups
+    valid, acc = table.valid, table.acc
     dev = query.device
     # allowed[b, g, i, s]: kept slots are all in the past; new tokens are causal among themselves, padding is
     # visible only to itself (so no query row is empty).
     # A prompt's first chunk (no kept slot, no padding) is plain causal attention: SDPA's causal kernel, no [T, S]
-    # mask (which forces SDPA's slow math path). ``reference`` keeps the explicit mask as the readable twin.
-    causal = (T > 1 and S0 == 0 and layer.all_valid and not layer.reference and base_name == "sdpa"
-              and kwargs.get("s_aux") is None)
+    # mask (which forces SDPA's slow math path). ``ref`` keeps the explicit mask as the readable twin.
+    causal = T > 1 and S0 == 0 and layer.all_valid and not layer.ref and call.base_name == "sdpa" and sink is None
     if (T == 1 and layer.all_valid) or causal:
         allowed_q = None  # one query, every slot real and in its past (the common decode step), or causal
     else:
@@ -304,13 +327,11 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
         allowed_q = allowed if G == 1 else _repeat_heads(allowed, Hq // G)  # [B, 1|Hq, T, S]
     q, kk = query, key
     if layer.rolling:
-        delta = _rolling_deltas(positions, valid)  # [B, 1, S]
+        delta = _rolling_deltas(table.positions, valid)  # [B, 1, S]
         kk = rotate(key, delta, layer.rotation)
         q = rotate(query, delta[:, :, S0:], layer.rotation)
-    out, weights = _base(base_name, kwargs)(module, q, kk, value, allowed_q, scaling=scaling, dropout=dropout,
-                                            **kwargs)
+    out, weights = call.base(q, kk, allowed_q)
     policy, k = layer.policy, layer.policy.budget
-    sink = kwargs.get("s_aux")
     if acc is not None:
         colsum = torch.zeros(B, Hq, S, device=dev)
         for lo in range(0, T, 256):  # bounded memory for long prefills
@@ -330,15 +351,18 @@ def _oneshot(layer, base_name, module, query, key, value, positions, valid, acc,
         p = weights[:, :, -1].float() if weights is not None else \
             _probs(q[:, :, -1:], kk, None if allowed_q is None else allowed_q[:, :, -1:], scaling, sink)[:, :, 0]
         last = _group(p, G, "mean")
-    keep = _select(policy, positions, valid, acc, last, k, all_valid=layer.all_valid)
+    keep = _select(policy, table, last, k, all_valid=layer.all_valid)
     return out, weights, keep
 
 
-def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scaling, sink=None):
+def _exact_ref(layer: EvictionLayer, call: AttentionCall, table: SlotTable, S0: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token semantics inside one call: query j sees the slots kept after token j - 1 (readable twin)."""
+    query, key, value, scaling, sink = call.query, call.key, call.value, call.scaling, call.sink
     B, Hq, T, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
-    G = positions.shape[1]
+    G = table.groups
+    acc = table.acc
     n_rep = Hq // Hkv
     policy, k = layer.policy, layer.policy.budget
     cur = torch.arange(S0, device=query.device).expand(B, G, S0)  # [B, G, n] indices into the S slots
@@ -348,13 +372,13 @@ def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scalin
         kidx = cand if G == Hkv else cand.expand(B, Hkv, cand.shape[-1])
         kc = key.gather(2, kidx[..., None].expand(-1, -1, -1, D))  # [B, Hkv, n+1, D]
         vc = value.gather(2, kidx[..., None].expand(-1, -1, -1, Dv))
-        cvalid = valid.gather(2, cand)
+        ctable = table.gather(cand)  # the candidates' bookkeeping (before this query's attention is added)
+        cvalid = ctable.valid
         allowed = cvalid.clone()
         allowed[..., -1] = True
         qj = query[:, :, j : j + 1]
         if layer.rolling:
-            cpos = positions.gather(2, cand)
-            delta = _rolling_deltas(cpos, cvalid)
+            delta = _rolling_deltas(ctable.positions, cvalid)
             kc = rotate(kc, delta, layer.rotation)
             qj = rotate(qj, delta[:, :, -1:], layer.rotation)
         allowed_q = allowed[:, :, None] if G == 1 else _repeat_heads(allowed[:, :, None], n_rep)
@@ -364,8 +388,7 @@ def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scalin
             acc.scatter_add_(2, cand, _group(p[:, :, 0], G, "sum"))
         if cand.shape[-1] > k:
             last = _group(p[:, :, 0], G, "mean") if policy.needs == "last" else None
-            cacc = acc.gather(2, cand) if acc is not None else None
-            sel = _select(policy, positions.gather(2, cand), cvalid, cacc, last, k)
+            sel = _select(policy, table.gather(cand), last, k)  # with this query's attention in the H2O sums
             cur = cand.gather(2, sel)
         else:
             cur = cand
@@ -373,11 +396,14 @@ def _exact_reference(layer, query, key, value, positions, valid, acc, S0, scalin
     return out, cur
 
 
-def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c, sink=None):
+def _chunked(layer: EvictionLayer, call: AttentionCall, table: SlotTable, S0: int, c: int
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``chunked:c``: groups of c queries see the slots kept after the previous group; one eviction per group."""
+    query, key, value, scaling, sink = call.query, call.key, call.value, call.scaling, call.sink
     B, Hq, T, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
-    G = positions.shape[1]
+    G = table.groups
+    acc = table.acc
     n_rep = Hq // Hkv
     policy, k = layer.policy, layer.policy.budget
     dev = query.device
@@ -391,13 +417,13 @@ def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c, si
         kidx = cand if G == Hkv else cand.expand(B, Hkv, m)
         kc = key.gather(2, kidx[..., None].expand(-1, -1, -1, D))  # [B, Hkv, m, D]
         vc = value.gather(2, kidx[..., None].expand(-1, -1, -1, Dv))
-        cvalid = valid.gather(2, cand)  # [B, G, m]
+        cvalid = table.valid.gather(2, cand)  # [B, G, m]
         tri = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         new_ok = tri & cvalid[:, :, None, m - n :] | torch.eye(n, dtype=torch.bool, device=dev)  # [B, G, n, n]
         allowed = torch.cat([cvalid[:, :, None, : m - n].expand(B, G, n, m - n), new_ok], dim=-1)  # [B, G, n, m]
         qj = query[:, :, lo : lo + n]
         if layer.rolling:
-            delta = _rolling_deltas(positions.gather(2, cand), cvalid)
+            delta = _rolling_deltas(table.positions.gather(2, cand), cvalid)
             kc = rotate(kc, delta, layer.rotation)
             qj = rotate(qj, delta[:, :, m - n :], layer.rotation)
         p = _probs(qj, kc, allowed if G == 1 else _repeat_heads(allowed, n_rep), scaling, sink)  # [B, Hq, n, m]
@@ -406,8 +432,7 @@ def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c, si
             acc.scatter_add_(2, cand, _group(p.sum(2), G, "sum"))
         if m > k:
             last = _group(p.mean(2), G, "mean") if policy.needs == "last" else None
-            cacc = acc.gather(2, cand) if acc is not None else None
-            cur = cand.gather(2, _select(policy, positions.gather(2, cand), cvalid, cacc, last, k))
+            cur = cand.gather(2, _select(policy, table.gather(cand), last, k))
             carried = max(carried, m - 1 if n > 1 else k)  # the group's tokens pile up until its eviction
         else:
             cur = cand
@@ -419,8 +444,9 @@ def _chunked(layer, query, key, value, positions, valid, acc, S0, scaling, c, si
 _QUERY_BLOCK = 256  # queries whose logits are computed at once: bounds memory at B * Hq * 256 * S floats
 
 
-def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, sink=None):
-    """The same semantics as :func:`_exact_reference`, a block of queries at a time over a compact candidate set.
+def _exact(layer: EvictionLayer, call: AttentionCall, table: SlotTable, S0: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same semantics as :func:`_exact_ref`, a block of queries at a time over a compact candidate set.
 
     Needs S0 <= k (a layer never holds more than its budget between calls), so once the candidates reach k + 1
     every query evicts exactly one slot: the lowest-scoring member, the older one on ties (``argmin`` returns
@@ -429,9 +455,11 @@ def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, si
     the block, slots not (or no longer) members get -inf logits, which gives them probability 0, so the softmax
     equals the reference's softmax over its gathered candidates.
     """
+    query, key, value, scaling, sink = call.query, call.key, call.value, call.scaling, call.sink
     B, Hq, T, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    G = positions.shape[1]
+    G = table.groups
+    valid, acc = table.valid, table.acc
     policy, k = layer.policy, layer.policy.budget
     dev = query.device
     neg = float("-inf")
@@ -455,8 +483,8 @@ def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, si
         kc = kf.gather(2, kidx[..., None].expand(-1, -1, -1, D))  # [B, Hkv, m, D]
         vc = vf.gather(2, kidx[..., None].expand(-1, -1, -1, Dv))  # [B, Hkv, m, Dv]
         alive_c, bias_c = alive.gather(2, cand), bias.gather(2, cand)  # [B, G, m]
-        pos_c, valid_c = positions.gather(2, cand), valid.gather(2, cand)
-        acc_c = acc.gather(2, cand) if acc is not None else None
+        cand_table = table.gather(cand)  # [B, G, m] the candidates' positions, validity and H2O sums
+        valid_c, acc_c = cand_table.valid, cand_table.acc
         qg = (query[:, :, lo:hi].float() * scaling).reshape(B, Hkv, (Hq // Hkv) * n, D)  # [B, Hkv, rep*n, D]
         logits = torch.matmul(qg, kc.transpose(-1, -2)).view(B, Hkv, Hq // Hkv, n, m)
         logits = logits.view(B, Hq, n, m).permute(2, 0, 1, 3).reshape(n, B, G, Hq // G, m)  # [n, B, G, Hq/G, m]
@@ -473,7 +501,7 @@ def _exact_fast(layer, query, key, value, positions, valid, acc, S0, scaling, si
                 bias_c[:, :, s] = bias_c[:, :, s].masked_fill(~valid_c[:, :, s], neg)
             if S0 + lo + i + 1 > k:  # k + 1 members: evict one
                 last = p.mean(2) if policy.needs == "last" else None
-                scores = policy.score(Candidates(pos_c, valid_c, acc_c, last, member=alive_c))
+                scores = policy.score(cand_table.candidates(last, member=alive_c))
                 scores = scores.masked_fill(~valid_c, neg).masked_fill(~alive_c, float("inf"))
                 out_idx = scores.argmin(-1, keepdim=True)  # [B, G, 1]
                 alive_c.scatter_(2, out_idx, False)

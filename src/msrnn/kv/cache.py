@@ -15,13 +15,15 @@ returns tokens seen, not slots kept, because transformers uses it as the query o
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from msrnn.errors import ConfigError, MsrnnError
-from msrnn.kv.policies import Policy
+from msrnn.kv.policies import Candidates, Policy
 from msrnn.kv.rope import Rotation
 
 
@@ -87,6 +89,22 @@ def check_compile(policy: Policy, storage: str) -> None:
         raise ConfigError("compile captures the decode step of a bounded cache; name a policy with a budget")
 
 
+def check_options(policy: Policy, prefill: str = "exact", positions: str = "original", storage: str = "naive",
+                  compile: bool = False) -> None:
+    """Every check of how a bounded cache runs, in one place: :class:`~msrnn.kv.KVSettings`, the cache and the
+    engine all call this (each error is written once)."""
+    parse_prefill(prefill)
+    if positions not in POSITION_MODES:
+        raise ConfigError(f"unknown positions mode {positions!r}; use {' or '.join(POSITION_MODES)}")
+    check_storage(storage, positions)
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile must be true or false, not {compile!r}")
+    if compile:
+        check_compile(policy, storage)
+    if positions == "rolling" and policy.per_head:
+        raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
+
+
 def parse_prefill(mode: str) -> int | None:
     """Check a prefill mode; returns C for ``chunked:C`` (evict once per C tokens), None for exact and oneshot."""
     if mode in ("exact", "oneshot"):
@@ -96,6 +114,67 @@ def parse_prefill(mode: str) -> int | None:
         return int(c)
     raise ConfigError(f"unknown prefill mode {mode!r}; use exact, oneshot or chunked:C (C >= 1 tokens per "
                       "eviction, e.g. chunked:64)")
+
+
+@dataclass
+class SlotTable:
+    """Each slot's bookkeeping next to its key and value, for G selection groups (1, or one per KV head): the
+    token's original position (-1 = padding), whether it is real, and H2O's accumulated attention (None for other
+    policies). Every operation that moves slots moves all three together, through these methods."""
+
+    positions: torch.Tensor  # [B, G, S] long
+    valid: torch.Tensor  # [B, G, S] bool
+    acc: torch.Tensor | None  # [B, G, S] float32 (H2O only)
+
+    @classmethod
+    def empty(cls, B: int, G: int, device: torch.device, with_acc: bool) -> SlotTable:
+        """No slots yet."""
+        return cls(torch.zeros((B, G, 0), dtype=torch.long, device=device),
+                   torch.zeros((B, G, 0), dtype=torch.bool, device=device),
+                   torch.zeros((B, G, 0), dtype=torch.float32, device=device) if with_acc else None)
+
+    @property
+    def groups(self) -> int:
+        return self.positions.shape[1]
+
+    def append(self, positions: torch.Tensor, valid: torch.Tensor) -> SlotTable:
+        """The table with T new slots at the end: ``positions``/``valid`` [B, T] (the same for every group), no
+        attention accumulated yet."""
+        B, G, T = positions.shape[0], self.groups, positions.shape[1]
+        return SlotTable(torch.cat([self.positions, positions[:, None].expand(B, G, T)], dim=2),  # [B, G, S + T]
+                         torch.cat([self.valid, valid[:, None].expand(B, G, T)], dim=2),
+                         None if self.acc is None else torch.cat([self.acc, self.acc.new_zeros(B, G, T)], dim=2))
+
+    def append_free(self) -> SlotTable:
+        """One more slot, empty: a fixed buffer's free slot (its position sorts after every real one)."""
+        B, G = self.positions.shape[:2]
+        return SlotTable(torch.cat([self.positions, self.positions.new_full((B, G, 1), _NO_POSITION)], dim=2),
+                         torch.cat([self.valid, self.valid.new_ones(B, G, 1)], dim=2),
+                         None if self.acc is None else torch.cat([self.acc, self.acc.new_zeros(B, G, 1)], dim=2))
+
+    def gather(self, idx: torch.Tensor) -> SlotTable:
+        """The slots at indices ``idx`` [B, G, k]."""
+        return SlotTable(self.positions.gather(2, idx), self.valid.gather(2, idx),
+                         None if self.acc is None else self.acc.gather(2, idx))
+
+    def write(self, slot: torch.Tensor, position: torch.Tensor) -> None:
+        """Fixed storage: a new real token at ``slot`` [B, G] with original ``position`` [B], in place."""
+        self.positions.scatter_(2, slot[..., None], position[:, None, None].expand_as(slot[..., None]))
+        self.valid.scatter_(2, slot[..., None], True)  # the slot may have held padding
+        if self.acc is not None:
+            self.acc.scatter_(2, slot[..., None], 0.0)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SlotTable:
+        """``fn`` applied to every field along the batch (repeat, select sequences)."""
+        return SlotTable(fn(self.positions), fn(self.valid), None if self.acc is None else fn(self.acc))
+
+    def candidates(self, last: torch.Tensor | None = None, member: torch.Tensor | None = None) -> Candidates:
+        """What a policy may look at, with the newest query's attention ``last`` (TOVA)."""
+        return Candidates(self.positions, self.valid, self.acc, last, member)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """The fields, for counting bytes."""
+        return [self.positions, self.valid, self.acc]
 
 
 def _select_slots(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -115,20 +194,18 @@ class EvictionLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 rotation: Rotation | None = None, reference: bool = False, storage: str = "naive") -> None:
+                 rotation: Rotation | None = None, ref: bool = False, storage: str = "naive") -> None:
         super().__init__()
         self.policy = policy
         self.storage = storage
         self.prefill = prefill
         self.prefill_chunk = parse_prefill(prefill)
-        self.reference = reference  # exact prefill through the slow readable twin (tests compare the two)
+        self.ref = ref  # exact prefill through the slow readable twin (tests compare the two)
         self.rolling = positions == "rolling"
         self.rotation = rotation  # this layer's RoPE (rolling positions re-rotate with it; None: never rotated)
         self.seen = 0
         self._awaiting_commit = False
-        self.positions: torch.Tensor | None = None  # [B, G, S] long
-        self.valid: torch.Tensor | None = None  # [B, G, S] bool
-        self.acc: torch.Tensor | None = None  # [B, G, S] float32 (H2O only)
+        self.slots: SlotTable | None = None  # each slot's position, validity and H2O sum
         self.counter: torch.Tensor | None = None  # [B] valid tokens seen (next original position)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.all_valid = True  # no padding slot was ever added (lets decoding skip masks)
@@ -156,9 +233,7 @@ class EvictionLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, dev
         self.keys = key_states.new_zeros((B, H, 0, D))
         self.values = value_states.new_zeros((B, H, 0, value_states.shape[-1]))
-        self.positions = torch.zeros((B, G, 0), dtype=torch.long, device=dev)
-        self.valid = torch.zeros((B, G, 0), dtype=torch.bool, device=dev)
-        self.acc = torch.zeros((B, G, 0), dtype=torch.float32, device=dev) if self.policy.needs == "all" else None
+        self.slots = SlotTable.empty(B, G, dev, with_acc=self.policy.needs == "all")
         self.counter = torch.zeros(B, dtype=torch.long, device=dev)
         self.is_initialized = True
 
@@ -198,14 +273,10 @@ class EvictionLayer(DynamicLayer):
     def _to_fixed(self) -> None:
         """Chronological k slots -> a k + 1 slot buffer whose extra slot is free (one copy, once)."""
         B, H, _, D = self.keys.shape
-        G = self.positions.shape[1]
         self.keys = torch.cat([self.keys, self.keys.new_zeros(B, H, 1, D)], dim=2)
         self.values = torch.cat([self.values, self.values.new_zeros(B, H, 1, self.values.shape[-1])], dim=2)
-        self.positions = torch.cat([self.positions, self.positions.new_full((B, G, 1), _NO_POSITION)], dim=2)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(B, G, 1)], dim=2)
-        if self.acc is not None:
-            self.acc = torch.cat([self.acc, self.acc.new_zeros(B, G, 1)], dim=2)
-        self.free = torch.full((B, G), self.budget, dtype=torch.long, device=self.keys.device)
+        self.slots = self.slots.append_free()
+        self.free = torch.full((B, self.slots.groups), self.budget, dtype=torch.long, device=self.keys.device)
 
     def _write_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,10 +286,7 @@ class EvictionLayer(DynamicLayer):
         idx = self.free if self.free.shape[1] == H else self.free.expand(B, H)  # [B, H] one slot per KV head
         self.keys.scatter_(2, idx[:, :, None, None].expand(B, H, 1, self.keys.shape[-1]), key_states)
         self.values.scatter_(2, idx[:, :, None, None].expand(B, H, 1, self.values.shape[-1]), value_states)
-        self.positions.scatter_(2, self.free[..., None], self.counter[:, None, None].expand_as(self.free[..., None]))
-        self.valid.scatter_(2, self.free[..., None], True)  # the slot may have held padding
-        if self.acc is not None:
-            self.acc.scatter_(2, self.free[..., None], 0.0)
+        self.slots.write(self.free, self.counter)
         self.pending = (self.keys, self.values)
         self._awaiting_commit = True
         ACTIVE_LAYER.set(self)
@@ -235,32 +303,29 @@ class EvictionLayer(DynamicLayer):
 
     def _live_order(self) -> torch.Tensor:
         """[B, G, k] indices of the live slots of a fixed buffer in chronological order."""
-        pos = self.positions.scatter(2, self.free[..., None], _NO_POSITION)
+        pos = self.slots.positions.scatter(2, self.free[..., None], _NO_POSITION)
         return pos.argsort(dim=-1)[..., : self.budget]
 
     def _to_naive(self) -> None:
         """A fixed buffer -> the k live slots in chronological order (the naive layout)."""
         keep = self._live_order()
         self.keys, self.values = _select_slots(self.keys, keep), _select_slots(self.values, keep)
-        self.positions, self.valid = self.positions.gather(2, keep), self.valid.gather(2, keep)
-        self.acc = self.acc.gather(2, keep) if self.acc is not None else None
+        self.slots = self.slots.gather(keep)
         self.free = None
 
-    def commit(self, keep: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor,
-               acc: torch.Tensor | None, new_tokens: int, new_valid_counts: torch.Tensor | int,
-               carried: int | None = None) -> None:
-        """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending); None keeps all.
-        ``carried``: the most slots held between two of this forward's tokens (default: what is kept)."""
+    def commit(self, keep: torch.Tensor | None, table: SlotTable, new_tokens: int,
+               new_valid_counts: torch.Tensor | int, carried: int | None = None) -> None:
+        """Keep candidate slots ``keep`` [B, G, k] (indices into old + new slots, ascending) of ``table`` (the old and
+        new slots' bookkeeping); None keeps all. ``carried``: the most slots held between two of this forward's
+        tokens (default: what is kept)."""
         full_k, full_v = self.pending
         kept = full_k.shape[-2] if keep is None else keep.shape[-1]
         self.chunk_peak_slots = max(kept, carried or 0)
         if keep is None:
-            self.keys, self.values, self.positions, self.valid, self.acc = full_k, full_v, positions, valid, acc
+            self.keys, self.values, self.slots = full_k, full_v, table
         else:
             self.keys, self.values = _select_slots(full_k, keep), _select_slots(full_v, keep)
-            self.positions = positions.gather(2, keep)
-            self.valid = valid.gather(2, keep)
-            self.acc = acc.gather(2, keep) if acc is not None else None
+            self.slots = table.gather(keep)
         self.seen += new_tokens
         self.counter = self.counter + new_valid_counts
         self.pending = None
@@ -291,7 +356,7 @@ class EvictionLayer(DynamicLayer):
         super().reset()
         self.seen = 0
         self._awaiting_commit = False
-        self.positions = self.valid = self.acc = self.counter = self.pending = self.free = None
+        self.slots = self.counter = self.pending = self.free = None
         self.all_valid = True
         self.chunk_peak_slots = 0
 
@@ -301,21 +366,22 @@ class EvictionLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every sequence's slots ``repeats`` times (beam search / sampling)."""
-        if self.free is not None:
-            self._to_naive()
-        for name in ("keys", "values", "positions", "valid", "acc", "counter"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.repeat_interleave(repeats, dim=0))
+        self._per_sequence(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the sequences at ``indices``."""
+        self._per_sequence(lambda t: t[indices])
+
+    def _per_sequence(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """``fn`` applied along the batch to every per-sequence tensor (in the chronological layout)."""
         if self.free is not None:
             self._to_naive()
-        for name in ("keys", "values", "positions", "valid", "acc", "counter"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t[indices])
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.slots is not None:
+            self.slots = self.slots.map(fn)
+        if self.counter is not None:
+            self.counter = fn(self.counter)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the sequences for beam search."""
@@ -324,8 +390,21 @@ class EvictionLayer(DynamicLayer):
     def kept_positions(self) -> torch.Tensor:
         """Original positions of the tokens this layer holds, [B, G, S] (-1 = padding), in chronological order."""
         if self.free is not None:
-            return self.positions.gather(2, self._live_order())
-        return self.positions
+            return self.slots.positions.gather(2, self._live_order())
+        return self.slots.positions
+
+    # Read-only views of the slot table, for callers that inspect a layer (tests, studies).
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return None if self.slots is None else self.slots.positions
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return None if self.slots is None else self.slots.valid
+
+    @property
+    def acc(self) -> torch.Tensor | None:
+        return None if self.slots is None else self.slots.acc
 
 
 class KVEvictionCache(Cache):
@@ -333,29 +412,24 @@ class KVEvictionCache(Cache):
     (``cache=`` from 5.24, ``past_key_values=`` before; :func:`msrnn.compat.cache_kwargs` picks the name).
 
     The model must use msrnn's attention function (:func:`msrnn.kv.prepare_model`) so layers receive scores.
-    ``reference=True`` runs the exact prefill through its slow, readable twin (the same results; for tests).
+    ``ref=True`` runs the exact prefill through its slow, readable twin (the same results; for tests).
     ``storage='fixed'`` decodes in place in a preallocated ``budget + 1`` slot buffer per layer once a layer is full
     (the same kept tokens as ``'naive'``; slots are then not in chronological order, and positions travel with
     them); ``'naive'`` rebuilds the kept slots at every step.
     """
 
     def __init__(self, num_layers: int, policy: Policy, prefill: str = "exact", positions: str = "original",
-                 rotations: list[Rotation] | None = None, reference: bool = False, storage: str = "naive") -> None:
-        parse_prefill(prefill)
-        if positions not in POSITION_MODES:
-            raise ConfigError(f"unknown positions mode {positions!r}; use original or rolling")
-        check_storage(storage, positions)
+                 rotations: list[Rotation] | None = None, ref: bool = False, storage: str = "naive") -> None:
+        check_options(policy, prefill, positions, storage)
         if positions == "rolling":
             if rotations is None:
                 raise ConfigError("positions='rolling' re-rotates RoPE keys, but no per-layer rotation was given "
                                   "(msrnn.kv.make_cache finds it by verifying the model); use positions='original'")
             if len(rotations) != num_layers:
                 raise ConfigError(f"{len(rotations)} rotations for {num_layers} layers")
-            if policy.per_head:
-                raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
         self.policy = policy
         per_layer = rotations if rotations is not None else [None] * num_layers
-        super().__init__(layers=[EvictionLayer(policy, prefill, positions, rotation, reference, storage)
+        super().__init__(layers=[EvictionLayer(policy, prefill, positions, rotation, ref, storage)
                                  for rotation in per_layer])
 
     def max_slots(self) -> int:

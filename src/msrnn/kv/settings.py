@@ -11,16 +11,17 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from msrnn.errors import ConfigError
-from msrnn.kv.cache import POSITION_MODES, check_compile, check_storage, parse_prefill
+from msrnn.families import Knobs
+from msrnn.kv.cache import check_options
 from msrnn.kv.policies import KV_POLICIES, Policy, make_policy
 
 OPTION_NAMES = ("sinks", "recent", "per_head", "keep_newest")
 
 
 @dataclass(frozen=True)
-class KVSettings:
-    """A policy (registry name), its budget in slots per layer, the policy's options (None = its default), and how
-    the cache prefills chunks and positions keys."""
+class KVSettings(Knobs):
+    """KV eviction's knobs (``msrnn.kv.family.KVSpec``): a policy (registry name), its budget in slots per layer,
+    the policy's options (None = its default), and how the cache prefills chunks and positions keys."""
 
     policy: str
     budget: int | None = None
@@ -33,18 +34,11 @@ class KVSettings:
     storage: str = "naive"
     compile: bool = False  # torch.compile the in-place decode step (fixed storage)
 
+    SIZE_FIELDS = ("budget",)
+
     def __post_init__(self) -> None:
-        parse_prefill(self.prefill)
-        if self.positions not in POSITION_MODES:
-            raise ConfigError(f"unknown positions mode {self.positions!r}; use {' or '.join(POSITION_MODES)}")
-        check_storage(self.storage, self.positions)
-        policy = self.make_policy()  # every option is checked now, not at the first chunk
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be true or false, not {self.compile!r}")
-        if self.compile:
-            check_compile(policy, self.storage)
-        if self.positions == "rolling" and policy.per_head:
-            raise ConfigError("positions='rolling' needs one selection per layer; drop the per-head option")
+        # Every option is checked now, not at the first chunk, by the same checks the cache and engine run.
+        check_options(self.make_policy(), self.prefill, self.positions, self.storage, self.compile)
 
     def options(self) -> dict[str, Any]:
         """The policy options that were given (None means the policy's default)."""

@@ -234,7 +234,7 @@ def _attn_base(model: Any) -> str:
 def _cache_key(model: Any, tiny_cfg: Any, base: str) -> tuple[str, dict[str, str]]:
     import transformers
 
-    from msrnn import __version__
+    from msrnn.version import __version__
 
     versions = {"msrnn": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "verify": str(VERIFY_VERSION)}
@@ -286,7 +286,9 @@ def _window_mask(T: int, budget: int, sinks: int) -> torch.Tensor:
 def _run_checks(plain: Any, twin: Any, base: str, verdict: Verdict) -> None:
     from msrnn.compat import cache_kwargs
     from msrnn.kv.attention import recording_calls
-    from msrnn.kv.lm import KVEvictionLM, _prepare, make_cache
+    from msrnn.kv.engine import BoundedKVLM as KVEvictionLM  # the engine users' KVEvictionLM runs, unverified
+    from msrnn.kv.engine import _prepare
+    from msrnn.kv.engine import bounded_cache as make_cache
     from msrnn.kv.policies import TOVA, make_policy
 
     vocab = int(plain.config.vocab_size)
@@ -363,7 +365,7 @@ def _run_checks(plain: Any, twin: Any, base: str, verdict: Verdict) -> None:
 
         check("chunk-invariance", chunk_invariance)
 
-        def window_reference() -> None:
+        def window_equals_masked_plain() -> None:
             for name, sinks in (("window", 0), ("sink", 2)):
                 opts = {"sinks": sinks} if sinks else {}
                 lm = KVEvictionLM(twin, make_policy(name, budget, **opts))
@@ -376,7 +378,7 @@ def _run_checks(plain: Any, twin: Any, base: str, verdict: Verdict) -> None:
                     return
                 _close(f"{name} eviction against the plain model under its mask", want, _stream(lm, ids, [5, 1, 3]))
 
-        check("window-reference", window_reference)
+        check("window-reference", window_equals_masked_plain)
 
         def scored_probabilities() -> None:
             seen: list[torch.Tensor] = []
@@ -427,7 +429,7 @@ def _rolling_rules(plain: Any, base: str) -> list[Rotation]:
     """Each twin layer's rotation, found by shifting every position by a constant: RoPE attention is invariant to
     that, so every layer sees the same inputs and its queries and keys differ exactly by its rotation."""
     from msrnn.kv.attention import recording_calls
-    from msrnn.kv.lm import _prepare
+    from msrnn.kv.engine import _prepare
     from msrnn.kv.rope import rotate
 
     buffers = rotary_buffers(plain)
@@ -596,6 +598,30 @@ def _latent_hint(message: str) -> str:
     return message
 
 
+def check_supported(model: Any) -> None:
+    """Raise a clear error for models that have no decoder KV cache to bound, or whose attention has a feature
+    eviction cannot honour (named: a sliding window, a softcap, chunked attention, ALiBi). Cheap: reads the config;
+    :func:`msrnn.kv.prepare_model` then verifies the rest on a tiny twin (:func:`verdict_for`)."""
+    from transformers import PreTrainedModel
+
+    from msrnn.models.loading import is_encoder_only
+
+    if not isinstance(model, PreTrainedModel):
+        raise ModelLoadError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{cfg.model_type} is an encoder-decoder model; KV eviction supports decoder-only LMs")
+    if is_encoder_only(cfg):
+        raise ModelLoadError(f"{cfg.model_type} is an encoder-only model with no KV cache; use a decoder LM "
+                             "such as Llama, Mistral, Qwen2 or GPT-2")
+    if not isinstance(getattr(cfg, "num_hidden_layers", None), int):
+        raise ModelLoadError(f"{type(model).__name__}'s config has no num_hidden_layers, so msrnn cannot give each "
+                             "layer a bounded cache")
+    reasons = named_refusals(model)
+    if reasons:
+        raise ModelLoadError(f"{type(model).__name__}: KV eviction cannot honour {'; '.join(reasons)}")
+
+
 def require_verified(model: Any) -> Verdict | None:
     """Raise :class:`ModelLoadError` naming the failed check or feature unless ``model`` is verified (None while
     verification itself builds bounded models of its twin)."""
@@ -690,8 +716,6 @@ def causal_lm_types() -> list[str]:
 def check_architecture(model_type: str) -> ArchitectureResult:
     """Build a tiny ``model_type`` and ask :func:`msrnn.kv.prepare_model`'s questions of it."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from msrnn.kv.lm import check_supported
 
     start = time.perf_counter()
     cls_name = str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "?"))

@@ -1,12 +1,34 @@
-"""The plain HF family's entry in the family registry (``msrnn.families``): the full-cache cost model."""
+"""The plain HF family's spec (``msrnn.families``): a decoder with its whole KV cache, the unbounded reference."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
+
+from msrnn.families import Cost, FamilySpec, Knobs, NoKnobs
 
 
-def cost(a: Any, length: int, **_: Any) -> dict[str, float]:
-    """Softmax attention over the whole KV cache: attention FLOPs grow as L^2, state as L."""
-    pairs = length * (length + 1) / 2
-    return {"flops": a.dense_flops_per_token() * length + a.layers * 4 * a.heads * a.head_dim * pairs,
-            "state_bytes": a.kv_bytes_per_slot() * length}
+class FullSpec(FamilySpec):
+    """Any Hugging Face causal LM with its full KV cache."""
+
+    name = "hf"
+    label = "full"
+    help = "any Hugging Face causal LM with its full KV cache"
+    knobs_type: ClassVar[type[Knobs]] = NoKnobs
+    loadable = True
+    marker = "*"
+    reference = True
+
+    def cost(self, arch: Any, length: int, knobs: Knobs) -> Cost:
+        """Softmax attention over the whole KV cache: attention FLOPs grow as L^2, state as L."""
+        pairs = length * (length + 1) / 2
+        return {"flops": arch.dense_flops_per_token() * length + arch.layers * 4 * arch.heads * arch.head_dim * pairs,
+                "state_bytes": arch.kv_bytes_per_slot() * length}
+
+    def load(self, path: str | Path, **options: Any) -> Any:
+        from msrnn.models.loading import load_full
+
+        return load_full(path, **options)
+
+    def series(self, entry: dict[str, Any]) -> str | None:
+        return None

@@ -44,6 +44,8 @@ class HFCausalLM:
     without changing the driving logic.
     """
 
+    family = "hf"  # its spec in msrnn.families
+
     # The state never shrinks from one token to the next (the full cache grows; eviction and SUPRA saturate), so
     # its peak is at the last offset: see msrnn.protocol.peak_state_bytes. Tested in tests/test_evaluate.py. A cache
     # supplied through ``cache_factory`` promises nothing, so a plain adapter with one is profiled instead.

@@ -1,7 +1,7 @@
 """Load a model directory (or hub id) as a StatefulLM, with one clear error for every way it can fail.
 
-A directory made by any msrnn command holds ``msrnn.json`` naming its family; each family's record in
-:data:`msrnn.families.FAMILIES` names its loader. A directory without it is treated as a plain HF causal LM (full
+A directory made by any msrnn command holds ``msrnn.json`` naming its family; each family's spec in
+:data:`msrnn.families.FAMILIES` loads it. A directory without it is treated as a plain HF causal LM (full
 KV cache).
 """
 
@@ -238,9 +238,9 @@ def family_of(spec: str | Path) -> str:
         return "hf"
     by_type = family_of_model_type(_model_type(path))
     named = read_meta(path).get("family")
-    if named is not None and (not isinstance(named, str) or named not in FAMILIES.names()
-                              or FAMILIES.get(named).loader is None):
-        loadable = ", ".join(f.name for f in FAMILIES.values() if f.loader)
+    if named is not None and (not isinstance(named, str) or named not in FAMILIES
+                              or not FAMILIES.get(named).loadable):
+        loadable = ", ".join(f.name for f in FAMILIES.values() if f.loadable)
         raise ModelLoadError(f"{path / MSRNN_META} names family {named!r}, which is not one msrnn loads ({loadable}); "
                              "fix it or re-create the model directory")
     if by_type is not None and named is not None and named != by_type.name:
@@ -256,7 +256,7 @@ def load_lm(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
         raise ConfigError(f"a model is a directory or hub id (a non-empty str or Path), got {spec!r}")
     family = FAMILIES.get(family_of(spec))
-    if family.loader is None:
+    if not family.loadable:
         raise ModelLoadError(f"{spec} names family {family.name!r}, which is applied to a model rather than loaded; "
                              "load the base model and apply it (msrnn.kv.apply_kv)")
     from msrnn.models.selfcheck import require_family_verified

@@ -4,7 +4,7 @@ KV eviction is verified on a tiny twin of the user's model (:mod:`msrnn.kv.verif
 own classes built on transformers' modules and generation, so each is verified the same way around a tiny random
 Llama: a stream in any chunking equals token-by-token feeding, ``model.generate()`` picks the tokens ``msrnn
 generate`` does, and the state advances (a chunk's logits depend on the chunk before it). A family takes part when
-its record's hooks name ``SELF_CHECK_SIZING`` (nothing here names a family). Verdicts are cached like KV verdicts,
+its spec names ``self_check`` knobs (nothing here names a family). Verdicts are cached like KV verdicts,
 per (family, msrnn, torch, transformers); :func:`require_family_verified` refuses a family whose check fails,
 naming it. ``msrnn doctor`` prints them.
 """
@@ -87,7 +87,7 @@ _RUN: dict[str, Callable[[Any, Any], None]] = {"chunks": _chunks, "generate": _g
 def _key(name: str) -> str:
     import transformers
 
-    from msrnn import __version__
+    from msrnn.version import __version__
 
     blob = json.dumps({"family": name, "msrnn": __version__, "torch": torch.__version__,
                        "transformers": transformers.__version__, "checks": sorted(CHECKS)}, sort_keys=True)
@@ -95,12 +95,10 @@ def _key(name: str) -> str:
 
 
 def family_checks(family: Any, use_cache: bool = True) -> dict[str, str] | None:
-    """``{check: "ok" | "failed: ..."}`` for a family record whose hooks name SELF_CHECK_SIZING (None otherwise)."""
+    """``{check: "ok" | "failed: ..."}`` for a family spec that names ``self_check`` knobs (None otherwise)."""
     from msrnn.io import cache_dir, write_json
 
-    hooks = family.module()
-    sizing = getattr(hooks, "SELF_CHECK_SIZING", None)
-    if sizing is None:
+    if family.self_check is None:
         return None
     key = _key(family.name)
     path = cache_dir() / "verified" / f"{key}.json"
@@ -118,8 +116,8 @@ def family_checks(family: Any, use_cache: bool = True) -> dict[str, str] | None:
     rng = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)
-        model = hooks.make(copy.deepcopy(tiny_llama()), dict(sizing)).eval()
-        lm = hooks.as_lm(model)
+        model = family.make(copy.deepcopy(tiny_llama()), family.knobs(**family.self_check)).eval()
+        lm = family.as_lm(model)
         for name, label in CHECKS.items():
             try:
                 with torch.no_grad():

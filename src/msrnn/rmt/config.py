@@ -54,3 +54,8 @@ class RMTConfig(PretrainedConfig):
             raise ConfigError("this RMT config has no backbone config; build it with MemoryWrapper.wrap(model, ...)")
         data = dict(self.backbone)
         return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def max_positions(config: Any) -> int | None:
+    """The backbone's position limit, or None when it has none."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

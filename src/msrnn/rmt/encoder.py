@@ -21,8 +21,7 @@ from transformers import PreTrainedModel
 
 from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
-from msrnn.rmt.config import RMTConfig
-from msrnn.rmt.wrapper import max_positions
+from msrnn.rmt.config import RMTConfig, max_positions
 
 SPECIAL_PER_SEGMENT = 3  # [CLS], [SEP] after the memory, [SEP] at the end
 
@@ -39,6 +38,8 @@ class RMTEncoderConfig(RMTConfig):
 
 class MemoryEncoderClassifier(PreTrainedModel):
     """RMT over a BERT-family encoder: memory carried across segments, a label from [CLS]."""
+
+    family = "rmt"  # its spec in msrnn.families
     config_class = RMTEncoderConfig
     base_model_prefix = "rmt"
     _supports_sdpa = True

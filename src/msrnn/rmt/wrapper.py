@@ -19,24 +19,31 @@ stores backbone and memory together and ``from_pretrained`` rebuilds both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from msrnn.compat import model_output
+from msrnn.compat import cache_kwargs, check_advanced, model_output
 from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
 from msrnn.models.state_cache import StateCache, refuse_padding, stateful_forward_cache
-from msrnn.rmt.config import RMTConfig
+from msrnn.rmt.config import RMTConfig, max_positions
 
 
-def max_positions(config: Any) -> int | None:
-    """The backbone's position limit, or None when it has none."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+@dataclass
+class RMTState:
+    """The memory, the current segment's cache (None between segments) and how far into the segment it is."""
+    memory: torch.Tensor  # [B, m, d]
+    cache: DynamicCache | None  # keys/values of [read memory + the current segment's tokens so far]
+    in_segment: int  # tokens of the current segment already consumed
+    batch_size: int
+    seen: int = 0
+    owner: str = ""  # the adapter that made it (msrnn.protocol.owner)
 
 
 class MemoryWrapper(PreTrainedModel, GenerationMixin):
@@ -193,17 +200,57 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
         first stateful forward makes the StateCache and returns it (transformers' hook for custom caches)."""
         return False
 
+    def init_state(self, batch_size: int) -> RMTState:
+        """The learned initial memory for ``batch_size`` sequences, before any segment (the streaming state)."""
+        return RMTState(self.initial_memory(batch_size).detach().clone(), None, 0, batch_size)
+
+    def _start_segment(self, state: RMTState) -> None:
+        m = self.m
+        cache = DynamicCache(config=self.model.config)
+        pos = torch.arange(m)[None].expand(state.batch_size, -1)
+        self.model(inputs_embeds=state.memory, position_ids=pos, use_cache=True, **cache_kwargs(cache, self.model))
+        check_advanced(cache, 0, m, type(self.model).__name__)
+        state.cache = cache
+
+    def _finish_segment(self, state: RMTState) -> None:
+        m = self.m
+        start = m + state.in_segment
+        pos = torch.arange(start, start + m)[None].expand(state.batch_size, -1)
+        out = self.model(inputs_embeds=state.memory, position_ids=pos, use_cache=True, output_hidden_states=True,
+                         **cache_kwargs(state.cache, self.model))
+        state.memory, state.cache, state.in_segment = out.hidden_states[-1], None, 0
+
+    def step(self, input_ids: torch.Tensor, state: RMTState) -> torch.Tensor:
+        """Stream tokens [B, T] (validated by the caller) across segment boundaries: they go into the current
+        segment through a KV cache; when a segment is full its write-memory slots are fed to get the next memory,
+        and the cache is dropped. Updates ``state`` in place; logits [B, T, V] fp32 equal :meth:`run`'s segment by
+        segment forward."""
+        model, m, S = self.model, self.m, self.config.segment_length
+        outs, pos = [], 0
+        while pos < input_ids.shape[1]:
+            if state.cache is None:
+                self._start_segment(state)
+            take = min(S - state.in_segment, input_ids.shape[1] - pos)
+            ids = input_ids[:, pos : pos + take]
+            p = torch.arange(m + state.in_segment, m + state.in_segment + take)[None].expand(state.batch_size, -1)
+            before = state.cache.get_seq_length()
+            out = model(input_ids=ids, position_ids=p, use_cache=True, **cache_kwargs(state.cache, model))
+            check_advanced(state.cache, before, take, type(model).__name__)
+            outs.append(out.logits.float())
+            state.in_segment += take
+            pos += take
+            if state.in_segment == S:
+                self._finish_segment(state)
+        state.seen += input_ids.shape[1]
+        return torch.cat(outs, dim=1)
+
     def _forward_stateful(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           cache: StateCache) -> CausalLMOutputWithPast:
-        from msrnn.rmt.lm import RMTLM  # the streaming driver (it imports this module)
-
         refuse_padding(attention_mask, "the memory")
-        lm = RMTLM(self)
         if cache.state is None:
-            cache.state = lm.init_state(input_ids.shape[0])
-        logits, cache.state = lm.forward_chunk(input_ids, cache.state)
+            cache.state = self.init_state(input_ids.shape[0])
+        logits = self.step(input_ids, cache.state)
         cache.seen = cache.state.seen
         return model_output(CausalLMOutputWithPast, logits=logits, cache=cache)
-
 
 register_auto("msrnn_rmt", RMTConfig, MemoryWrapper, ("AutoModel", "AutoModelForCausalLM"))

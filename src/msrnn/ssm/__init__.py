@@ -6,8 +6,8 @@ unstructured filter follows Hyena (Poli et al., https://arxiv.org/abs/2302.10866
 """
 
 from msrnn.ssm.conv import causal_fft_conv
-from msrnn.ssm.s4d import S4DKernel, direct_conv, fft_conv, recurrent_scan
+from msrnn.ssm.s4d import S4DKernel, fft_conv, fft_conv_ref, recurrent_scan
 from msrnn.ssm.unstruct import UnstructFilter, fir_conv
 
-__all__ = ["S4DKernel", "UnstructFilter", "causal_fft_conv", "direct_conv", "fft_conv", "fir_conv",
+__all__ = ["S4DKernel", "UnstructFilter", "causal_fft_conv", "fft_conv_ref", "fft_conv", "fir_conv",
            "recurrent_scan"]

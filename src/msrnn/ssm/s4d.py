@@ -7,7 +7,7 @@ Per channel h, with N/2 complex modes (conjugate pairs folded into ``2 Re``), ze
     x_t = Abar * x_{t-1} + Bbar * u_t            state [B, H, N/2] complex64
     y_t = 2 Re(C . x_t) + D * u_t                i.e. y = K * u + D u with K_l = 2 Re(C Bbar Abar^l)
 
-Three forms of one function, tested against each other: :func:`direct_conv` (the readable reference),
+Three forms of one function, tested against each other: :func:`fft_conv_ref` (the readable reference),
 :func:`fft_conv` (rfft padded to 2L, fp32, normalised by torch's irfft -- the BST appendix pseudocode forgets
 both the axis and the 1/n), and :func:`recurrent_scan` (the step used for streaming). Each takes a carried state
 and returns the final one, so long streams can be cut anywhere. The fast path never builds the O(H * N * L)
@@ -94,7 +94,7 @@ class S4DKernel(FP32Parameters):
         K = torch.matmul((C * Bbar)[:, :, None].mul(Q).transpose(1, 2), P)  # [H, J, c]
         return 2 * K.real.reshape(self.channels, -1)[:, :length]
 
-    def kernel_reference(self, length: int) -> torch.Tensor:
+    def kernel_ref(self, length: int) -> torch.Tensor:
         """The same kernel from the explicit [H, N/2, L] Vandermonde tensor (readable, memory-hungry)."""
         Abar, Bbar, C = self.discrete()
         vander = torch.exp(Abar.log()[:, :, None] * torch.arange(length, dtype=torch.float32))  # [H, N/2, L]
@@ -157,13 +157,13 @@ def fft_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None,
         return _finish(ssm, uf, causal_fft_conv(uf, ssm.kernel(L)), state, u.dtype, want_state)
 
 
-def direct_conv(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
+def fft_conv_ref(u: torch.Tensor, ssm: S4DKernel, state: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: y_t = sum_{s<=t} K_{t-s} u_s + D u_t (+ the carried state), O(L^2)."""
     _check(u, ssm)
     L = u.shape[-1]
     uf = u.float()
-    K = ssm.kernel_reference(L)  # [H, L]
+    K = ssm.kernel_ref(L)  # [H, L]
     idx = torch.arange(L)
     lag = idx[:, None] - idx[None, :]  # [L, L] t - s
     toeplitz = torch.where(lag >= 0, K[:, lag.clamp(min=0)], 0.0)  # [H, L, L]

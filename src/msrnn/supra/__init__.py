@@ -12,9 +12,9 @@ from msrnn.supra.ops import (
     BACKENDS,
     DECAYS,
     chunked,
+    chunked_ref,
     fla_chunked,
     log_decay,
-    naive_recurrent,
     recurrent_step,
     resolve_backend,
 )
@@ -31,7 +31,7 @@ __all__ = [
     "fla_chunked",
     "load_supra",
     "log_decay",
-    "naive_recurrent",
+    "chunked_ref",
     "recurrent_step",
     "resolve_backend",
 ]

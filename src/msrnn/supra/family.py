@@ -1,46 +1,71 @@
-"""SUPRA's entry in the family registry (``msrnn.families``): its cost model and how a build sizes and makes it."""
+"""SUPRA's spec (``msrnn.families``): its cost model and how a build sizes, makes and loads it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-SHRINK = ("feature_dim", 2, 2)  # the knob a build shrinks until the measured state fits: name, step, floor
-# The size msrnn.models.selfcheck builds around a tiny Llama to verify this family on the installed transformers:
-# an 8-wide feature map.
-SELF_CHECK_SIZING = {"feature_dim": 8}
+from msrnn.errors import ConfigError
+from msrnn.families import Cost, FamilySpec, Knobs
 
 
-def cost(a: Any, length: int, feature_dim: int | None = None, **_: Any) -> dict[str, float]:
-    """Linear attention: phi maps plus a [H, F, d] fp32 state per layer (constant; F = feature_dim, default d)."""
-    phi = 2 * (a.heads * a.head_dim) ** 2 + 2 * (a.kv_heads * a.head_dim) ** 2
-    rec = 4 * a.heads * a.head_dim * a.head_dim  # state update k^T v and readout q S
-    return {"flops": a.dense_flops_per_token() * length + a.layers * (phi + rec) * length,
-            "state_bytes": a.layers * a.heads * (feature_dim or a.head_dim) * a.head_dim * 4}
+@dataclass(frozen=True)
+class SupraKnobs(Knobs):
+    """SUPRA's size: phi's output width per head (None: the head width, as the paper's SUPRA does)."""
+
+    feature_dim: int | None = None
+
+    SIZE_FIELDS = ("feature_dim",)
+
+    def __post_init__(self) -> None:
+        if self.feature_dim is not None and (not isinstance(self.feature_dim, int) or isinstance(
+                self.feature_dim, bool) or self.feature_dim < 1):
+            raise ConfigError(f"feature_dim must be a positive integer, got {self.feature_dim!r}")
 
 
-def size_for_budget(a: Any, budget: int, **_: Any) -> dict[str, int] | None:
-    """The largest even feature width F whose state fits ``budget`` bytes."""
-    F = (budget // (a.layers * a.heads * a.head_dim * 4)) // 2 * 2  # the largest even width that fits
-    return {"feature_dim": int(F)} if F >= 2 else None
+class SupraSpec(FamilySpec):
+    """SUPRA: a softmax decoder uptrained into a linear-attention RNN with a constant state."""
 
+    name = "supra"
+    help = "SUPRA linear-attention RNN (constant state)"
+    knobs_type: ClassVar[type[Knobs]] = SupraKnobs
+    loadable = True
+    trainable = True
+    shrink_step = ("feature_dim", 2, 2)
+    self_check = {"feature_dim": 8}  # an 8-wide feature map around msrnn.models.selfcheck's tiny Llama
+    marker = "s"
 
-def make(base_model: Any, sizing: dict[str, int], seed: int = 0, **_: Any) -> Any:
-    """The untrained SUPRA conversion of the base decoder at ``sizing``."""
-    from msrnn.supra.convert import convert
+    def cost(self, arch: Any, length: int, knobs: Knobs) -> Cost:
+        """Linear attention: phi maps plus a [H, F, d] fp32 state per layer (constant; F = feature_dim, default d)."""
+        phi = 2 * (arch.heads * arch.head_dim) ** 2 + 2 * (arch.kv_heads * arch.head_dim) ** 2
+        rec = 4 * arch.heads * arch.head_dim * arch.head_dim  # state update k^T v and readout q S
+        return {"flops": arch.dense_flops_per_token() * length + arch.layers * (phi + rec) * length,
+                "state_bytes": arch.layers * arch.heads * (knobs.feature_dim or arch.head_dim) * arch.head_dim * 4}
 
-    return convert(base_model, feature_dim=sizing["feature_dim"], seed=seed).train()
+    def size_for_state_bytes(self, arch: Any, state_bytes: int, knobs: Knobs) -> Knobs | None:
+        """The largest even feature width F whose state fits ``state_bytes``."""
+        F = (state_bytes // (arch.layers * arch.heads * arch.head_dim * 4)) // 2 * 2
+        return knobs.replace(feature_dim=int(F)) if F >= 2 else None
 
+    def make(self, base_model: Any, knobs: Knobs, seed: int = 0) -> Any:
+        """The untrained SUPRA conversion of the base decoder at ``knobs``."""
+        from msrnn.supra.convert import convert
 
-def as_lm(model: Any) -> Any:
-    """A SUPRA model as a streaming :class:`~msrnn.supra.SupraLM`."""
-    from msrnn.supra.lm import SupraLM
+        return convert(base_model, feature_dim=knobs.feature_dim, seed=seed).train()
 
-    return SupraLM(model)
+    def as_lm(self, model: Any) -> Any:
+        from msrnn.supra.lm import SupraLM
 
+        return SupraLM(model)
 
-def load_trainable(path: Path) -> Any:
-    """A saved SUPRA model as a trainable model."""
-    from msrnn.models.loading import load_hf_causal_lm
+    def load(self, path: str | Path, **options: Any) -> Any:
+        from msrnn.supra.lm import load_supra
 
-    return load_hf_causal_lm(path)
+        return load_supra(path, **options)
+
+    def load_trainable(self, path: Path) -> Any:
+        """A saved SUPRA model as a trainable causal LM."""
+        from msrnn.models.loading import load_hf_causal_lm
+
+        return load_hf_causal_lm(path)

@@ -13,6 +13,8 @@ from msrnn.supra.modeling import SupraCache
 class SupraLM(HFCausalLM):
     """A SUPRA model as a StatefulLM: its recurrent state is a constant [layers, heads, F, d] fp32 tensor."""
 
+    family = "supra"  # its spec in msrnn.families
+
     def __init__(self, model: Any, tokenizer: Any = None) -> None:
         super().__init__(model, tokenizer, cache_factory=lambda: SupraCache(model.config.num_hidden_layers))
 

@@ -5,7 +5,7 @@
 
 Three forms of the same function, tested against each other (outputs, final state, gradients):
 
-* :func:`naive_recurrent` -- the readable reference: a loop over tokens;
+* :func:`chunked_ref` -- the readable reference: a loop over tokens;
 * :func:`chunked` -- the training workhorse on CPU, O(T*C*D + (T/C)*D^2): exact attention inside chunks of C
   tokens, the state carries everything before the chunk;
 * :func:`recurrent_step` -- one token, for decoding.
@@ -63,7 +63,7 @@ def _zero_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_zeros((q.shape[0], q.shape[1], q.shape[3], v.shape[3]), dtype=torch.float32)
 
 
-def naive_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+def chunked_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
                     scale: float | None = None, initial_state: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference loop. q, k [B, H, T, Dk], v [B, H, T, Dv] -> (o [B, H, T, Dv], state [B, H, Dk, Dv] fp32)."""
@@ -82,16 +82,16 @@ def naive_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma
 def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
                    scale: float | None = None, state: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token (T = 1) for decoding; same contract as :func:`naive_recurrent`."""
+    """One token (T = 1) for decoding; same contract as :func:`chunked_ref`."""
     if q.shape[2] != 1:
         raise ConfigError(f"recurrent_step takes one token, got {q.shape[2]}; use chunked() for more")
-    return naive_recurrent(q, k, v, log_gamma, scale, state)
+    return chunked_ref(q, k, v, log_gamma, scale, state)
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
             scale: float | None = None, initial_state: torch.Tensor | None = None, chunk_size: int = 64,
             block_chunks: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked parallel form; same contract as :func:`naive_recurrent`. Any T (the last chunk may be short).
+    """Chunked parallel form; same contract as :func:`chunked_ref`. Any T (the last chunk may be short).
 
     Inside chunk c (positions i, j = 0..C-1), with S_c the state before it:
         o_i     = gamma^(i+1) q_i S_c + sum_{j<=i} gamma^(i-j) (q_i . k_j) v_j
