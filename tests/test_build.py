@@ -59,7 +59,7 @@ def _compare_argv(tmp_path, corpus, tokenizer, *settings: str) -> list[str]:
 
 
 def test_compare_build_equal_tokens_cached_and_reported(tmp_path, tiny_corpus, task_tokenizer, capsys):
-    argv = _compare_argv(tmp_path, tiny_corpus, task_tokenizer, "--budgets", "8192,600", "--policies", "window",
+    argv = _compare_argv(tmp_path, tiny_corpus, task_tokenizer, "--state-bytes", "8192,600", "--policies", "window",
                          "--build-tokens", "512", "--max-docs", "2")
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
@@ -85,7 +85,7 @@ def test_compare_build_equal_tokens_cached_and_reported(tmp_path, tiny_corpus, t
         assert again[f"{fam}@8192"]["model"] == names[f"{fam}@8192"]["model"]
         assert (Path(again[f"{fam}@8192"]["model"]) / "msrnn.json").stat().st_mtime_ns == stamp
     assert main(argv[:3] + ["--build", "supra", "--out", str(tmp_path), "--quiet"]) == 2
-    assert "--budgets" in capsys.readouterr().err
+    assert "--state-bytes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variant", ["mh", "mf", "slide"])
@@ -110,7 +110,7 @@ def test_task_tune_schedule_is_by_steps_and_equal_for_everyone():
 
 
 def test_compare_task_steps_tunes_every_family_on_the_same_samples(tmp_path, tiny_corpus, task_tokenizer, capsys):
-    argv = _compare_argv(tmp_path, tiny_corpus, task_tokenizer, "--budgets", "8192", "--policies", "window,tova",
+    argv = _compare_argv(tmp_path, tiny_corpus, task_tokenizer, "--state-bytes", "8192", "--policies", "window,tova",
                          "--build-tokens", "256", "--max-docs", "1", "--task", "memorize", "--segments", "1,2",
                          "--segment-length", "96", "--samples", "4", "--task-steps", "2")
     assert main(argv) == 0

@@ -33,7 +33,7 @@ def dirs(tmp_path_factory, task_tokenizer):
 
 def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     argv = ["compare", "--base", str(dirs / "base"), "--models", f"{dirs / 'bst'},{dirs / 'rmt'}",
-            "--budgets", "8192", "--policies", "window,tova", "--data", str(tiny_corpus), "--documents", "file",
+            "--state-bytes", "8192", "--policies", "window,tova", "--data", str(tiny_corpus), "--documents", "file",
             "--max-tokens", "80", "--max-docs", "2", "--chunk-size", "16", "--task", "memorize", "--segments", "1,2",
             "--segment-length", "96", "--samples", "4", "--profile-tokens", "64", "--out", str(tmp_path / "rep"),
             "--json", "--quiet"]
@@ -65,7 +65,7 @@ def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     full = [p["state_bytes"] for p in names["full"]["profile"]]
     assert full[-1] == 4 * full[0]  # the full cache grows with length
     saved = json.loads((folder / "results.json").read_text())
-    assert saved["schema"] == 2 and saved["config"]["budgets"] == [8192] and len(saved["entries"]) == len(names)
+    assert saved["schema"] == 2 and saved["config"]["state_bytes"] == [8192] and len(saved["entries"]) == len(names)
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["folder"] == report["folder"] and all(e["resumed"] for e in again["entries"])
@@ -91,7 +91,8 @@ def test_compare_rejects_a_model_with_another_tokenizer(dirs, tiny_tokenizer, tm
 
 
 def test_compare_bad_input(dirs, tmp_path, capsys):
-    assert main(["compare", "--base", str(dirs / "base"), "--budgets", "-5", "--out", str(tmp_path), "--quiet"]) == 2
+    assert main(["compare", "--base", str(dirs / "base"), "--state-bytes", "-5", "--out", str(tmp_path),
+                 "--quiet"]) == 2
     assert "positive" in capsys.readouterr().err
     assert main(["compare", "--base", str(dirs / "base"), "--policies", "lru", "--out", str(tmp_path),
                  "--quiet"]) == 2
@@ -101,7 +102,7 @@ def test_compare_bad_input(dirs, tmp_path, capsys):
 def test_a_damaged_report_folder_is_named_or_rerun(dirs, tiny_corpus, tmp_path, capsys):
     """A damaged plan.json is one line; a damaged entry, or one whose perplexity is not a number (which used to be
     accepted and then fail inside matplotlib), is evaluated again."""
-    argv = ["compare", "--base", str(dirs / "base"), "--budgets", "8192", "--policies", "window",
+    argv = ["compare", "--base", str(dirs / "base"), "--state-bytes", "8192", "--policies", "window",
             "--data", str(tiny_corpus), "--documents", "file", "--max-tokens", "48", "--max-docs", "1",
             "--chunk-size", "16", "--profile-tokens", "32", "--out", str(tmp_path / "rep"), "--json", "--quiet"]
     assert main(argv) == 0

@@ -32,10 +32,10 @@ SCHEMA_VERSION = 2  # 2: built entries (sizing), notes, zero-shot task marks
 
 @dataclass
 class CompareConfig:
-    """One comparison: base model, budgets, families to build, data and evaluation settings."""
+    """One comparison: base model, state budgets in bytes, families to build, data and evaluation settings."""
     base: str
     models: list[str] = field(default_factory=list)  # trained SUPRA / BST / RMT directories
-    budgets: list[int] = field(default_factory=list)  # state bytes per sequence for the KV policies
+    state_bytes: list[int] = field(default_factory=list)  # state budgets: bytes per sequence (KV and builds)
     policies: list[str] = field(default_factory=lambda: ["window", "sink", "h2o", "tova"])
     data: str = "stdlib:test"
     documents: str = "folder"
@@ -55,8 +55,8 @@ class CompareConfig:
     task_steps: int = 0  # > 0: also fine-tune the base (for KV) and every built model on `task`, equal steps
 
     def __post_init__(self) -> None:
-        if any(b < 1 for b in self.budgets):
-            raise ConfigError("state budgets must be positive byte counts, e.g. --budgets 65536,262144")
+        if any(b < 1 for b in self.state_bytes):
+            raise ConfigError("state budgets must be positive byte counts, e.g. --state-bytes 65536,262144")
         if not self.policies:
             raise ConfigError("give at least one KV policy, e.g. --policies tova,window")
         from msrnn.kv import KV_POLICIES
@@ -73,8 +73,8 @@ class CompareConfig:
             raise ConfigError("--task-steps fine-tunes built models on --task: give --task and --build too")
         if self.build:
             self.build_config()  # validates the families and the token budget now, not after an hour
-            if not self.budgets:
-                raise ConfigError("--build sizes models to --budgets; give at least one, e.g. --budgets 262144")
+            if not self.state_bytes:
+                raise ConfigError("--build sizes models to --state-bytes; give at least one, e.g. --state-bytes 262144")
 
     def build_config(self) -> Any:
         """The build settings this comparison implies."""
@@ -97,7 +97,7 @@ class CompareConfig:
 
     def eval_key(self) -> str:
         """What an entry's results depend on besides the entry itself (changing any of it re-runs entries)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("base", "models", "budgets", "policies")}
+        keep = {k: v for k, v in asdict(self).items() if k not in ("base", "models", "state_bytes", "policies")}
         keep["kv_prefill"] = KV_PREFILL  # entries scored under the earlier oneshot protocol re-run
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -145,7 +145,7 @@ def plan(cfg: CompareConfig, progress: bool = True) -> tuple[list[Entry], list[s
     base = load_lm(cfg.base)
     full, kv = FAMILIES.get("hf"), FAMILIES.get("kv")
     entries, notes = [Entry(full.cost_label, full.cost_label, cfg.base)], []
-    budgets = {b: f"{b}" for b in cfg.budgets}
+    budgets = {b: f"{b}" for b in cfg.state_bytes}
 
     def add_model(path: str, name: str, budget: int | None = None, sizing: dict[str, int] | None = None) -> int:
         lm = load_lm(path)
@@ -164,7 +164,7 @@ def plan(cfg: CompareConfig, progress: bool = True) -> tuple[list[Entry], list[s
         from msrnn.build import build
 
         bcfg = cfg.build_config()
-        for b in sorted(cfg.budgets):
+        for b in sorted(cfg.state_bytes):
             for family in bcfg.families:
                 path, sizing = build(family, cfg.base, b, bcfg, progress=progress)
                 if path is None:

@@ -9,14 +9,15 @@ from msrnn.cli.common import add_output_flags, int_list, positive_int
 
 def add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare KV eviction, SUPRA, BST and RMT at equal state bytes",
-                       description="Evaluate the base model's full cache, KV policies at each --budgets byte count "
+                       description="Evaluate the base model's full cache, KV policies at each --state-bytes budget "
                                    "and at each --models directory's own state size, those bounded models, and "
                                    "(--build) SUPRA/BST/RMT built from the base at each budget, on "
                                    "the same held-out documents; write report.md, PNGs and results.json to --out. "
                                    "Finished entries are kept, so rerunning resumes.")
     p.add_argument("--base", required=True, help="base decoder model directory (the KV family's model)")
     p.add_argument("--models", default="", help="comma-separated trained SUPRA / BST / RMT directories")
-    p.add_argument("--budgets", default="", help="comma-separated state budgets in bytes per sequence for KV")
+    p.add_argument("--state-bytes", default="", help="comma-separated state budgets in bytes per sequence (KV "
+                   "policies are fitted and --build models sized to each)")
     p.add_argument("--policies", default="window,sink,h2o,tova")
     p.add_argument("--build", default="", help="comma-separated families to build from --base at every budget: "
                                                "supra,bst,rmt (sized so their measured state fits; cached)")
@@ -54,7 +55,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from msrnn.ui import out_console, print_json, table
 
     cfg = CompareConfig(base=args.base, models=[m for m in args.models.split(",") if m],
-                        budgets=int_list(args.budgets, "--budgets") if args.budgets else [],
+                        state_bytes=int_list(args.state_bytes, "--state-bytes") if args.state_bytes else [],
                         policies=[p for p in args.policies.split(",") if p], data=args.data,
                         documents=args.documents, max_tokens=args.max_tokens, max_docs=args.max_docs,
                         chunk_size=args.chunk_size, task=args.task,

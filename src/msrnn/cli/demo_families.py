@@ -18,7 +18,7 @@ def families_section(base: Path, tokens: int, out: Path, progress: bool, budget:
     eviction at the same bytes."""
     from msrnn.compare import CompareConfig, compare
 
-    cfg = CompareConfig(base=str(base), budgets=[budget], build=["supra", "bst", "rmt"], build_tokens=tokens,
+    cfg = CompareConfig(base=str(base), state_bytes=[budget], build=["supra", "bst", "rmt"], build_tokens=tokens,
                         build_data=data, build_seq_len=seq_len, policies=["window", "tova"], max_tokens=max_tokens,
                         max_docs=4, task="memorize", task_segments=[1, 4], task_samples=16, profile_tokens=1024,
                         probe_tokens=512)
