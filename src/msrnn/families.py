@@ -176,6 +176,11 @@ class FamilySpec:
         """(task, segment length) the model's own config records, for a family that saves them."""
         return None, None
 
+    def retention(self, lm: Any, state: Any, positions: list[int]) -> list[float] | None:
+        """Per layer, the share of the tokens at original ``positions`` the state still holds (for a family whose
+        state keeps tokens: KV eviction); None for a family whose state does not keep tokens."""
+        return None
+
     # the comparison report
     def series(self, entry: dict[str, Any]) -> str | None:
         """The line a comparison entry belongs to across budgets (None: a single point)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from msrnn.errors import ConfigError, NumericsError
-from msrnn.protocol import StatefulLM, prefill
+from msrnn.protocol import StatefulLM, fork_state, prefill
 
 MIN_TEMPERATURE = 1e-4
 
@@ -38,9 +39,20 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:  # refuse before generating, not midway
         raise ConfigError(f"prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) is past this "
                           f"model's {limit} learned positions; shorten the prompt or lower --max-new-tokens")
-    gen = torch.Generator().manual_seed(seed)
-    B = input_ids.shape[0]
     logits, state = prefill(lm, input_ids, prefill_chunk)
+    return continue_from(lm, logits[:, -1], state, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+
+
+@torch.inference_mode()
+def continue_from(lm: StatefulLM, next_logits: torch.Tensor, state: Any, max_new_tokens: int,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  eos_token_id: int | None = None) -> torch.Tensor:
+    """The new tokens [B, <= max_new_tokens] after a read stream: ``next_logits`` [B, V] are the logits after its last
+    token and ``state`` the state after it (updated in place: pass a :func:`~msrnn.protocol.fork_state` copy to keep
+    it). Each new token is fed alone."""
+    gen = torch.Generator().manual_seed(seed)
+    B = next_logits.shape[0]
+    logits = next_logits[:, None]
     out = []
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_new_tokens):
@@ -52,10 +64,31 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done |= nxt == eos_token_id
         out.append(nxt)
-        if eos_token_id is not None and bool(done.all()):
-            break
+        if (eos_token_id is not None and bool(done.all())) or step == max_new_tokens - 1:
+            break  # the last token needs no forward: nothing reads its logits
         logits, state = lm.forward_chunk(nxt[:, None], state)
-    return torch.stack(out, dim=1) if out else input_ids.new_zeros((B, 0))
+    return torch.stack(out, dim=1) if out else torch.zeros((B, 0), dtype=torch.long)
+
+
+@torch.inference_mode()
+def answer_questions(lm: StatefulLM, context_ids: torch.Tensor, questions: list[torch.Tensor], max_new_tokens: int,
+                     prefill_chunk: int = 512, eos_token_id: int | None = None) -> list[torch.Tensor]:
+    """Read ``context_ids`` [1, T] once, then answer each question ([1, q] ids) greedily from its own copy of that
+    state: the context is processed once however many questions follow, and each answer equals reading context +
+    question from scratch (for families whose chunking does not change the function: exact KV prefill, SUPRA, BST,
+    RMT, the full cache). Returns each answer's new tokens [1, <= max_new_tokens]."""
+    if not questions:
+        raise ConfigError("give at least one question")
+    if context_ids.dim() != 2 or context_ids.shape[0] != 1 or context_ids.shape[1] < 1:
+        raise ConfigError("the context must be one non-empty sequence [1, tokens]")
+    _, read = prefill(lm, context_ids, prefill_chunk)
+    answers = []
+    for q in questions:
+        if q.dim() != 2 or q.shape[0] != 1 or q.shape[1] < 1:
+            raise ConfigError("each question must be one non-empty sequence [1, tokens]")
+        logits, state = prefill(lm, q, prefill_chunk, fork_state(read))
+        answers.append(continue_from(lm, logits[:, -1], state, max_new_tokens, eos_token_id=eos_token_id))
+    return answers
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -162,6 +162,14 @@ def stream_chunks(lm: StatefulLM, chunks: Iterable[torch.Tensor], state: Any = N
         start += chunk.shape[1]
 
 
+def fork_state(state: Any) -> Any:
+    """An independent copy of a state: continue one read context several ways (several questions, candidate
+    answers) without reading it again. A state may be updated in place, so a continuation always runs on a copy."""
+    import copy
+
+    return copy.deepcopy(state)
+
+
 def prefill(lm: StatefulLM, input_ids: torch.Tensor, chunk_size: int, state: Any = None) -> tuple[torch.Tensor, Any]:
     """Feed a whole prompt in chunks; returns (the last chunk's logits, the state)."""
     last = None

@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         doctor_cmds,
         eval_cmds,
         kv_cmds,
+        longctx_cmds,
         rmt_cmds,
         supra_cmds,
         task_cmds,
@@ -33,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_cmd", required=True, metavar="KIND")
     eval_cmds.add_eval_ppl(ev)
     task_cmds.add_eval_task(ev)
+    longctx_cmds.add_eval_longctx(ev)
     eval_cmds.add_eval_harness(ev)
     eval_cmds.add_generate(sub)
+    longctx_cmds.add_ask(sub)
     kv_cmds.add_kv(sub)
     supra_cmds.add_convert(sub)
     ts = sub.add_parser("train", help="train or uptrain a family's model").add_subparsers(

@@ -66,3 +66,52 @@ def plot_accuracy_vs_segments(curves: dict[str, list[dict]], out: str | Path, ti
         ax.axhline(100 * chance, color="grey", ls="--", lw=1, label="chance")
     ax.set_ylim(0, 102)
     return _finish(fig, ax, out, "input length (segments)", "accuracy (%)", title or "Accuracy versus length")
+
+
+def plot_needle_heatmap(rows: list[dict], out: str | Path, title: str = "") -> Path:
+    """The standard needle picture for one task: length (x) by needle depth (y), one panel for exact match and one
+    for rank accuracy (the true answer ranked first among the candidates), green = found; where the family keeps
+    tokens (KV eviction), a third for needle retention (the answer's tokens still held when the question is read)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows if r["depth"] is not None}) or [None]
+    panels = [("exact", "exact match"), ("rank_acc", "rank accuracy")]
+    if any(r.get("retention") is not None for r in rows):
+        panels.append(("retention", "needle tokens kept"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(depths) + 2.6), dpi=120)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        grid = np.full((len(depths), len(lengths)), np.nan)  # [depth, length]
+        for r in rows:
+            grid[depths.index(r["depth"]), lengths.index(r["length"])] = 100 * r[key]
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), ["-" if d is None else f"{100 * d:.0f}%" for d in depths], fontsize=7)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        chance = rows[0]["chance"] if key == "rank_acc" else None
+        ax.set_title(label + (f" (chance {100 * chance:.0f}%)" if chance else ""), fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle(title or rows[0]["task"])
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_longctx_vs_length(rows: list[dict], out: str | Path, title: str = "") -> Path:
+    """One line per task: rank accuracy (solid) and exact match (dashed) against length, averaged over depths."""
+    fig, ax = _axes()
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        lengths = sorted({r["length"] for r in mine})
+        for key, style in (("rank_acc", "-"), ("exact", "--")):
+            ys = [100 * np.mean([r[key] for r in mine if r["length"] == n]) for n in lengths]
+            ax.plot(lengths, ys, style, marker="o", ms=3, label=f"{task} ({'rank' if key == 'rank_acc' else 'exact'})")
+    ax.axhline(100 * rows[0]["chance"], color="grey", ls=":", lw=1, label="rank chance")
+    ax.set_ylim(0, 102)
+    return _finish(fig, ax, out, "context length (tokens)", "accuracy (%)", title or "Long-context probes")

@@ -66,6 +66,18 @@ class KVSpec(FamilySpec):
 
         return load_hf_causal_lm(path)
 
+    def retention(self, lm: Any, state: Any, positions: list[int]) -> list[float] | None:
+        """Per layer, the share of ``positions`` among the kept slots (per-head policies: averaged over KV heads)."""
+        import torch
+
+        want = torch.tensor(positions)
+        out = []
+        for i in range(len(state.cache.layers)):
+            kept = state.cache.kept_positions(i)[0]  # [G, S] the first sequence's slots, per selection group
+            out.append(float(torch.isin(want, kept).float().mean()) if kept.shape[0] == 1 else
+                       float(torch.stack([torch.isin(want, g).float().mean() for g in kept]).mean()))
+        return out
+
     def series(self, entry: dict[str, Any]) -> str | None:
         return f"kv {entry['policy']}"
 
