@@ -180,3 +180,62 @@ def test_cli_eval_longctx_and_ask(task_model_dir, tmp_path, capsys):
     assert main(["ask", "--model", str(task_model_dir), "--context", str(tmp_path / "none.txt"),
                  "--question", "x"]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_shared_contexts_are_read_once_and_score_like_reading_anew(task_model_dir):
+    """The harness model reads a context shared by several requests once; the scores equal reading each request
+    from scratch. Under KV oneshot prefill (where chunk boundaries change what is evicted) nothing is shared."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from msrnn.harness import MsrnnHarnessLM
+
+    ctx = "Mary went to the garden. John moved to the office. " * 6 + "Where is Mary?"
+    reqs = [Instance("loglikelihood", {}, (ctx, c), 0) for c in (" garden", " office", " kitchen x")]
+    for policy, shares in ((None, True), ("tova", True)):
+        h = MsrnnHarnessLM(str(task_model_dir), chunk_size=16, policy=policy, budget=24 if policy else None)
+        shared = h.loglikelihood(reqs)
+        scratch = [h.loglikelihood([r])[0] for r in reqs]  # one request: nothing to share, read from scratch
+        for (a, ga), (b, gb) in zip(shared, scratch, strict=True):
+            assert abs(a - b) < 1e-4 and ga == gb
+        fed = []
+        forward = h.lm.forward_chunk
+        h.lm.forward_chunk = lambda ids, st, f=forward, fed=fed: (fed.append(ids.shape[1]), f(ids, st))[1]
+        h.loglikelihood(reqs)
+        n_ctx = len(h._encode(ctx))
+        assert (sum(fed) < 2 * n_ctx) == shares  # the context once, not three times
+    h = MsrnnHarnessLM(str(task_model_dir), chunk_size=16, policy="tova", budget=24, prefill="oneshot")
+    fed = []
+    forward = h.lm.forward_chunk
+    h.lm.forward_chunk = lambda ids, st, f=forward: (fed.append(ids.shape[1]), f(ids, st))[1]
+    h.loglikelihood(reqs)
+    assert sum(fed) >= 3 * len(h._encode(ctx))  # oneshot: every request read anew
+
+
+def test_lm_eval_task_folders_score_like_lm_evals_own_hf_model(task_model_dir, tmp_path, capsys, monkeypatch):
+    """`eval longctx --lm-eval-dir` writes multiple-choice tasks (YAML + local JSONL); lm-eval's `hf` model and msrnn's
+    harness model at full budget give the same per-choice log-likelihoods on them."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from msrnn.cli.main import main
+    from msrnn.harness import MsrnnHarnessLM
+
+    folder = tmp_path / "lmeval"
+    assert main(["eval", "longctx", "--model", str(task_model_dir), "--tasks", "passkey,niah_multivalue",
+                 "--lengths", "320", "--depths", "0.5", "--samples", "2", "--lm-eval-dir", str(folder),
+                 "--json"]) == 0
+    names = json.loads(capsys.readouterr().out)["tasks"]
+    assert names == ["msrnn_passkey_320", "msrnn_niah_multivalue_320"]
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=str(folder))
+    ref = simple_evaluate(model="hf", model_args=f"pretrained={task_model_dir},dtype=float32", tasks=names,
+                          device="cpu", batch_size=1, task_manager=manager)
+    ours = simple_evaluate(model=MsrnnHarnessLM(str(task_model_dir), chunk_size=64), tasks=["msrnn_longctx"],
+                           task_manager=manager)
+    for task in names:
+        assert len(ref["samples"][task]) == 2
+        for s_ref, s_ours in zip(ref["samples"][task], ours["samples"][task], strict=True):
+            for r, o in zip(s_ref["filtered_resps"], s_ours["filtered_resps"], strict=True):
+                assert abs(r[0] - o[0]) <= 1e-3 * max(1.0, abs(r[0])), (task, r, o)

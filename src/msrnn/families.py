@@ -176,6 +176,11 @@ class FamilySpec:
         """(task, segment length) the model's own config records, for a family that saves them."""
         return None, None
 
+    def chunk_invariant(self, lm: Any) -> bool:
+        """Whether feeding a stream in other chunks gives the same function (the protocol's promise), so a read
+        state may be shared: true for every family except KV eviction that evicts once per chunk or group."""
+        return True
+
     def retention(self, lm: Any, state: Any, positions: list[int]) -> list[float] | None:
         """Per layer, the share of the tokens at original ``positions`` the state still holds (for a family whose
         state keeps tokens: KV eviction); None for a family whose state does not keep tokens."""

@@ -8,6 +8,12 @@ Batching: ``batch_size`` requests of log-likelihood scoring stream through the m
 right-padded. Every family is causal, so a token's logits never see the padding after it, and each sequence's
 state evolves as it would alone (eviction is per sequence). Generation runs one request at a time: prompts of
 different lengths would need left padding, which the recurrent families' states do not take.
+
+Shared contexts: requests that share a context (a multiple-choice question's choices, several questions about one
+long context) read it once; each continuation is scored from its own copy of that state. That is the same number as
+reading context + continuation anew wherever chunking does not change the function (the family spec's
+``chunk_invariant``: every family, and KV eviction with exact prefill); elsewhere (KV ``oneshot`` or ``chunked:C``
+prefill, where a chunk boundary changes what is evicted) each request is read from scratch.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from lm_eval.api.registry import register_model
 
 from msrnn.errors import ConfigError
 from msrnn.generate import generate
-from msrnn.protocol import split, stream_chunks
+from msrnn.protocol import fork_state, split, stream_chunks
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +127,44 @@ class MsrnnHarnessLM(LM):
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         """Log-likelihood of each continuation given its context, and whether it is the greedy one, streamed."""
-        rows, spans = [], []
-        for req in requests:
-            context, continuation = req.args
-            ctx = self._encode(context) or self._prefix()
-            cont = self._encode(continuation)
-            rows.append(ctx + cont)
-            spans.append((len(ctx) - 1, len(cont)))  # the positions predicting the continuation
+        from msrnn.families import lm_family
+
+        pairs = [(self._encode(req.args[0]) or self._prefix(), self._encode(req.args[1])) for req in requests]
+        out: list[Any] = [None] * len(pairs)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        if lm_family(self.lm).chunk_invariant(self.lm):
+            for i, (ctx, _) in enumerate(pairs):
+                groups.setdefault(tuple(ctx), []).append(i)
+        for ctx, members in groups.items():
+            if len(members) > 1:  # one read of the context for all of its continuations
+                for i, scored in zip(members, self._score_shared(list(ctx), [pairs[i][1] for i in members]),
+                                     strict=True):
+                    out[i] = scored
+        alone = [i for i in range(len(pairs)) if out[i] is None]
+        rows = [pairs[i][0] + pairs[i][1] for i in alone]
+        for i, (lp, gr) in zip(alone, self._score(rows), strict=True):
+            start, n = len(pairs[i][0]) - 1, len(pairs[i][1])  # the positions predicting the continuation
+            out[i] = (float(lp[start : start + n].sum()), bool(gr[start : start + n].all()))
+        return out
+
+    @torch.inference_mode()
+    def _score_shared(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each continuation after ``ctx``, the context read once into a state that each
+        continuation continues on a copy of."""
+        read = None
+        for read in stream_chunks(self.lm, split(torch.tensor([ctx]), self.chunk_size)):  # noqa: B007 - the last
+            pass
         out = []
-        for (lp, gr), (start, n) in zip(self._score(rows), spans, strict=True):
-            out.append((float(lp[start : start + n].sum()), bool(gr[start : start + n].all())))
+        for cont in conts:
+            logits = [read.logits[0, -1:].float()]  # [1, V]: predicts the continuation's first token
+            if len(cont) > 1:
+                for step in stream_chunks(self.lm, split(torch.tensor([cont[:-1]]), self.chunk_size),
+                                          fork_state(read.state)):
+                    logits.append(step.logits[0].float())
+            allv = torch.cat(logits)  # [len(cont), V]
+            target = torch.tensor(cont, device=allv.device)
+            lp = F.log_softmax(allv, dim=-1).gather(1, target[:, None])[:, 0]
+            out.append((float(lp.sum()), bool((allv.argmax(-1) == target).all())))
         return out
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:

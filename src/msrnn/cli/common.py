@@ -87,7 +87,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
     import os
     from pathlib import Path
 
-    for attr, want_dir in (("plot", False), ("out", True), ("output_path", False)):
+    for attr, want_dir in (("plot", False), ("out", True), ("output_path", False), ("lm_eval_dir", True)):
         value = getattr(args, attr, None)
         flag = attr.replace("_", "-")
         if not value:

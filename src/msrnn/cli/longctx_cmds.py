@@ -44,6 +44,9 @@ def add_eval_longctx(ev: argparse._SubParsersAction) -> None:
                    help="greedy answer length (default: the longest candidate + 4 tokens)")
     p.add_argument("--seed", type=seed_int, default=1234)
     p.add_argument("--out", default=None, help="folder for results.json, a heatmap PNG per task and the length plot")
+    p.add_argument("--lm-eval-dir", default=None,
+                   help="instead of scoring, write the same samples as lm-eval task folders (YAML + JSONL, tag "
+                        "msrnn_longctx) here, for python -m msrnn.harness run --include_path DIR")
     add_output_flags(p)
     p.set_defaults(func=run_eval_longctx)
 
@@ -67,6 +70,19 @@ def run_eval_longctx(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer saved; save one next to the weights")
     haystack = noise_sentences(args.data, "test")
+    if args.lm_eval_dir:
+        from msrnn.evaluate.longctx import write_lm_eval_tasks
+
+        names = write_lm_eval_tasks(args.lm_eval_dir, [LongCtxGenerator(t, tokenizer, haystack) for t in tasks],
+                                    lengths, depths, args.samples, args.seed)
+        result = {"lm_eval_dir": str(args.lm_eval_dir), "tasks": names, "tag": "msrnn_longctx",
+                  "command": f"python -m msrnn.harness run --model msrnn --model_args pretrained={args.model} "
+                             f"--tasks msrnn_longctx --include_path {args.lm_eval_dir}"}
+        if args.json:
+            print_json(result)
+        else:
+            out_console.print(f"wrote {len(names)} lm-eval tasks to {args.lm_eval_dir}; run: {result['command']}")
+        return 0
     rows = []
     for t in tasks:
         rows += evaluate_longctx(lm, LongCtxGenerator(t, tokenizer, haystack), lengths, depths, cfg,

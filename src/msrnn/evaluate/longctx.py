@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,3 +130,38 @@ def evaluate_longctx(lm: StatefulLM, generator: LongCtxGenerator, lengths: Seque
                          "peak_state_bytes": peak_state_bytes(lm, n, max(g["state_bytes"] for g in got)),
                          "seconds": time.perf_counter() - t0, "answers": [g["answer"] for g in got]})
     return rows
+
+
+def write_lm_eval_tasks(folder: str | Path, generators: Sequence[LongCtxGenerator], lengths: Sequence[int],
+                        depths: Sequence[float], samples: int, seed: int = 1234) -> list[str]:
+    """lm-evaluation-harness task folders for these probes: per task and length, a local JSONL of the same seeded
+    samples :func:`evaluate_longctx` scores and a ``multiple_choice`` YAML (``acc`` = the true answer ranked first
+    among the candidates), all tagged ``msrnn_longctx``. Run them with ``python -m msrnn.harness run --tasks
+    msrnn_longctx --include_path FOLDER``; nothing is downloaded. Returns the task names."""
+    import json
+
+    from msrnn.io import atomic_file
+
+    folder = Path(folder)
+    names = []
+    for gen in generators:
+        for n in lengths:
+            name = f"msrnn_{gen.task.name}_{n}"
+            rows = []
+            for d in depths if gen.task.uses_depth else [None]:
+                rng = random.Random(hash((seed, gen.task.name, n, d)))  # the samples evaluate_longctx draws
+                for _ in range(samples):
+                    p = gen.sample(n, d, rng)
+                    rows.append({"prompt": gen.tokenizer.decode(p.input_ids), "choices": list(p.candidates),
+                                 "gold": p.label, "depth": d, "answers": list(p.answers), "tokens": n})
+            data = folder / f"{name}.jsonl"
+            with atomic_file(data, "w") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in rows))
+            yaml = (f"task: {name}\ntag: msrnn_longctx\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                    f"    test: {data.resolve()}\ntest_split: test\noutput_type: multiple_choice\n"
+                    "doc_to_text: '{{prompt}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+                    "metric_list:\n  - metric: acc\n")
+            with atomic_file(folder / f"{name}.yaml", "w") as fh:
+                fh.write(yaml)
+            names.append(name)
+    return names

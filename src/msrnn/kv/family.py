@@ -66,6 +66,10 @@ class KVSpec(FamilySpec):
 
         return load_hf_causal_lm(path)
 
+    def chunk_invariant(self, lm: Any) -> bool:
+        """Exact prefill is the token-by-token result for any chunking; oneshot and chunked:C evict per chunk."""
+        return lm.prefill == "exact"
+
     def retention(self, lm: Any, state: Any, positions: list[int]) -> list[float] | None:
         """Per layer, the share of ``positions`` among the kept slots (per-head policies: averaged over KV heads)."""
         import torch
