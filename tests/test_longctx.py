@@ -3,6 +3,7 @@ family, needle retention, and one context answering many questions exactly as re
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +240,24 @@ def test_lm_eval_task_folders_score_like_lm_evals_own_hf_model(task_model_dir, t
         for s_ref, s_ours in zip(ref["samples"][task], ours["samples"][task], strict=True):
             for r, o in zip(s_ref["filtered_resps"], s_ours["filtered_resps"], strict=True):
                 assert abs(r[0] - o[0]) <= 1e-3 * max(1.0, abs(r[0])), (task, r, o)
+
+
+def test_compare_runs_the_probes_for_every_entry_at_equal_bytes(task_model_dir, tiny_corpus, tmp_path, capsys):
+    from msrnn.cli.main import main
+
+    assert main(["compare", "--base", str(task_model_dir), "--state-bytes", "65536", "--policies", "window,tova",
+                 "--data", str(tiny_corpus), "--documents", "file", "--max-tokens", "64", "--max-docs", "1",
+                 "--chunk-size", "32", "--profile-tokens", "64", "--longctx", "passkey", "--longctx-lengths", "300",
+                 "--longctx-depths", "0,1", "--longctx-samples", "2", "--out", str(tmp_path / "rep"), "--json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    entries = {e["name"]: e for e in report["entries"]}
+    assert set(entries) == {"full", "kv:window@65536", "kv:tova@65536"}
+    for e in entries.values():
+        assert [(r["length"], r["depth"]) for r in e["longctx"]] == [(300, 0.0), (300, 1.0)]
+    window = {r["depth"]: r["retention"] for r in entries["kv:window@65536"]["longctx"]}
+    assert window[1.0] == 1.0 and window[0.0] == 0.0 and entries["full"]["longctx"][0]["retention"] is None
+    md = (Path(report["folder"]) / "report.md").read_text()
+    assert "## Long-context probes (passkey" in md and "at equal state bytes (rank accuracy / exact match)" in md
+    assert main(["compare", "--base", str(task_model_dir), "--state-bytes", "65536", "--longctx", "needle",
+                 "--out", str(tmp_path / "rep2")]) == 2

@@ -53,6 +53,11 @@ class CompareConfig:
     build_data: str = "stdlib"  # what built models train on (its train split)
     build_seq_len: int = 512
     task_steps: int = 0  # > 0: also fine-tune the base (for KV) and every built model on `task`, equal steps
+    longctx: list[str] = field(default_factory=list)  # long-context probes (msrnn.tasks.longctx) to run per entry
+    longctx_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    longctx_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    longctx_samples: int = 5
+    longctx_data: str = "stdlib"  # the probes' haystack (its test split)
 
     def __post_init__(self) -> None:
         if any(b < 1 for b in self.state_bytes):
@@ -67,6 +72,15 @@ class CompareConfig:
             from msrnn.tasks import TASKS
 
             TASKS.get(self.task)
+        if self.longctx:
+            from msrnn.tasks.longctx import LONGCTX_TASKS
+
+            for t in self.longctx:
+                LONGCTX_TASKS.get(t)
+            if not self.longctx_lengths or min(self.longctx_lengths) < 1 or self.longctx_samples < 1:
+                raise ConfigError("long-context lengths and samples must be >= 1")
+            if not self.longctx_depths or any(not 0.0 <= d <= 1.0 for d in self.longctx_depths):
+                raise ConfigError("long-context depths are fractions in [0, 1], e.g. --longctx-depths 0,0.5,1")
         if self.task_steps < 0:
             raise ConfigError(f"--task-steps must be >= 0, got {self.task_steps}")
         if self.task_steps and (self.task is None or not self.build):
@@ -256,6 +270,18 @@ def run_entry(entry: Entry, cfg: CompareConfig, progress: bool = False) -> dict[
         out["task"] = [{"segments": n, **r} for n, r in zip(cfg.task_segments, rows, strict=True)]
         out["task_trained"] = trained_task == cfg.task
         out["task_chance"] = 1.0 / len(gen.labels)
+    if cfg.longctx:
+        from msrnn.evaluate.longctx import LongCtxConfig, evaluate_longctx
+        from msrnn.tasks.longctx import LongCtxGenerator
+        from msrnn.tasks.noise import noise_sentences
+
+        haystack = noise_sentences(cfg.longctx_data, "test")
+        probe_cfg = LongCtxConfig(samples=cfg.longctx_samples, chunk_size=cfg.chunk_size)
+        rows = []
+        for t in cfg.longctx:
+            rows += evaluate_longctx(lm, LongCtxGenerator(t, lm.tokenizer, haystack), cfg.longctx_lengths,
+                                     cfg.longctx_depths, probe_cfg)
+        out["longctx"] = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
     return out
 
 

@@ -110,6 +110,15 @@ def _ppl(e: dict[str, Any]) -> str:
     return f"{e['ppl']:.2f}"
 
 
+def _longctx(e: dict[str, Any]) -> str:
+    """Long-context probes over every task, length and depth: rank accuracy / exact match."""
+    rows = e.get("longctx") or []
+    if not rows:
+        return "n/a"
+    return (f"{sum(r['rank_acc'] for r in rows) / len(rows):.2f} / "
+            f"{sum(r['exact'] for r in rows) / len(rows):.2f}")
+
+
 def _accuracy(e: dict[str, Any]) -> str:
     return " / ".join(f"{r['accuracy']:.2f}" for r in e.get("task") or []) or "n/a"
 
@@ -180,6 +189,27 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         lines += ["", f"## {cfg['task']} accuracy at equal state bytes, after {cfg['task_steps']} fine-tuning steps",
                   "", f"Every model (the base model for KV) fine-tuned on the same samples; accuracy at {segs} "
                   "segments."] + [""] + tuned
+    probed = [e for e in entries if e.get("longctx")]
+    if probed:
+        lengths = sorted({r["length"] for r in probed[0]["longctx"]})
+        chance = probed[0]["longctx"][0]["chance"]
+        lines += ["", f"## Long-context probes ({', '.join(cfg['longctx'])}; {cfg['longctx_samples']} samples per "
+                  f"length and depth, depths {', '.join(str(d) for d in cfg['longctx_depths'])})", "",
+                  f"Rank accuracy (the true answer ranked first of the candidates; chance {chance:.2f}) / exact match "
+                  "of the greedy answer, over tasks and depths; needle kept: the share of the answer's tokens a KV "
+                  "cache still holds when the question is read.", "",
+                  "| entry | " + " | ".join(f"{n} tokens" for n in lengths) + " | needle kept |",
+                  "|---|" + "---:|" * (len(lengths) + 1)]
+        for e in probed:
+            cells = []
+            for n in lengths:
+                cells.append(_longctx({"longctx": [r for r in e["longctx"] if r["length"] == n]}))
+            kept = [r["retention"] for r in e["longctx"] if r["retention"] is not None]
+            cells.append(f"{sum(kept) / len(kept):.2f}" if kept else "-")
+            lines.append(f"| {e['name']} | " + " | ".join(cells) + " |")
+        table = equal_bytes_table(entries, cell=_longctx)
+        if table:
+            lines += ["", "### Long-context probes at equal state bytes (rank accuracy / exact match)", ""] + table
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "Plots: `ppl_vs_state.png`, `ppl_vs_position.png`, `speed_memory_vs_length.png`"

@@ -38,6 +38,11 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segments", default="1,4,16", help="task lengths in segments")
     p.add_argument("--segment-length", type=positive_int, default=128)
     p.add_argument("--samples", type=positive_int, default=50)
+    p.add_argument("--longctx", default="", help="also run these long-context probes per entry (msrnn eval longctx's "
+                   "tasks, e.g. passkey,niah_single)")
+    p.add_argument("--longctx-lengths", default="512,1024,2048", help="probe lengths in tokens")
+    p.add_argument("--longctx-depths", default="0,0.5,1", help="needle depths (fractions)")
+    p.add_argument("--longctx-samples", type=positive_int, default=5, help="samples per length and depth")
     p.add_argument("--profile-tokens", type=positive_int, default=8192,
                    help="stream this many tokens per entry for tokens/s and state versus length")
     p.add_argument("--probe-tokens", type=positive_int, default=2048,
@@ -51,6 +56,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from msrnn.cli.longctx_cmds import _depths
     from msrnn.compare import CompareConfig, compare
     from msrnn.ui import out_console, print_json, table
 
@@ -63,7 +69,10 @@ def run_compare(args: argparse.Namespace) -> int:
                         task_samples=args.samples, profile_tokens=args.profile_tokens,
                         probe_tokens=args.probe_tokens,
                         build=[f for f in args.build.split(",") if f], build_tokens=args.build_tokens,
-                        build_data=args.build_data, build_seq_len=args.build_seq_len, task_steps=args.task_steps)
+                        build_data=args.build_data, build_seq_len=args.build_seq_len, task_steps=args.task_steps,
+                        longctx=[t for t in args.longctx.split(",") if t],
+                        longctx_lengths=int_list(args.longctx_lengths, "--longctx-lengths"),
+                        longctx_depths=_depths(args.longctx_depths), longctx_samples=args.longctx_samples)
     report = compare(cfg, args.out, resume=not args.fresh, progress=not (args.quiet or args.json))
     if args.json:
         print_json(report)
