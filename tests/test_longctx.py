@@ -261,3 +261,57 @@ def test_compare_runs_the_probes_for_every_entry_at_equal_bytes(task_model_dir, 
     assert "## Long-context probes (passkey" in md and "at equal state bytes (rank accuracy / exact match)" in md
     assert main(["compare", "--base", str(task_model_dir), "--state-bytes", "65536", "--longctx", "needle",
                  "--out", str(tmp_path / "rep2")]) == 2
+
+
+def test_answer_batches_score_only_the_answer_and_follow_the_curriculum(task_tokenizer, haystack):
+    from msrnn.train.longctx import LongCtxTuneConfig, answer_batch, answer_loss
+
+    cfg = LongCtxTuneConfig(tasks=["passkey", "niah_single"], lengths=[200, 300, 400], batch_size=3)
+    assert [cfg.length_at(s, 9) for s in range(9)] == [200] * 3 + [300] * 3 + [400] * 3
+    assert cfg.tokens(9) == 3 * 3 * (200 + 300 + 400)
+    gens = [LongCtxGenerator(t, task_tokenizer, haystack) for t in cfg.tasks]
+    batch = answer_batch(gens, 200, 3, random.Random(0))
+    ids, mask = batch["input_ids"], batch["answer_mask"]
+    assert not mask[:, :200].any() and mask[:, 200].all()
+    for row, m in zip(ids, mask, strict=True):  # the masked tokens decode to one of the 7-digit answers
+        assert task_tokenizer.decode(row[m].tolist()).strip().isdigit()
+    model = tiny("llama", seed=2)
+    loss = answer_loss(None, model, batch)
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    want = -logp.gather(2, ids[:, 1:, None])[..., 0][mask[:, 1:]].mean()
+    assert torch.allclose(loss, want, atol=1e-5)
+    with pytest.raises(ConfigError, match="short to long"):
+        LongCtxTuneConfig(lengths=[400, 200])
+    with pytest.raises(ConfigError, match="unknown long-context task"):
+        LongCtxTuneConfig(tasks=["needle"])
+
+
+@pytest.mark.parametrize("family", ["hf", "supra", "rmt"])
+def test_cli_train_longctx_any_family_and_resume(family, task_model_dir, tmp_path, capsys):
+    from msrnn.cli.main import main
+    from msrnn.models import load_lm
+
+    source = task_model_dir
+    if family == "supra":
+        source = tmp_path / "supra"
+        assert main(["convert", "supra", "--from", str(task_model_dir), "--out", str(source), "--feature-dim", "8",
+                     "--quiet"]) == 0
+    elif family == "rmt":
+        from msrnn.rmt import MemoryWrapper
+
+        source = tmp_path / "rmt"
+        MemoryWrapper.wrap(tiny("llama", seed=1), num_memory_tokens=2, segment_length=64).save_pretrained(source)
+        load_lm(task_model_dir).tokenizer.save_pretrained(str(source))
+        (source / "msrnn.json").write_text(json.dumps({"family": "rmt"}))
+    capsys.readouterr()
+    argv = ["train", "longctx", "--from", str(source), "--tasks", "passkey", "--lengths", "120,160", "--max-steps",
+            "2", "--batch-size", "2", "--save-every", "1", "--out", str(tmp_path / "tuned"), "--json", "--quiet"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps"] == 2 and res["prompt_tokens"] == 2 * (120 + 160)
+    meta = json.loads((tmp_path / "tuned" / "msrnn.json").read_text())
+    assert meta["longctx_tune"]["tasks"] == ["passkey"] and meta["family"] == family
+    lm = load_lm(tmp_path / "tuned")
+    assert type(lm).__name__ == {"hf": "HFCausalLM", "supra": "SupraLM", "rmt": "RMTLM"}[family]
+    assert main(argv[:9] + ["4"] + argv[10:] + ["--resume"]) == 0  # continued to 4 steps
+    assert json.loads(capsys.readouterr().out)["steps"] == 4

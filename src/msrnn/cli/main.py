@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         eval_cmds,
         kv_cmds,
         longctx_cmds,
+        longctx_train_cmds,
         rmt_cmds,
         supra_cmds,
         task_cmds,
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     supra_cmds.add_train_supra(ts)
     rmt_cmds.add_train_rmt(ts)
     bst_cmds.add_train_bst(ts)
+    longctx_train_cmds.add_train_longctx(ts)
     bench_cmds.add_bench(sub)
     compare_cmds.add_compare(sub)
     doctor_cmds.add_doctor(sub)

@@ -30,5 +30,10 @@ class FullSpec(FamilySpec):
 
         return load_full(path, **options)
 
+    def load_trainable(self, path: Path) -> Any:
+        from msrnn.models.loading import load_hf_causal_lm
+
+        return load_hf_causal_lm(path)
+
     def series(self, entry: dict[str, Any]) -> str | None:
         return None
