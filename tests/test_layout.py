@@ -195,3 +195,16 @@ def test_twins_are_named_one_way():
             elif isinstance(node, ast.arg) and node.arg == "reference":
                 bad.append(f"{f.relative_to(SRC)}:{node.lineno} argument 'reference' (the twin flag is 'ref')")
     assert not bad, bad
+
+
+def test_generated_docs_are_current():
+    """The CLI reference comes from the parsers and the results page from docs/results/*.json: regenerate them
+    (python scripts/docs_cli.py; python scripts/docs_results.py) when either changes."""
+    import subprocess
+    import sys
+
+    root = SRC.parents[1]
+    for script in ("docs_cli.py", "docs_results.py"):
+        r = subprocess.run([sys.executable, str(root / "scripts" / script), "--check"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr

@@ -1,0 +1,91 @@
+"""Write the results pages (docs/results/index.md) from the JSON files under docs/results, so a figure shown there
+is the saved measurement: each result's command, versions and load where it recorded them, its scalars, its rows as
+a table and its PNGs.
+
+    python scripts/docs_results.py            # write it
+    python scripts/docs_results.py --check    # exit 1 if the saved page differs from the JSON (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+OUT = RESULTS / "index.md"
+PROVENANCE = ("command", "model", "torch", "transformers", "threads", "device", "load", "date")
+MAX_ROWS = 12
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return "…"
+    return " ".join(str(v).split()).replace("|", "\\|")
+
+
+def _table(rows: list[dict]) -> list[str]:
+    cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
+    if not cols:
+        return []
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows[:MAX_ROWS]]
+    if len(rows) > MAX_ROWS:
+        out.append(f"\n({len(rows) - MAX_ROWS} more rows in the JSON)")
+    return out
+
+
+def _result(path: Path) -> list[str]:
+    rel = path.relative_to(RESULTS)
+    lines = [f"## `{rel}`", ""]
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return lines + ["(not valid JSON)", ""]
+    if isinstance(data, list):
+        data = {"rows": data}
+    prov = {k: data[k] for k in PROVENANCE if k in data and not isinstance(data[k], (list, dict))}
+    lines.append("Provenance: " + ("; ".join(f"{k} `{_fmt(v)}`" for k, v in prov.items()) if prov
+                                   else "not recorded in the file (see the study page's command)"))
+    lines.append("")
+    scalars = {k: v for k, v in data.items() if k not in prov and not isinstance(v, (list, dict))}
+    if scalars:
+        lines += ["| field | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in scalars.items()], ""]
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            table = _table(value)
+            if table:
+                lines += [f"**{key}**", "", *table, ""]
+    for png in sorted(path.parent.glob("*.png")) if path.name == "results.json" else []:
+        lines += [f"![{png.stem}]({png.relative_to(RESULTS)})", ""]
+    return lines
+
+
+def render() -> str:
+    lines = ["# Results", "", "Generated from the JSON under `docs/results/` by `python scripts/docs_results.py` (CI "
+             "fails if this page is stale). The studies quote these files; each study states the command that made "
+             "it.", ""]
+    for path in sorted(RESULTS.rglob("*.json")):
+        lines += _result(path)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python scripts/docs_results.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
