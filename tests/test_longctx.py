@@ -315,3 +315,20 @@ def test_cli_train_longctx_any_family_and_resume(family, task_model_dir, tmp_pat
     assert type(lm).__name__ == {"hf": "HFCausalLM", "supra": "SupraLM", "rmt": "RMTLM"}[family]
     assert main(argv[:9] + ["4"] + argv[10:] + ["--resume"]) == 0  # continued to 4 steps
     assert json.loads(capsys.readouterr().out)["steps"] == 4
+
+
+def test_samples_are_the_same_in_every_process(task_model_dir):
+    """Cells are seeded without Python's per-process string hashing: two interpreters with different hash seeds
+    draw the same samples."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import random\nfrom msrnn.evaluate.longctx import cell_seed\nfrom msrnn.models.loading import "
+            "load_tokenizer_for\nfrom msrnn.tasks.longctx import LongCtxGenerator\nfrom msrnn.tasks.noise import "
+            f"noise_sentences\ntok = load_tokenizer_for({str(task_model_dir)!r})\n"
+            "g = LongCtxGenerator('niah_single', tok, noise_sentences('stdlib', 'test', limit=200))\n"
+            "print(g.sample(300, 0.5, random.Random(cell_seed(1234, 'niah_single', 300, 0.5))).input_ids[-40:])\n")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONHASHSEED": s}).stdout for s in ("1", "2")}
+    assert len(outs) == 1 and outs.pop().startswith("[")

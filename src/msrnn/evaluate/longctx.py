@@ -48,6 +48,14 @@ class LongCtxConfig:
             raise ConfigError("max_new_tokens must be >= 1")
 
 
+def cell_seed(seed: int, task: str, length: int, depth: float | None) -> int:
+    """The seed of one (task, length, depth) cell: the same in every process (Python's ``hash`` of a string is not,
+    under hash randomisation)."""
+    import hashlib
+
+    return int(hashlib.sha256(repr((seed, task, length, depth)).encode()).hexdigest()[:16], 16)
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -113,7 +121,7 @@ def evaluate_longctx(lm: StatefulLM, generator: LongCtxGenerator, lengths: Seque
                   disable=not progress, console=err_console) as bar:
         job = bar.add_task(generator.task.name, total=len(cells) * cfg.samples)
         for n, d in cells:
-            rng = random.Random(hash((cfg.seed, generator.task.name, n, d)))
+            rng = random.Random(cell_seed(cfg.seed, generator.task.name, n, d))
             t0, got = time.perf_counter(), []
             for _ in range(cfg.samples):
                 got.append(score_probe(lm, generator.sample(n, d, rng), tokenizer, cfg))
@@ -149,7 +157,7 @@ def write_lm_eval_tasks(folder: str | Path, generators: Sequence[LongCtxGenerato
             name = f"msrnn_{gen.task.name}_{n}"
             rows = []
             for d in depths if gen.task.uses_depth else [None]:
-                rng = random.Random(hash((seed, gen.task.name, n, d)))  # the samples evaluate_longctx draws
+                rng = random.Random(cell_seed(seed, gen.task.name, n, d))  # the samples evaluate_longctx draws
                 for _ in range(samples):
                     p = gen.sample(n, d, rng)
                     rows.append({"prompt": gen.tokenizer.decode(p.input_ids), "choices": list(p.candidates),
