@@ -55,9 +55,36 @@ def resume_worker():
     torch.save({"world": acc.num_processes, **rows}, f"{OUT}/resume{acc.process_index}.pt")
 
 
+def rmt_worker():
+    """``train rmt``'s recipe (task loss through the wrapper's forward) for two steps under DDP."""
+    sys.path.insert(0, sys.argv[2])
+    from helpers import tiny
+
+    from msrnn.data import train_bpe
+    from msrnn.families import FAMILIES
+    from msrnn.rmt import MemoryWrapper
+    from msrnn.tasks.noise import noise_sentences
+    from msrnn.tasks.templates import NAMES, PLACES
+    from msrnn.train import TrainConfig
+    from msrnn.train.curriculum import CurriculumConfig
+    from msrnn.train.tasks import TaskTrainConfig, train_task
+
+    words = " ".join(f"{n} went to the {p}. Where is {n}? Answer: {p}" for n in NAMES for p in PLACES)
+    tok = train_bpe(iter(noise_sentences("stdlib", "train", limit=300) + [words] * 40), vocab_size=384)
+    model = MemoryWrapper.wrap(tiny("llama", seed=0), num_memory_tokens=2, segment_length=64)
+    cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, eval_every=1, save_every=0)
+    trainer, _ = train_task(model, tok, FAMILIES.get("rmt"), TaskTrainConfig(batch_size=2, val_samples=2),
+                            CurriculumConfig(max_segments=2, stage_steps=1), cfg, f"{OUT}/rmt", {}, progress=False)
+    acc = trainer.accelerator
+    params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(trainer.model).parameters()])
+    torch.save({"world": acc.num_processes, "params": params}, f"{OUT}/rmt{acc.process_index}.pt")
+
+
 def worker():
     if MODE == "resume":
         return resume_worker()
+    if MODE == "rmt":
+        return rmt_worker()
     sys.path.insert(0, sys.argv[2])
     from helpers import tiny
 

@@ -55,3 +55,16 @@ def test_two_process_resume_continues_the_same_run_on_every_rank(tmp_path):
     # Accelerate's state: one RNG file per rank, next to the weights, optimizer and msrnn's JSON state.
     assert r0["files"] == ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
                            "trainer_state.json"]
+
+
+@pytest.mark.slow
+def test_train_rmt_runs_under_two_processes(tmp_path):
+    """The task loss reaches the wrapper through forward (final=True), so DDP sees the call: two ranks train and end
+    with the same weights (the run used to stop at 'DistributedDataParallel' object has no attribute 'final_logits')."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), str(HERE), "rmt"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rmt{i}.pt") for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    torch.testing.assert_close(r0["params"], r1["params"])

@@ -101,8 +101,9 @@ class RMTSpec(FamilySpec):
         return load_rmt(str(path)).wrapper
 
     def final_logits(self, model: Any, input_ids: Any, attention_mask: Any = None) -> Any:
-        """The wrapper's own: segments aligned to the end of the (left-padded) sample."""
-        return model.final_logits(input_ids, attention_mask)
+        """The wrapper's own: segments aligned to the end of the (left-padded) sample, called through ``forward``
+        so a DistributedDataParallel wrapper synchronises the gradients (``train rmt`` under several processes)."""
+        return model(input_ids=input_ids, attention_mask=attention_mask, final=True)["logits"]
 
     def task_head(self, model: Any) -> str:
         return "classifier" if model.config.backbone_kind == "encoder" else "lm"

@@ -172,12 +172,20 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 labels_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                use_cache: bool | None = None, **kwargs: Any) -> Any:
+                use_cache: bool | None = None, final: bool = False, **kwargs: Any) -> Any:
         """Language modelling over all segments (or, with ``labels_mask``, only where it is true: answer-only).
+
+        ``final=True`` returns only ``logits`` [B, V] after the last token, segments aligned to the end
+        (:meth:`final_logits`, what task training scores): through ``forward``, so a DistributedDataParallel wrapper
+        sees the call and synchronises gradients.
 
         With a cache (``generate`` passes ``use_cache=True``) the tokens stream through the memory instead,
         continuing the cache's state (``RMTLM.forward_chunk``: segments cut from the start, the memory updated
         at each segment's end), so ``generate()`` and ``pipeline("text-generation")`` work with a constant state."""
+        if final:
+            if labels is not None or use_cache or kwargs:
+                raise TypeError("MemoryWrapper.forward(final=True) takes input_ids and attention_mask only")
+            return {"logits": self.final_logits(input_ids, attention_mask)}
         cache = stateful_forward_cache(kwargs, use_cache, labels, 1, "a memory")
         if cache is not None:
             return self._forward_stateful(input_ids, attention_mask, cache)
