@@ -208,3 +208,18 @@ def test_generated_docs_are_current():
         r = subprocess.run([sys.executable, str(root / "scripts" / script), "--check"], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr
+
+
+def test_training_commands_load_on_the_cpu():
+    """A training command never puts the model on a device itself: it loads on the CPU and the trainer's Accelerator
+    places it, each rank on its own device (loading on "auto" before the Accelerator exists put every rank's copy on
+    cuda:0)."""
+    bad = []
+    for name in ("bst_cmds.py", "rmt_cmds.py", "supra_cmds.py", "longctx_train_cmds.py", "train_cmds.py"):
+        source = (SRC / "cli" / name).read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith(("run_train", "build_", "run_pretrain")):
+                text = ast.get_source_segment(source, node) or ""
+                if "resolve_device" in text or ".to(" in text or "device=" in text:
+                    bad.append(f"{name}:{node.name}")
+    assert not bad, bad

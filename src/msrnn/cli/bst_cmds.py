@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from msrnn.cli.common import emit, int_list, positive_int, resolve_device
+from msrnn.cli.common import emit, int_list, positive_int
 from msrnn.cli.training import add_training_flags, check_out, summary, train_config
 
 
@@ -58,15 +58,14 @@ def run_train_bst(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer_for(args.source)
         model = from_llama(load_hf_causal_lm(args.source), seed=args.seed, **shape).train()
-        cfg = model.config
-        model = model.to(resolve_device("auto"))
+        cfg = model.config  # on the CPU: the trainer's Accelerator places it, each rank on its own device
     else:
         tokenizer = ensure_tokenizer(args.data, args.vocab_size or 4096, args.tokenizer)
         cfg = BSTConfig.from_preset(args.preset or "small", len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                     eos_token_id=tokenizer.eos_token_id, **shape)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            model = BSTForCausalLM(cfg).to(resolve_device("auto"))
+            model = BSTForCausalLM(cfg)  # on the CPU: the trainer's Accelerator places it
     data = PretrainConfig(preset=None if args.source else args.preset or "small", data=args.data,
                           seq_len=args.seq_len, batch_size=args.batch_size, repeat_fraction=args.repeat_fraction,
                           vocab_size=len(tokenizer), tokenizer=args.tokenizer)

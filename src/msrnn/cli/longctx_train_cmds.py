@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from msrnn.cli.common import add_output_flags, emit, int_list, positive_int, resolve_device, seed_int
+from msrnn.cli.common import add_output_flags, emit, int_list, positive_int, seed_int
 from msrnn.cli.training import add_run_folder_flags, check_out, summary, train_config
 
 
@@ -42,7 +42,7 @@ def run_train_longctx(args: argparse.Namespace) -> int:
     out = check_out(args)
     name = family_of(args.source)
     spec = FAMILIES.get(name)
-    model = spec.load_trainable(args.source).to(resolve_device("auto")).train()
+    model = spec.load_trainable(args.source).train()  # on the CPU: the trainer's Accelerator places it per rank
     tokenizer = load_tokenizer_for(args.source)
     meta = {"family": spec.tuned_family or spec.name, "tuned_from": str(args.source)}
     trainer, result = tune_longctx(model, tokenizer, spec, cfg, train_config(args), out, meta, resume=args.resume,

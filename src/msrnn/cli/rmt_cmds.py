@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from msrnn.cli.common import add_output_flags, emit, positive_int, resolve_device, seed_int
+from msrnn.cli.common import add_output_flags, emit, positive_int, seed_int
 from msrnn.cli.training import add_run_folder_flags, check_out, summary, train_config
 from msrnn.errors import ConfigError
 
@@ -80,7 +80,7 @@ def build_rmt(args: argparse.Namespace) -> tuple[Any, Any]:
         model = MemoryWrapper.wrap(load_hf_causal_lm(args.source), num_memory_tokens=args.memory,
                                    segment_length=args.segment_length, bptt_depth=args.bptt_depth)
         tokenizer = load_tokenizer_for(args.source)
-    return model.to(resolve_device("auto")).train(), tokenizer
+    return model.train(), tokenizer  # on the CPU: the trainer's Accelerator places it, each rank on its own device
 
 
 def run_train_rmt(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msrnn.cli.common import add_output_flags, add_seed, emit, int_list, positive_int, resolve_device
+from msrnn.cli.common import add_output_flags, add_seed, emit, int_list, positive_int
 from msrnn.cli.training import add_training_flags, check_out, summary, train_config
 from msrnn.errors import ConfigError
 
@@ -68,7 +68,7 @@ def run_train_supra(args: argparse.Namespace) -> int:
     if FAMILIES.get(family_of(src)) is not supra:
         raise ConfigError(f"{src} is not a SUPRA model directory; make one with 'msrnn convert supra --from M'")
     out = check_out(args)
-    model = load_hf_causal_lm(src, device=resolve_device("auto")).train()
+    model = load_hf_causal_lm(src).train()  # on the CPU: the trainer's Accelerator places it, each rank on its own
     tokenizer = load_tokenizer_for(src)
     cfg = PretrainConfig(preset=None, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                          repeat_fraction=args.repeat_fraction)
