@@ -9,12 +9,17 @@ import torch
 HERE = Path(__file__).parent
 
 
-@pytest.mark.slow
-def test_two_process_gloo_ddp_step_equals_single_process_on_both_batches(tmp_path):
+def _run_worker(tmp_path: Path, *mode: str) -> None:
+    """ddp_worker.py under 2-process gloo DDP, in a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), str(HERE)], env=env,
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), str(HERE), *mode], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_step_equals_single_process_on_both_batches(tmp_path):
+    _run_worker(tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     assert r0["world"] == r1["world"] == 2
     torch.testing.assert_close(r0["params"], r1["params"])  # ranks stay in sync
@@ -41,10 +46,7 @@ def test_two_process_resume_continues_the_same_run_on_every_rank(tmp_path):
     """Interrupted at the step-2 checkpoint and resumed under 2 processes, the run ends bit-identical to the same
     run straight through: weights, every logged (rank-reduced) loss, and each rank's own RNG state, which the batches
     depend on (rank 1 draws twice per step, so a checkpoint holding rank 0's RNG alone would resume another run)."""
-    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), str(HERE), "resume"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_worker(tmp_path, "resume")
     r0, r1 = (torch.load(tmp_path / f"resume{i}.pt") for i in (0, 1))
     assert r0["world"] == r1["world"] == 2
     for r in (r0, r1):
@@ -61,10 +63,7 @@ def test_two_process_resume_continues_the_same_run_on_every_rank(tmp_path):
 def test_train_rmt_runs_under_two_processes(tmp_path):
     """The task loss reaches the wrapper through forward (final=True), so DDP sees the call: two ranks train and end
     with the same weights (the run used to stop at 'DistributedDataParallel' object has no attribute 'final_logits')."""
-    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), str(HERE), "rmt"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_worker(tmp_path, "rmt")
     r0, r1 = (torch.load(tmp_path / f"rmt{i}.pt") for i in (0, 1))
     assert r0["world"] == r1["world"] == 2
     torch.testing.assert_close(r0["params"], r1["params"])

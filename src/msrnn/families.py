@@ -43,6 +43,15 @@ class Knobs:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def require_ints(self, family: str, names: tuple[str, ...], minimum: int = 1) -> None:
+        """Refuse a knob among ``names`` that is not an integer >= ``minimum`` (None is left to the caller)."""
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(f"{family} {name} must be an integer >= {minimum}, got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class NoKnobs(Knobs):

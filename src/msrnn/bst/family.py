@@ -29,13 +29,8 @@ class BSTKnobs(Knobs):
         if self.variant not in VARIANTS or self.variant == "full":
             raise ConfigError(f"a BST knob's variant must be a bounded variant (sh, mh, mf, slide), got "
                               f"{self.variant!r}")
-        for name in ("block_size", "state_size", "ssm_layers"):
-            value = getattr(self, name)
-            if name == "ssm_layers" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "ssm_layers" else 1):
-                raise ConfigError(f"BST {name} must be a {'non-negative' if name == 'ssm_layers' else 'positive'} "
-                                  f"integer, got {value!r}")
+        self.require_ints("BST", ("block_size", "state_size"))
+        self.require_ints("BST", ("ssm_layers",), minimum=0)
 
     def ssm_count(self) -> int:
         """Layers carrying the SSM."""

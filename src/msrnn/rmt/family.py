@@ -22,10 +22,7 @@ class RMTKnobs(Knobs):
     SIZE_FIELDS = ("segment_length", "num_memory_tokens")
 
     def __post_init__(self) -> None:
-        for name in self.SIZE_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"RMT {name} must be a positive integer, got {value!r}")
+        self.require_ints("RMT", self.SIZE_FIELDS)
 
 
 class RMTSpec(FamilySpec):

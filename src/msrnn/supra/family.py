@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from msrnn.errors import ConfigError
 from msrnn.families import Cost, FamilySpec, Knobs
 
 
@@ -19,9 +18,7 @@ class SupraKnobs(Knobs):
     SIZE_FIELDS = ("feature_dim",)
 
     def __post_init__(self) -> None:
-        if self.feature_dim is not None and (not isinstance(self.feature_dim, int) or isinstance(
-                self.feature_dim, bool) or self.feature_dim < 1):
-            raise ConfigError(f"feature_dim must be a positive integer, got {self.feature_dim!r}")
+        self.require_ints("SUPRA", ("feature_dim",))
 
 
 class SupraSpec(FamilySpec):
