@@ -332,3 +332,15 @@ def test_samples_are_the_same_in_every_process(task_model_dir):
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                            env={**os.environ, "PYTHONHASHSEED": s}).stdout for s in ("1", "2")}
     assert len(outs) == 1 and outs.pop().startswith("[")
+
+
+def test_probe_options_without_probes_are_refused(task_model_dir, tmp_path, capsys):
+    from msrnn.cli.main import main
+    from msrnn.compare import CompareConfig
+
+    with pytest.raises(ConfigError, match="--longctx-samples set the long-context probes"):
+        CompareConfig(base="b", longctx_samples=9)
+    assert main(["compare", "--base", str(task_model_dir), "--longctx-lengths", "256", "--out", str(tmp_path)]) == 2
+    assert "name them with --longctx" in capsys.readouterr().err
+    assert main(["eval", "longctx", "--model", str(task_model_dir), "--tasks", "cwe", "--depths", "0.5"]) == 2
+    assert "drop --depths" in capsys.readouterr().err

@@ -72,6 +72,12 @@ class CompareConfig:
             from msrnn.tasks import TASKS
 
             TASKS.get(self.task)
+        probe_settings = {"longctx_lengths": [512, 1024, 2048], "longctx_depths": [0.0, 0.5, 1.0],
+                          "longctx_samples": 5, "longctx_data": "stdlib"}  # the defaults above
+        given = [k for k, v in probe_settings.items() if getattr(self, k) != v]
+        if given and not self.longctx:  # refused, not accepted and ignored
+            raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in given)} set the long-context probes; "
+                              "name them with --longctx (e.g. --longctx passkey) or drop the option")
         if self.longctx:
             from msrnn.tasks.longctx import LONGCTX_TASKS
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from msrnn.cli.common import add_output_flags, int_list, positive_int, seed_int
 from msrnn.errors import ConfigError
 
+DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
+
 
 def _depths(text: str) -> list[float]:
     try:
@@ -36,7 +38,7 @@ def add_eval_longctx(ev: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default="passkey,niah_single", help="comma-separated task names (default "
                    "passkey,niah_single)")
     p.add_argument("--lengths", default="256,512,1024", help="prompt lengths in tokens (default 256,512,1024)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths as fractions (default 0,.25,.5,.75,1)")
+    p.add_argument("--depths", default=DEFAULT_DEPTHS, help="needle depths as fractions (default 0,.25,.5,.75,1)")
     p.add_argument("--samples", type=positive_int, default=5, help="samples per (length, depth) (default 5)")
     p.add_argument("--data", default="stdlib", help="the haystack's text (default stdlib docstrings, test split)")
     p.add_argument("--chunk-size", type=positive_int, default=512, help="tokens per forward while reading")
@@ -63,6 +65,9 @@ def run_eval_longctx(args: argparse.Namespace) -> int:
     for t in tasks:
         LONGCTX_TASKS.get(t)  # unknown names refused before the model loads
     lengths, depths = int_list(args.lengths, "--lengths"), _depths(args.depths)
+    if args.depths != DEFAULT_DEPTHS and not any(LONGCTX_TASKS.get(t).uses_depth for t in tasks):
+        raise ConfigError(f"--depths places needles, and {', '.join(tasks)} have none (the list fills the context); "
+                          "drop --depths")
     cfg = LongCtxConfig(samples=args.samples, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens,
                         seed=args.seed)
     lm = load_for_cli(args)
