@@ -276,7 +276,7 @@ def test_answer_batches_score_only_the_answer_and_follow_the_curriculum(task_tok
     for row, m in zip(ids, mask, strict=True):  # the masked tokens decode to one of the 7-digit answers
         assert task_tokenizer.decode(row[m].tolist()).strip().isdigit()
     model = tiny("llama", seed=2)
-    loss = answer_loss(None, model, batch)
+    loss = answer_loss(model, batch)
     logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
     want = -logp.gather(2, ids[:, 1:, None])[..., 0][mask[:, 1:]].mean()
     assert torch.allclose(loss, want, atol=1e-5)

@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 
 from msrnn.errors import ConfigError
 from msrnn.generate import generate
-from msrnn.protocol import fork_state, split, stream_chunks
+from msrnn.protocol import split, stream_chunks
 
 log = logging.getLogger(__name__)
 
@@ -147,25 +147,13 @@ class MsrnnHarnessLM(LM):
             out[i] = (float(lp[start : start + n].sum()), bool(gr[start : start + n].all()))
         return out
 
-    @torch.inference_mode()
     def _score_shared(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each continuation after ``ctx``, the context read once into a state that each
         continuation continues on a copy of."""
-        read = None
-        for read in stream_chunks(self.lm, split(torch.tensor([ctx]), self.chunk_size)):  # noqa: B007 - the last
-            pass
-        out = []
-        for cont in conts:
-            logits = [read.logits[0, -1:].float()]  # [1, V]: predicts the continuation's first token
-            if len(cont) > 1:
-                for step in stream_chunks(self.lm, split(torch.tensor([cont[:-1]]), self.chunk_size),
-                                          fork_state(read.state)):
-                    logits.append(step.logits[0].float())
-            allv = torch.cat(logits)  # [len(cont), V]
-            target = torch.tensor(cont, device=allv.device)
-            lp = F.log_softmax(allv, dim=-1).gather(1, target[:, None])[:, 0]
-            out.append((float(lp.sum()), bool((allv.argmax(-1) == target).all())))
-        return out
+        from msrnn.evaluate.longctx import continuation_score, read
+
+        next_logits, state, _ = read(self.lm, ctx, self.chunk_size)
+        return [continuation_score(self.lm, state, next_logits, cont, self.chunk_size) for cont in conts]
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
         """Log-likelihood of each whole text, streamed."""

@@ -45,7 +45,7 @@ def run_train_longctx(args: argparse.Namespace) -> int:
     model = spec.load_trainable(args.source).train()  # on the CPU: the trainer's Accelerator places it per rank
     tokenizer = load_tokenizer_for(args.source)
     meta = {"family": spec.tuned_family or spec.name, "tuned_from": str(args.source)}
-    trainer, result = tune_longctx(model, tokenizer, spec, cfg, train_config(args), out, meta, resume=args.resume,
+    trainer, result = tune_longctx(model, tokenizer, cfg, train_config(args), out, meta, resume=args.resume,
                                    progress=not (args.quiet or args.json))
     res = summary(out, trainer, result)
     # The trainer counts tokens at a fixed length per step, which the curriculum does not have: report the prompts'.

@@ -75,22 +75,26 @@ def read(lm: StatefulLM, ids: Sequence[int], chunk: int, state: Any = None) -> t
 
 
 @torch.inference_mode()
-def continuation_logprob(lm: StatefulLM, state: Any, next_logits: torch.Tensor, ids: Sequence[int]) -> float:
-    """log p(ids | what ``state`` has read), ``next_logits`` being the logits after it; ``state`` is left as it was
-    (the continuation runs on a copy)."""
-    lp = float(next_logits.float().log_softmax(-1)[ids[0]])
+def continuation_score(lm: StatefulLM, state: Any, next_logits: torch.Tensor, ids: Sequence[int],
+                       chunk: int = 512) -> tuple[float, bool]:
+    """(log p(ids | what ``state`` has read), whether every token of ``ids`` is the greedy one), ``next_logits`` [V]
+    being the logits after the read; the continuation runs on a copy, fed ``chunk`` tokens at a time, so ``state``
+    is left as it was and can score the next continuation."""
+    logits = [next_logits[None].float()]  # [1, V]: predicts the first token
     if len(ids) > 1:
-        logits, _ = lm.forward_chunk(torch.tensor([list(ids[:-1])]), fork_state(state))
-        logp = logits[0].float().log_softmax(-1)  # [n - 1, V]
-        lp += float(logp.gather(1, torch.tensor(list(ids[1:]))[:, None]).sum())
-    return lp
+        for step in stream_chunks(lm, split(torch.tensor([list(ids[:-1])]), chunk), fork_state(state)):
+            logits.append(step.logits[0].float())
+    allv = torch.cat(logits)  # [len(ids), V]
+    target = torch.tensor(list(ids), device=allv.device)
+    lp = allv.log_softmax(-1).gather(1, target[:, None])[:, 0]
+    return float(lp.sum()), bool((allv.argmax(-1) == target).all())
 
 
 def score_probe(lm: StatefulLM, probe: Probe, tokenizer: Any, cfg: LongCtxConfig) -> dict[str, Any]:
     """One sample: rank of the true candidate, the greedy answer's exact match and recall, retention, state bytes."""
     next_logits, state, peak = read(lm, probe.input_ids, cfg.chunk_size)
     cands = [_encode(tokenizer, " " + c) for c in probe.candidates]
-    scores = [continuation_logprob(lm, state, next_logits, c) for c in cands]
+    scores = [continuation_score(lm, state, next_logits, c, cfg.chunk_size)[0] for c in cands]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     n = cfg.max_new_tokens or max(map(len, cands)) + 4
     eos = getattr(tokenizer, "eos_token_id", None)

@@ -73,7 +73,7 @@ def answer_batch(generators: list[Any], length: int, batch_size: int, rng: rando
     return {"input_ids": ids, "answer_mask": mask}
 
 
-def answer_loss(spec: Any, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the answer tokens (each predicted from the position before it)."""
     ids, mask = batch["input_ids"], batch["answer_mask"]
     logits = model(input_ids=ids)["logits"][:, :-1].float()  # [B, T - 1, V]
@@ -81,10 +81,10 @@ def answer_loss(spec: Any, model: Any, batch: dict[str, torch.Tensor]) -> torch.
     return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100)
 
 
-def tune_longctx(model: Any, tokenizer: Any, spec: Any, cfg: LongCtxTuneConfig, train_cfg: Any, out: Path,
+def tune_longctx(model: Any, tokenizer: Any, cfg: LongCtxTuneConfig, train_cfg: Any, out: Path,
                  meta: dict[str, Any], resume: bool = False, progress: bool = True) -> tuple[Any, Any]:
-    """Train ``model`` (a trainable module of the family ``spec``) on the probes in the shared trainer and export it
-    to ``out`` (``msrnn.json`` records the tuning); returns (trainer, training result)."""
+    """Train ``model`` (any family's trainable causal LM: the loss reads its ``logits``) on the probes in the shared
+    trainer and export it to ``out`` (``msrnn.json`` records the tuning); returns (trainer, training result)."""
     from msrnn.tasks.longctx import LongCtxGenerator
     from msrnn.tasks.noise import noise_sentences
     from msrnn.train.trainer import Trainer
@@ -99,7 +99,7 @@ def tune_longctx(model: Any, tokenizer: Any, spec: Any, cfg: LongCtxTuneConfig, 
         rng = random.Random(hash((train_cfg.seed, step, micro, rank)))
         return answer_batch(generators, cfg.length_at(step, steps), cfg.batch_size, rng)
 
-    trainer = Trainer(model, train_cfg, batch_fn, out, loss_fn=lambda m, b: answer_loss(spec, m, b),
+    trainer = Trainer(model, train_cfg, batch_fn, out, loss_fn=answer_loss,
                       save_extra=lambda d: tokenizer.save_pretrained(str(d)), progress=progress,
                       run={**asdict(cfg), **meta})
     if resume:
