@@ -112,7 +112,8 @@ def run_eval_longctx(args: argparse.Namespace) -> int:
              f"{100 * r['rank_acc']:.0f}% ({100 * r['chance']:.0f}%)",
              "-" if r["retention"] is None else f"{100 * r['retention']:.0f}%", r["peak_state_bytes"]] for r in rows]
     out_console.print(table(f"long-context probes, {args.samples} samples per cell", [
-        "task", "length", "depth", "exact", "recall", "rank acc (chance)", "needle kept", "state bytes"], body))
+        "task", "length", "depth", "exact", "recall", "rank acc (chance)", "needle kept",
+        "peak state bytes (prompt)"], body))
     return 0
 
 

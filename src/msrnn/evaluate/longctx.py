@@ -111,7 +111,8 @@ def evaluate_longctx(lm: StatefulLM, generator: LongCtxGenerator, lengths: Seque
                      depths: Sequence[float | None], cfg: LongCtxConfig, progress: bool = False
                      ) -> list[dict[str, Any]]:
     """One row per (length, depth): exact match, recall, rank accuracy (and its chance level), mean needle retention
-    per layer (where the family has it), peak state bytes and seconds, over ``cfg.samples`` seeded samples."""
+    per layer (where the family has it), the peak state bytes of one sequence while reading the prompt (at every
+    offset; the answer tokens decoded after it are not counted) and seconds, over ``cfg.samples`` seeded samples."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from msrnn.ui import err_console
