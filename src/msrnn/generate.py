@@ -39,8 +39,8 @@ def generate(lm: StatefulLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:  # refuse before generating, not midway
         raise ConfigError(f"prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) is past this "
                           f"model's {limit} learned positions; shorten the prompt or lower --max-new-tokens")
-    logits, state = prefill(lm, input_ids, prefill_chunk)
-    return continue_from(lm, logits[:, -1], state, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+    next_logits, state = prefill(lm, input_ids, prefill_chunk)
+    return continue_from(lm, next_logits, state, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
 
 
 @torch.inference_mode()
@@ -86,8 +86,8 @@ def answer_questions(lm: StatefulLM, context_ids: torch.Tensor, questions: list[
     for q in questions:
         if q.dim() != 2 or q.shape[0] != 1 or q.shape[1] < 1:
             raise ConfigError("each question must be one non-empty sequence [1, tokens]")
-        logits, state = prefill(lm, q, prefill_chunk, fork_state(read))
-        answers.append(continue_from(lm, logits[:, -1], state, max_new_tokens, eos_token_id=eos_token_id))
+        next_logits, state = prefill(lm, q, prefill_chunk, fork_state(read))
+        answers.append(continue_from(lm, next_logits, state, max_new_tokens, eos_token_id=eos_token_id))
     return answers
 
 

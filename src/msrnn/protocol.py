@@ -7,6 +7,11 @@ makes that literal: every model, whatever bounds its state, is driven as
     logits, state = lm.forward_chunk(input_ids, state)   # input_ids [B, T], any T >= 1; logits [B, T, V]
     lm.state_nbytes(state)                                # bytes held for B sequences
 
+``forward_chunk(input_ids, state, last_only=True)`` returns only the logits after the chunk's last token [B, 1, V]:
+a prompt being read needs no others, and the head over every position is the largest tensor of a prefill (T x V
+floats: 4 GiB for 8k tokens at a 128k vocabulary). The keyword is optional for adapters written elsewhere:
+:func:`stream_chunks` passes it only where ``forward_chunk`` declares it, and slices the last row otherwise.
+
 Chunking must not change the function: feeding a stream in chunks of any size gives the logits of one full
 forward (up to float tolerance; eviction families document where their policy makes chunking matter).
 The state passed to ``forward_chunk`` may be updated in place: always continue with the returned one.
@@ -15,6 +20,7 @@ The state passed to ``forward_chunk`` may be updated in place: always continue w
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import weakref
 from collections.abc import Iterable, Iterator
@@ -41,7 +47,9 @@ class StatefulLM(Protocol):
         ...
 
     def forward_chunk(self, input_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        """Consume ``input_ids`` [B, T] and return next-token logits [B, T, V] (fp32) and the new state."""
+        """Consume ``input_ids`` [B, T] and return next-token logits [B, T, V] (fp32) and the new state.
+
+        msrnn's adapters also take ``last_only: bool = False`` (logits [B, 1, V] after the last token only)."""
         ...
 
     def state_nbytes(self, state: Any) -> int:
@@ -148,16 +156,35 @@ def split(input_ids: torch.Tensor, chunk_sizes: Iterable[int] | int) -> Iterator
         pos, i = pos + size, i + 1
 
 
-def stream_chunks(lm: StatefulLM, chunks: Iterable[torch.Tensor], state: Any = None) -> Iterator[StreamStep]:
+def takes_last_only(lm: StatefulLM) -> bool:
+    """Whether ``lm.forward_chunk`` declares ``last_only`` (read off its signature at each stream, since a caller
+    may have replaced the method; an adapter written elsewhere without it is still driven, with the last row
+    sliced off its full logits)."""
+    try:
+        return "last_only" in inspect.signature(lm.forward_chunk).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def stream_chunks(lm: StatefulLM, chunks: Iterable[torch.Tensor], state: Any = None,
+                  last_only: bool = False) -> Iterator[StreamStep]:
     """The one streaming loop: feed ``chunks`` ([B, t] each) through ``lm``, from ``state`` or a fresh one.
 
+    ``last_only``: each step's logits are those after its chunk's last token only, [B, 1, V] (reading a prompt;
+    the model skips its head on the other positions where its adapter supports it).
     The evaluator, generator, task scorer, harness, benchmarks and studies all drive models through this."""
     start = 0
+    native = last_only and takes_last_only(lm)
     for chunk in chunks:
         if state is None:
             state = lm.init_state(chunk.shape[0])
         t0 = time.perf_counter()
-        logits, state = lm.forward_chunk(chunk, state)
+        if native:
+            logits, state = lm.forward_chunk(chunk, state, last_only=True)
+        else:
+            logits, state = lm.forward_chunk(chunk, state)
+            if last_only:
+                logits = logits[:, -1:]
         yield StreamStep(start, logits, state, time.perf_counter() - t0)
         start += chunk.shape[1]
 
@@ -171,13 +198,15 @@ def fork_state(state: Any) -> Any:
 
 
 def prefill(lm: StatefulLM, input_ids: torch.Tensor, chunk_size: int, state: Any = None) -> tuple[torch.Tensor, Any]:
-    """Feed a whole prompt in chunks; returns (the last chunk's logits, the state)."""
+    """Feed a whole prompt in chunks; returns (the next-token logits after its last token [B, V], the state).
+
+    Only those logits are computed (``last_only``): generation and the probes read nothing else."""
     last = None
-    for last in stream_chunks(lm, split(input_ids, chunk_size), state):  # noqa: B007 - only the last step is kept
+    for last in stream_chunks(lm, split(input_ids, chunk_size), state, last_only=True):  # noqa: B007 - the last
         pass
     if last is None:
         raise ConfigError("the prompt is empty; give at least one token")
-    return last.logits, last.state
+    return last.logits[:, -1], last.state
 
 
 def stream_logits(lm: StatefulLM, input_ids: torch.Tensor, chunk_sizes: Iterable[int] | int) -> torch.Tensor:
@@ -251,4 +280,5 @@ def measure_state_bytes(lm: StatefulLM, tokens: int = 2048, chunk: int = 1) -> i
     g = torch.Generator().manual_seed(0)
     chunks = (torch.randint(0, lm.vocab_size, (1, chunk), generator=g) for _ in range(0, tokens, chunk))
     with torch.inference_mode():
-        return max((chunk_held_nbytes(lm, step.state) for step in stream_chunks(lm, chunks)), default=0)
+        return max((chunk_held_nbytes(lm, step.state) for step in stream_chunks(lm, chunks, last_only=True)),
+                   default=0)

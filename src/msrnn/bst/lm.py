@@ -24,11 +24,14 @@ class BSTLM:
         """SSM states and empty block caches for ``batch_size`` sequences."""
         return {**self.model.init_state(check_batch_size(batch_size)), "owner": owner(self, self.model)}
 
-    def forward_chunk(self, input_ids: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Feed any number of tokens (cut at block boundaries inside); logits [B, T, V] fp32."""
+    def forward_chunk(self, input_ids: torch.Tensor, state: dict[str, Any], last_only: bool = False
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Feed any number of tokens (cut at block boundaries inside); logits [B, T, V] fp32 ([B, 1, V] after the
+        last token with ``last_only``)."""
         check_state(state, dict, owner(self, self.model))
         input_ids = check_chunk(input_ids, len(state["layers"][0]["k"]), self.vocab_size)
-        return self.model.step(input_ids.to(self.model.embed_tokens.weight.device), state).float(), state
+        ids = input_ids.to(self.model.embed_tokens.weight.device)
+        return self.model.step(ids, state, last_only=last_only).float(), state
 
     def state_nbytes(self, state: dict[str, Any]) -> int:
         """Bytes of every layer's SSM state and block keys/values."""

@@ -109,8 +109,9 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
         device = self.embed_tokens.weight.device
         return {"pos": 0, "layers": [layer.init_state(batch_size, device) for layer in self.layers]}
 
-    def step(self, input_ids: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """Any number of tokens -> logits [B, T, V]; the chunk is cut at block boundaries."""
+    def step(self, input_ids: torch.Tensor, state: dict[str, Any], last_only: bool = False) -> torch.Tensor:
+        """Any number of tokens -> logits [B, T, V] (or [B, 1, V] after the last token with ``last_only``, the
+        head run on that position alone); the chunk is cut at block boundaries."""
         W = self.block
         outs, i = [], 0
         while i < input_ids.shape[1]:
@@ -119,9 +120,12 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
             x = self.embed_tokens(input_ids[:, i : i + take])
             for layer, ls in zip(self.layers, state["layers"], strict=True):
                 x = layer.step(x, ls, state["pos"], offset, W)
-            outs.append(self.lm_head(self.norm(x)))
             state["pos"] += take
             i += take
+            if not last_only:
+                outs.append(self.lm_head(self.norm(x)))
+            elif i == input_ids.shape[1]:
+                outs.append(self.lm_head(self.norm(x[:, -1:])))
         return torch.cat(outs, dim=1)
 
 

@@ -66,7 +66,7 @@ def read(lm: StatefulLM, ids: Sequence[int], chunk: int, state: Any = None) -> t
     token, the state, the most bytes the state held between chunks and inside them)."""
     x = torch.tensor([list(ids)])
     last, peak = None, 0
-    for step in stream_chunks(lm, split(x, chunk), state):
+    for step in stream_chunks(lm, split(x, chunk), state, last_only=True):
         last, state = step.logits[0, -1], step.state
         peak = max(peak, chunk_held_nbytes(lm, state))
     if last is None:

@@ -50,7 +50,7 @@ def _answer_stream(lm: Any, batch: list[TaskSample], label_ids: list[int], chunk
         # the same way here; streaming from the start would cut other segments when T % S != 0.
         return lm.final_logits(ids)[:, label_ids].argmax(-1).tolist(), 0
     peak, last = 0, None
-    for step in stream_chunks(lm, split(ids, chunk)):
+    for step in stream_chunks(lm, split(ids, chunk), last_only=True):
         last = step.logits[:, -1]
         peak = max(peak, chunk_held_nbytes(lm, step.state))
     return last[:, label_ids].argmax(-1).tolist(), peak // len(batch)

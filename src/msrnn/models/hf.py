@@ -6,6 +6,7 @@ This is the reference every bounded family is compared against: its state grows 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class HFCausalLM:
         if cache_factory is not None and type(self) is HFCausalLM:
             self.monotone_state = False
         self.max_positions, self.learned_positions = position_limit(model)
+        # Whether the model's forward takes ``logits_to_keep`` (transformers' heads do): read off the signature
+        # rather than assumed, since a remote or older head may not; without it the head runs on every position.
+        self._keeps_logits = _takes(model.forward, "logits_to_keep")
 
     @property
     def device(self) -> torch.device:
@@ -74,8 +78,11 @@ class HFCausalLM:
         """The stamp on this adapter's states: the class, the model and what bounds the cache."""
         return owner(self, self.model)
 
-    def forward_chunk(self, input_ids: torch.Tensor, state: HFState) -> tuple[torch.Tensor, HFState]:
-        """Feed ``input_ids`` [B, T] at absolute positions after those already seen; logits [B, T, V] fp32."""
+    def forward_chunk(self, input_ids: torch.Tensor, state: HFState, last_only: bool = False
+                      ) -> tuple[torch.Tensor, HFState]:
+        """Feed ``input_ids`` [B, T] at absolute positions after those already seen; logits [B, T, V] fp32, or
+        [B, 1, V] after the last token with ``last_only`` (the head runs on that position only, through the
+        model's ``logits_to_keep`` where its ``forward`` takes it)."""
         check_state(state, HFState, self.state_owner())
         input_ids = check_chunk(input_ids, state.batch_size, self.vocab_size)
         T = input_ids.shape[1]
@@ -83,13 +90,16 @@ class HFCausalLM:
         input_ids = input_ids.to(self.device)
         position_ids = torch.arange(state.seen, state.seen + T, device=self.device).unsqueeze(0)  # [1, T]
         before = state.cache.get_seq_length()
+        keep = {"logits_to_keep": 1} if last_only and T > 1 and self._keeps_logits else {}
         out = self._forward_fn(state, T)(input_ids=input_ids,
                                          position_ids=position_ids.expand(input_ids.shape[0], -1),
-                                         use_cache=True, **cache_kwargs(state.cache, self.model))
+                                         use_cache=True, **keep, **cache_kwargs(state.cache, self.model))
         state.cache = output_cache(out)
         check_advanced(state.cache, before, T, type(self.model).__name__)
         state.seen += T
-        return out.logits.float(), state
+        logits = out.logits[:, -1:] if last_only else out.logits
+        return logits.float(), state
+
 
     def _forward_fn(self, state: HFState, tokens: int) -> Any:
         """What runs the model on a chunk of ``tokens``: the model itself (a bounded cache may pick a compiled
@@ -114,6 +124,13 @@ class HFCausalLM:
             _WARNED_EXTRAPOLATION.add(self.model)  # RoPE runs past its limit: extrapolation, worth one warning
             log.warning("position %d is past the model's max_position_embeddings=%d: RoPE extrapolates from here, "
                         "outside the positions the model was configured for", end, self.max_positions)
+
+
+def _takes(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def position_limit(model: Any) -> tuple[int | None, bool]:

@@ -30,12 +30,13 @@ class RMTLM:
         state.owner = owner(self, self.wrapper)
         return state
 
-    def forward_chunk(self, input_ids: torch.Tensor, state: RMTState) -> tuple[torch.Tensor, RMTState]:
+    def forward_chunk(self, input_ids: torch.Tensor, state: RMTState, last_only: bool = False
+                      ) -> tuple[torch.Tensor, RMTState]:
         """Feed tokens across segment boundaries (memory updated at each; the wrapper's ``step``); logits
-        [B, T, V] fp32."""
+        [B, T, V] fp32 ([B, 1, V] after the last token with ``last_only``)."""
         check_state(state, RMTState, owner(self, self.wrapper))
         input_ids = check_chunk(input_ids, state.batch_size, self.vocab_size)
-        return self.wrapper.step(input_ids, state), state
+        return self.wrapper.step(input_ids, state, last_only=last_only), state
 
     def state_nbytes(self, state: RMTState) -> int:
         """Bytes of the memory plus the current segment's keys and values."""

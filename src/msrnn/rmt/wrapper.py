@@ -228,11 +228,11 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
                          **cache_kwargs(state.cache, self.model))
         state.memory, state.cache, state.in_segment = out.hidden_states[-1], None, 0
 
-    def step(self, input_ids: torch.Tensor, state: RMTState) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, state: RMTState, last_only: bool = False) -> torch.Tensor:
         """Stream tokens [B, T] (validated by the caller) across segment boundaries: they go into the current
         segment through a KV cache; when a segment is full its write-memory slots are fed to get the next memory,
         and the cache is dropped. Updates ``state`` in place; logits [B, T, V] fp32 equal :meth:`run`'s segment by
-        segment forward."""
+        segment forward (``last_only``: [B, 1, V] after the last token, the head run on that position alone)."""
         model, m, S = self.model, self.m, self.config.segment_length
         outs, pos = [], 0
         while pos < input_ids.shape[1]:
@@ -242,11 +242,13 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
             ids = input_ids[:, pos : pos + take]
             p = torch.arange(m + state.in_segment, m + state.in_segment + take)[None].expand(state.batch_size, -1)
             before = state.cache.get_seq_length()
-            out = model(input_ids=ids, position_ids=p, use_cache=True, **cache_kwargs(state.cache, model))
+            keep = {"logits_to_keep": 1} if last_only else {}
+            out = model(input_ids=ids, position_ids=p, use_cache=True, **keep, **cache_kwargs(state.cache, model))
             check_advanced(state.cache, before, take, type(model).__name__)
-            outs.append(out.logits.float())
             state.in_segment += take
             pos += take
+            if not last_only or pos == input_ids.shape[1]:
+                outs.append(out.logits.float())
             if state.in_segment == S:
                 self._finish_segment(state)
         state.seen += input_ids.shape[1]
