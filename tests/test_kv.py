@@ -89,6 +89,39 @@ def test_causal_first_chunk_equals_its_masked_twin(arch, prefill, budget, policy
         assert (af is None) == (ar is None) and (af is None or torch.allclose(af, ar, atol=1e-5))
 
 
+@pytest.mark.parametrize("arch,per_head,positions", [("llama", True, "original"), ("llama", False, "rolling"),
+                                                      ("gpt2", True, "original"), ("gpt2", False, "original")])
+def test_h2o_oneshot_attending_with_its_own_probabilities_equals_its_twin(arch, per_head, positions, monkeypatch):
+    """One-shot H2O attends with the fp32 probabilities it sums (one pass, a block's columns cut at its last
+    query) instead of SDPA plus a second pass: the same logits, kept slots and H2O sums as the twin, with GQA, a
+    left-padded batch, query blocks of 7 that straddle the chunks, a causal first chunk and chunks on kept slots."""
+    import msrnn.kv.attention as attention
+
+    monkeypatch.setattr(attention, "_QUERY_BLOCK", 7)
+    model = tiny(arch, "sdpa", seed=9)
+    x = torch.randint(1, V, (2, 53), generator=torch.Generator().manual_seed(10))
+    runs = {}
+    for padded in (False, True):
+        mask = torch.ones(2, 53, dtype=torch.long)
+        if padded:
+            x[1, :9], mask[1, :9] = 0, 0
+        for reference in (False, True):
+            lm = KVEvictionLM(model, make_policy("h2o", 11, per_head=per_head), prefill="oneshot",
+                              positions=positions, ref=reference)
+            state, logits = lm.init_state(2), []
+            with torch.no_grad():
+                for lo, hi in ((0, 23), (23, 24), (24, 40), (40, 53)):
+                    out = model(input_ids=x[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True,
+                                **cache_kwargs(state.cache, model))
+                    logits.append(out.logits)
+            runs[padded, reference] = (torch.cat(logits, 1), [(layer.kept_positions().clone(), layer.acc.clone())
+                                                              for layer in state.cache.layers])
+        fast, ref = runs[padded, False], runs[padded, True]
+        assert_close(f"{arch}/per_head={per_head}/{positions}/padded={padded}", ref[0], fast[0], atol=1e-5)
+        for (pf, af), (pr, ar) in zip(fast[1], ref[1], strict=True):
+            assert torch.equal(pf, pr) and torch.allclose(af, ar, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", POLICIES, ids=pid)
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa")])
 def test_fast_exact_prefill_equals_its_readable_twin(arch, attn, policy, monkeypatch):

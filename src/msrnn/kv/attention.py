@@ -330,20 +330,27 @@ def _oneshot(layer: EvictionLayer, call: AttentionCall, table: SlotTable, S0: in
         delta = _rolling_deltas(table.positions, valid)  # [B, 1, S]
         kk = rotate(key, delta, layer.rotation)
         q = rotate(query, delta[:, :, S0:], layer.rotation)
-    out, weights = call.base(q, kk, allowed_q)
     policy, k = layer.policy, layer.policy.budget
-    if acc is not None:
-        colsum = torch.zeros(B, Hq, S, device=dev)
-        for lo in range(0, T, 256):  # bounded memory for long prefills
-            if causal:  # the rows' causal mask, built for this block only: [1, 1, n, S]
-                rows = torch.arange(lo, min(T, lo + 256), device=dev)
-                block = (torch.arange(S, device=dev)[None] <= rows[:, None])[None, None]
-            else:
-                block = None if allowed_q is None else allowed_q[:, :, lo : lo + 256]
-            p = weights[:, :, lo : lo + 256].float() if weights is not None else \
-                _probs(q[:, :, lo : lo + 256], kk, block, scaling, sink)
-            colsum += p.sum(2)
+    if acc is not None and call.base_name == "sdpa" and not layer.ref and not call.module.training:
+        # H2O needs every query's probabilities (their column sums), which SDPA does not return: compute them once
+        # per query block in fp32 and attend with them, instead of attending with SDPA and computing them again.
+        out, colsum = _attend_with_probs(q, kk, call.value, allowed_q, causal, S0, scaling, sink)
+        weights = None
         acc += _group(colsum, G, "sum")
+    else:
+        out, weights = call.base(q, kk, allowed_q)
+        if acc is not None:  # the readable twin (and eager, whose weights are at hand)
+            colsum = torch.zeros(B, Hq, S, device=dev)
+            for lo in range(0, T, 256):  # bounded memory for long prefills
+                if causal:  # the rows' causal mask, built for this block only: [1, 1, n, S]
+                    rows = torch.arange(lo, min(T, lo + 256), device=dev)
+                    block = (torch.arange(S, device=dev)[None] <= rows[:, None])[None, None]
+                else:
+                    block = None if allowed_q is None else allowed_q[:, :, lo : lo + 256]
+                p = weights[:, :, lo : lo + 256].float() if weights is not None else \
+                    _probs(q[:, :, lo : lo + 256], kk, block, scaling, sink)
+                colsum += p.sum(2)
+            acc += _group(colsum, G, "sum")
     if k is None or S <= k:
         return out, weights, None  # nothing to evict: the layer keeps every slot without copying
     last = None
@@ -353,6 +360,41 @@ def _oneshot(layer: EvictionLayer, call: AttentionCall, table: SlotTable, S0: in
         last = _group(p, G, "mean")
     keep = _select(policy, table, last, k, all_valid=layer.all_valid)
     return out, weights, keep
+
+
+def _attend_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                       causal: bool, S0: int, scaling: float, sink: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output [B, T, Hq, Dv] and the probabilities' column sums [B, Hq, S], from one fp32 pass over
+    blocks of ``_QUERY_BLOCK`` queries (the fast twin of SDPA followed by :func:`_probs` in ``_oneshot``).
+
+    q [B, Hq, T, D] are the chunk's queries, k/v [B, Hkv, S, D] the S0 kept slots then the T new tokens, ``allowed``
+    [B, 1|Hq, T, S] or None (every slot visible), ``causal`` a first chunk with no mask (new tokens causal among
+    themselves). Queries lo..hi-1 see no column past S0 + hi - 1 (later new tokens are their future), so a block's
+    logits are computed against the first S0 + hi columns only: half the work of a full [T, S] pass when causal."""
+    B, Hq, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    rep = Hq // Hkv
+    dev = q.device
+    colsum = torch.zeros(B, Hq, S, device=dev)
+    out = torch.empty(B, Hq, T, Dv, device=dev)
+    kf, vf = k.float(), v.float()
+    sink_h = None if sink is None else sink.view(1, Hq, 1, 1)
+    future = torch.ones(_QUERY_BLOCK, _QUERY_BLOCK, dtype=torch.bool, device=dev).triu(1)  # [n, n] above the diagonal
+    for lo in range(0, T, _QUERY_BLOCK):
+        hi = min(T, lo + _QUERY_BLOCK)
+        n, cols = hi - lo, S0 + hi
+        qg = (q[:, :, lo:hi].float() * scaling).reshape(B, Hkv, rep * n, D)  # [B, Hkv, rep*n, D]: heads per KV head
+        logits = torch.matmul(qg, kf[:, :, :cols].transpose(-1, -2)).view(B, Hq, n, cols)
+        if causal:  # only the block's own square has future columns: mask it in place (no [n, cols] mask)
+            logits[..., S0 + lo :].masked_fill_(future[:n, :n], float("-inf"))
+        elif allowed is not None:
+            logits.masked_fill_(~allowed[:, :, lo:hi, :cols], float("-inf"))
+        p = _softmax(logits, sink_h)  # [B, Hq, n, cols]
+        colsum[:, :, :cols] += p.sum(2)
+        pv = torch.matmul(p.reshape(B, Hkv, rep * n, cols), vf[:, :, :cols])  # [B, Hkv, rep*n, Dv]
+        out[:, :, lo:hi] = pv.view(B, Hq, n, Dv)
+    return out.transpose(1, 2).to(q.dtype).contiguous(), colsum  # [B, T, Hq, Dv]
 
 
 def _exact_ref(layer: EvictionLayer, call: AttentionCall, table: SlotTable, S0: int
