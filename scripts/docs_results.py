@@ -46,11 +46,14 @@ def _result(path: Path) -> list[str]:
         return lines + ["(not valid JSON)", ""]
     if isinstance(data, list):
         data = {"rows": data}
-    prov = {k: data[k] for k in PROVENANCE if k in data and not isinstance(data[k], (list, dict))}
-    lines.append("Provenance: " + ("; ".join(f"{k} `{_fmt(v)}`" for k, v in prov.items()) if prov
+    stamp = data.get("provenance") if isinstance(data.get("provenance"), dict) else None
+    prov = stamp or {k: data[k] for k in PROVENANCE if k in data and not isinstance(data[k], (list, dict))}
+    shown = {k: " / ".join(map(str, v)) if isinstance(v, list) else v for k, v in prov.items() if v is not None}
+    lines.append("Provenance: " + ("; ".join(f"{k} `{_fmt(v)}`" for k, v in shown.items()) if shown
                                    else "not recorded in the file (see the study page's command)"))
     lines.append("")
-    scalars = {k: v for k, v in data.items() if k not in prov and not isinstance(v, (list, dict))}
+    scalars = {k: v for k, v in data.items() if (stamp is not None or k not in prov)
+               and not isinstance(v, (list, dict))}
     if scalars:
         lines += ["| field | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in scalars.items()], ""]
     for key, value in data.items():

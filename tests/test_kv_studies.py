@@ -223,3 +223,23 @@ def test_kv_throughput_bench_sizes_batches_from_bytes(task_model_dir, capsys):
     assert main(["bench", "kv", "--model", str(task_model_dir), "--throughput", "--contexts", "40",
                  "--memory-mib", "1", "--full-batch", "2"]) == 2
     assert "only applies with --throughput" in capsys.readouterr().err
+
+
+def test_saved_results_carry_their_provenance(tmp_path):
+    """Every results.json a command writes names the command line, the versions and the machine's load, so a figure
+    quoted from it in the docs comes with how it was measured (scripts/docs_figures.py prints it)."""
+    import json
+
+    import torch
+    import transformers
+
+    from msrnn.cli.main import main
+
+    argv = ["bench", "kv-prefill", "--shape", "tiny", "--tokens", "20", "--chunk", "7", "--budget", "8",
+            "--policies", "tova", "--modes", "exact", "--rounds", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    p = json.loads((tmp_path / "results.json").read_text())["provenance"]
+    assert p["command"] == "msrnn " + " ".join(argv)
+    assert p["torch"] == torch.__version__ and p["transformers"] == transformers.__version__
+    assert p["threads"] == torch.get_num_threads() and p["date"].endswith("UTC")
+    assert len(p["load_at_start"]) == 3 and len(p["load_at_end"]) == 3

@@ -26,6 +26,7 @@ from typing import Any
 from msrnn.errors import ConfigError, DataError
 from msrnn.io import write_json
 from msrnn.protocol import measure_state_bytes
+from msrnn.provenance import stamped
 
 SCHEMA_VERSION = 2  # 2: built entries (sizing), notes, zero-shot task marks
 
@@ -349,7 +350,7 @@ def compare(cfg: CompareConfig, root: str | Path, resume: bool = True, progress:
             bar.advance(job)
     report = {"schema": SCHEMA_VERSION, "folder": str(out), "config": asdict(cfg), "entries": results,
               "notes": notes}
-    write_json(out / "results.json", report)
+    write_json(out / "results.json", stamped(report))
     from msrnn.compare_report import write_report
 
     write_report(report, out)

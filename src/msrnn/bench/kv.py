@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from msrnn.bench.rows import Row
-from msrnn.bench.timing import DECODE_WARMUP, sync, timed_decode
+from msrnn.bench.timing import DECODE_WARMUP, timed, timed_decode
 from msrnn.errors import ConfigError, MsrnnError
 from msrnn.kv.cache import check_storage, parse_prefill
 from msrnn.protocol import prefill
@@ -133,15 +132,8 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 256 * 2**20, repeat
     physical limit a memory-bound decode step is held against."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first copy also faults the pages in
-        if src.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if src.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+    dst.copy_(src)  # the first copy faults the pages in
+    best = min(timed(lambda: dst.copy_(src), src.device) for _ in range(repeats))
     return 2 * src.nbytes / best
 
 
@@ -229,11 +221,7 @@ class KVPrefillBenchConfig:
 
 @torch.inference_mode()
 def _prefill_time(lm, ids: torch.Tensor, chunk: int) -> float:
-    sync(lm.device)
-    t0 = time.perf_counter()
-    prefill(lm, ids, chunk)
-    sync(lm.device)
-    return time.perf_counter() - t0
+    return timed(lambda: prefill(lm, ids, chunk), lm.device)
 
 
 def run_kv_prefill_bench(model: Any, cfg: KVPrefillBenchConfig, progress: Any = None) -> dict[str, Any]:

@@ -22,17 +22,20 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], object], device: torch.device | str | None = "cpu") -> float:
+    """Seconds of one call of ``fn``, synchronised before and after on a CUDA ``device``: the one clock every
+    benchmark reads (interleaved rounds call it once per variant and round)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def median_time(fn: Callable[[], object], rounds: int, device: torch.device | str | None = "cpu") -> float:
     """Median seconds of ``rounds`` calls after one warm-up call (synchronised on a CUDA ``device``)."""
     fn()
-    times = []
-    for _ in range(rounds):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(rounds))
 
 
 @torch.inference_mode()

@@ -100,6 +100,7 @@ def run_bench_bst(args: argparse.Namespace) -> int:
     from msrnn.bench.bst import bench_layers, bench_memory, bench_ssm
     from msrnn.bench.rows import Column, dash, render
     from msrnn.io import write_json
+    from msrnn.provenance import stamped
     from msrnn.ui import err_console, out_console, print_json
 
     ssm_lengths = int_list(args.ssm_lengths, "--ssm-lengths")
@@ -120,7 +121,7 @@ def run_bench_bst(args: argparse.Namespace) -> int:
             memory = bench_memory(layer_lengths, d=args.channels, W=args.block_size)
     result = {"ssm": ssm, "layers": layers, "memory": memory, "channels": args.channels, "block": args.block_size}
     if args.out:
-        write_json(Path(args.out) / "results.json", result)
+        write_json(Path(args.out) / "results.json", stamped(result))
     if args.json:
         print_json(result)
         return 0

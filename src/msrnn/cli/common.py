@@ -149,13 +149,15 @@ def emit(args: argparse.Namespace, title: str, result: dict) -> int:
 
 
 def save_results(out: str | None, name: str, obj) -> str | None:
-    """Write ``obj`` as JSON to ``out/name`` (atomically) when ``--out`` was given; returns the path or None."""
+    """Write ``obj`` as JSON to ``out/name`` (atomically, with its provenance) when ``--out`` was given; returns the
+    path or None."""
     if not out:
         return None
     from pathlib import Path
 
     from msrnn.io import write_json
+    from msrnn.provenance import stamped
 
     path = Path(out) / name
-    write_json(path, obj)
+    write_json(path, stamped(obj))
     return str(path)

@@ -93,6 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from msrnn.evaluate.plots import log_buckets, plot_ppl_vs_position
     from msrnn.io import cache_dir, write_json
     from msrnn.models import load_lm
+    from msrnn.provenance import stamped
     from msrnn.train import TrainConfig
     from msrnn.train.pretrain import PretrainConfig, pretrain
     from msrnn.ui import err_console, out_console, print_json, table
@@ -150,7 +151,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "report": str(Path(fam["folder"]) / "report.md"),
             "entries": [{k: e[k] for k in ("name", "family", "state_bytes", "ppl")} for e in fam["entries"]]},
     }
-    write_json(out / "results.json", summary)
+    write_json(out / "results.json", stamped(summary))
     if args.json:
         print_json(summary)
         return 0

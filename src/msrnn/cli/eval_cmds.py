@@ -223,7 +223,8 @@ def run_eval_harness(args: argparse.Namespace) -> int:
               "results": res["results"]}  # lm-eval's nested metrics
     if args.output_path:
         from msrnn.io import write_json
+        from msrnn.provenance import stamped
 
-        write_json(args.output_path, report)
+        write_json(args.output_path, stamped(report))
     print_json(report)
     return 0

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msrnn: error: {exc}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    from msrnn.provenance import start
+
+    start(sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.verbose)
     try:
         from msrnn.ui import check_launch_env

@@ -95,6 +95,7 @@ def run_bench_supra(args: argparse.Namespace) -> int:
     from msrnn.bench.rows import Column, dash, render
     from msrnn.bench.supra import bench_decode, bench_ops
     from msrnn.io import write_json
+    from msrnn.provenance import stamped
     from msrnn.ui import err_console, out_console, print_json
 
     lengths, positions = int_list(args.lengths, "--lengths"), int_list(args.positions, "--positions")
@@ -113,7 +114,7 @@ def run_bench_supra(args: argparse.Namespace) -> int:
         dec = bench_decode(model, positions, rounds=args.rounds)
     result = {"ops": ops, "decode": dec, "model": args.model or "random small"}
     if args.out:
-        write_json(Path(args.out) / "results.json", result)
+        write_json(Path(args.out) / "results.json", stamped(result))
     if args.json:
         print_json(result)
         return 0
