@@ -198,13 +198,15 @@ def test_twins_are_named_one_way():
 
 
 def test_generated_docs_are_current():
-    """The CLI reference comes from the parsers and the results page from docs/results/*.json: regenerate them
-    (python scripts/docs_cli.py; python scripts/docs_results.py) when either changes."""
+    """The CLI reference comes from the parsers, and the results page and the figure blocks of README.md and the
+    docs pages from docs/results/*.json: regenerate them (python scripts/docs_cli.py; python
+    scripts/docs_results.py; python scripts/docs_figures.py) when either changes."""
     import subprocess
     import sys
 
     root = SRC.parents[1]
-    for script in ("scripts/docs_cli.py", "scripts/docs_results.py", "benchmarks/longctx_study.py"):
+    for script in ("scripts/docs_cli.py", "scripts/docs_results.py", "scripts/docs_figures.py",
+                   "benchmarks/longctx_study.py"):
         r = subprocess.run([sys.executable, str(root / script), "--check"], capture_output=True, text=True,
                            timeout=300, cwd=root)
         assert r.returncode == 0, r.stderr
