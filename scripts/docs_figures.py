@@ -42,7 +42,7 @@ def _load(rel: str) -> dict:
 def _provenance(data: dict, rel: str) -> str:
     p = data.get("provenance") or {}
     if not p:
-        return f"([JSON]({rel}); its command and load were not recorded in the file)"
+        return f"`docs/results/{rel}` records no command or load (measured before results carried them)"
     load = " / ".join(map(str, p.get("load_at_start") or [])) or "?"
     return (f"`{p.get('command')}` — {p.get('date')}, {p.get('device')}, {p.get('threads')} thread(s), load average "
             f"{load} (1/5/15 min) at the start; torch {p.get('torch')}, transformers {p.get('transformers')}")
@@ -93,6 +93,109 @@ def peers_kvpress() -> str:
     lines += ["", f"- {_provenance(data, 'peers_kvpress/results.json')}",
               f"- sides: {sides['msrnn']['library']} (transformers {sides['msrnn']['transformers']}), "
               f"{sides['kvpress']['library']} (transformers {sides['kvpress']['transformers']})"]
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: float, digits: int = 2) -> str:
+    return f"{v:,.{digits}f}"
+
+
+def _sweep(task: str) -> str:
+    data = _load("kv_sweep/results.json")
+    rows = [r for r in data["rows"] if r["task"] == task]
+    full = next(r for r in rows if r["policy"] == "full")
+    budgets = sorted({r["budget"] for r in rows if r["policy"] != "full"})
+    policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"))
+    ppl = {(r["policy"], r["budget"]): r["ppl"] for r in rows}
+    ctx = data["context"]
+    lines = [f"({full['documents']} held-out documents of {ctx} tokens; full cache: {_f(full['ppl'])})", "",
+             "| policy | " + " | ".join(f"{b} (1/{ctx // b})" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines += [f"| {p} | " + " | ".join(_f(ppl[p, b]) for b in budgets) + " |" for p in policies]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-sweep-plain")
+def kv_sweep_plain() -> str:
+    """Perplexity versus budget on held-out code."""
+    return _sweep("plain")
+
+
+@renderer("kv-sweep-copy")
+def kv_sweep_copy() -> str:
+    """Perplexity versus budget on the copy task."""
+    return _sweep("copy")
+
+
+@renderer("kv-analysis")
+def kv_analysis() -> str:
+    """Which first positions TOVA keeps, and which token kinds."""
+    data = _load("kv_analysis_tova/results.json")
+    lines = ["| layer | pos 0 | pos 1 | pos 2 | pos 3 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | " + " | ".join(_f(r[f"pos{i}"]) for i in range(4)) + " |"
+              for r in data["first_token_survival"]]
+    lines += ["", "Token kinds kept relative to their base rate (ratio > 1 = favoured):", "",
+              "| kind | share of tokens seen | share of kept slots | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {_f(r['base_rate'], 3)} | {_f(r['kept_share'], 3)} | {_f(r['ratio'])} |"
+              for r in data["token_kinds"]]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-decode")
+def kv_decode() -> str:
+    """Decode speed versus context: the full cache, a plain cache of the budget, window and TOVA."""
+    data = _load("bench_kv/results.json")
+    k = data["budget"]
+    lines = [f"| context | full tok/s | plain@{k} | window@{k} | tova@{k} | tova naive | TOVA / full | ceiling | "
+             "of ceiling | TOVA / window | fixed / naive | full KV MiB | TOVA KV MiB | of limit (full / TOVA) |",
+             "|" + "---|" * 14]
+    for r in data["rows"]:
+        t, lim = (lambda v, r=r: r[f"{v} tok/s"]), (lambda v, r=r: r[f"{v} limit tok/s"])
+        tova = f"tova@{k}"
+        lines.append(
+            f"| {r['context']:,} | {t('full'):,.0f} | {t(f'plain@{k}'):,.0f} | {t(f'window@{k}'):,.0f}"
+            f" | {t(tova):,.0f} | {t(f'{tova} naive'):,.0f} | {_x(r['tova/full speed'])} | "
+            f"{_x(r['ceiling'])} | **{r['tova/full of ceiling']:.0%}** | {_x(r['tova/window'])} | "
+            f"{_x(r['tova fixed/naive'])} | {r['full bytes'] / 2**20:.1f} | {r[f'{tova} bytes'] / 2**20:.2f} | "
+            f"{t('full') / lim('full'):.0%} / {t(tova) / lim(tova):.0%} |")
+    lines += ["", f"- copy bandwidth {data['copy bandwidth GB/s']:.1f} GB/s, weights "
+              f"{data['weight bytes'] / 2**20:.1f} MiB, {data['threads']} thread(s), {data['rounds']} rounds of "
+              f"{data['steps']} steps; {_provenance(data, 'bench_kv/results.json')}"]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-throughput")
+def kv_throughput() -> str:
+    """Generated tokens/s of the largest batches that fit one KV memory budget."""
+    lines = ["| context, cache | KV budget | full: batch, tok/s | TOVA: batch, tok/s | throughput ratio |",
+             "|---|---|---|---|---|"]
+    for name in ("bench_kv_throughput_4k", "bench_kv_throughput_8k"):
+        d = _load(f"{name}/results.json")
+        full, tova = d["rows"][0], d["rows"][1]
+        lines.append(f"| {d['context']:,}, TOVA@{d['budget']} (1/{round(1 / d['cache fraction'])}) | "
+                     f"{d['memory bytes'] / 2**20:.1f} MiB | {full['batch']}, {full['tok/s']:,.0f} | "
+                     f"{tova['batch']}, {tova['tok/s']:,.0f} | **{d['throughput ratio']:.1f}x** |")
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-chunked-ppl")
+def kv_chunked_ppl() -> str:
+    """The perplexity cost of chunked and one-shot prefill against exact prefill."""
+    lines = ["| policy@128 | prefill | ppl | vs exact | most slots carried (per layer) | peak state bytes | tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for policy in ("tova", "h2o"):
+        exact = _load(f"kv_prefill_ppl/{policy}_exact.json")["ppl"]
+        for mode, name in (("exact", "exact"), ("chunked:16", "chunked_16"), ("chunked:64", "chunked_64"),
+                           ("chunked:128", "chunked_128"), ("oneshot", "oneshot")):
+            d = _load(f"kv_prefill_ppl/{policy}_{name}.json")
+            k = int(d["policy"].split("@")[1])
+            # Until its eviction a group's tokens pile up on the k kept slots: C - 1 more for chunked:C, the chunk's
+            # tokens less one for oneshot, none for exact (kv.cache's peak-state accounting).
+            extra = {"exact": 0, "oneshot": d["chunk_size"] - 1}.get(mode, int(mode.partition(":")[2] or 1) - 1)
+            carried = f"{k} + {extra}" if extra else str(k)
+            lines.append(f"| {policy} | `{mode}` | {_f(d['ppl'])} | {d['ppl'] / exact - 1:+.1%} | {carried} | "
+                         f"{d['peak_state_bytes']:,} | {d['tokens_per_s']:,.0f} |")
+    full = _load("kv_prefill_ppl/full.json")
+    lines += ["", f"Full cache: {_f(full['ppl'])}."]
     return "\n".join(lines) + "\n"
 
 
