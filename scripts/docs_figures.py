@@ -199,6 +199,131 @@ def kv_chunked_ppl() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bucket(ev: dict, start: int, end: int) -> float:
+    return next(b["ppl"] for b in ev["buckets"] if (b["start"], b["end"]) == (start, end))
+
+
+def _bst_rows(prefix: str, variants: list[str], with_params: bool) -> str:
+    head = ["model", *(["params"] if with_params else []), "val loss", "ppl first 256 (L)", "first 1024 (4L)",
+            "first 4096 (16L)", "tokens 128–256", "512–1024", "2048–4096", "state bytes", "train time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in variants:
+        tr, ev = _load(f"bst/train{prefix}_{v}.json"), _load(f"bst/eval{prefix}_{v}.json")
+        cells = [tr["model"] + (f" ({tr['steps']})" if prefix else ""),
+                 *([f"{tr['params'] / 1e6:.2f}M"] if with_params else []), f"{tr['val_loss']:.3f}",
+                 *(f"{ev['ppl_at'][n]:.1f}" for n in ("256", "1024", "4096")),
+                 *(f"{_bucket(ev, a, b):.1f}" for a, b in ((128, 256), (512, 1024), (2048, 4096))),
+                 f"{ev['peak_state_bytes']:,}", f"{tr['seconds']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@renderer("bst-300")
+def bst_300() -> str:
+    """Five BST variants after 300 steps: perplexity by position, state bytes."""
+    return _bst_rows("", ["slide", "sh-s4", "mh-s4", "mf-s4", "sh-unstruct"], with_params=True)
+
+
+@renderer("bst-900")
+def bst_900() -> str:
+    """SLIDE, SH and MH after 900 steps."""
+    return _bst_rows("900", ["slide", "sh-s4", "mh-s4"], with_params=False)
+
+
+@renderer("bst-bench")
+def bst_bench() -> str:
+    """S4D by FFT against its scan, and a BST layer against full attention."""
+    d = _load("bst/bench_bst.json")
+    lines = ["| L | S4D by FFT ms | recurrent scan ms | scan / FFT |", "|---|---|---|---|"]
+    lines += [f"| {r['L']:,} | {r['fft ms']:,.1f} | {r['scan ms']:,.1f} | {_x(r['scan / fft'])} |" for r in d["ssm"]]
+    mem = {r["L"]: r for r in d["memory"]}
+    lines += ["", "| L | BST:SH layer ms | full causal attention ms | same BST layer block by block ms | full / BST | "
+              "block-sequential / BST | peak RSS BST / full (MiB) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['L']:,} | {r['bst ms']:,.1f} | {r['full attn ms']:,.1f} | {r['block-sequential ms']:,.1f} | "
+              f"{_x(r['full / bst'])} | {_x(r['sequential / bst'])} | {mem[r['L']]['bst MiB']} / "
+              f"{mem[r['L']]['full attn MiB']} |" for r in d["layers"]]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("supra-eval")
+def supra_eval() -> str:
+    """The base softmax model against SUPRA beyond the training length."""
+    lines = ["| eval length | base softmax (trained at 512) | SUPRA, 150 uptraining steps | base state | SUPRA state |",
+             "|---|---|---|---|---|"]
+    for n in (512, 1024, 2048, 4096):
+        base, supra = _load(f"supra_eval_small-1500_{n}.json"), _load(f"supra_eval_supra-150_{n}.json")
+        mib = (lambda b: f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b // 1024} KiB")
+        lines.append(f"| {n} ({n // 512}x) | {_f(base['ppl'])} | {_f(supra['ppl'])} | "
+                     f"{mib(base['peak_state_bytes'])} | {mib(supra['peak_state_bytes'])} |")
+    t = _load("supra_train.json")
+    lines += ["", f"Uptraining: {t['steps']} steps, {t['tokens']:,} tokens, {t['seconds']:.0f} s, val loss "
+              f"{t['val_loss']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("supra-bench")
+def supra_bench() -> str:
+    """Linear-attention forms against SDPA, and decode cost versus position."""
+    d = _load("bench_supra/results.json")
+    lines = ["| T | naive loop ms | chunked ms | softmax SDPA ms | chunked vs naive | SDPA / chunked |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['T']} | {r['naive ms']:.1f} | {r['chunked ms']:.1f} | {r['sdpa ms']:.1f} | "
+              f"{r['chunked vs naive']:.1f}x | {_x(r['sdpa / chunked'])} |" for r in d["ops"]["rows"]]
+    first, last = d["decode"]["rows"][0], d["decode"]["rows"][-1]
+    lines += ["", f"Linear attention beats softmax SDPA from T = {d['ops']['crossover_T']:,}. Decode: "
+              f"{first['ms/token']:.2f} ms/token at position {first['position']:,} against {last['ms/token']:.2f} at "
+              f"{last['position']:,} (ratio {d['decode']['ratio_last_first']:.2f}), state {last['state bytes']:,} "
+              "bytes at both."]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("streams")
+def streams() -> str:
+    """1M-token streams: flat memory, constant time per chunk, no non-finite logits."""
+    lines = ["| family | tokens | wall | tok/s | RSS over the stream | ms per chunk, early → late | "
+             "state bytes between chunks | non-finite logits |", "|---|---|---|---|---|---|---|---|"]
+    for name, label in (("stream_rmt_1M", "RMT (16 mem, 512 seg)"), ("stream_supra_1M", "SUPRA (lightning decay)")):
+        d = _load(f"{name}/results.json")
+        rss = [r["rss_mib"] for r in d["rows"]]
+        states = sorted({r["state_bytes"] for r in d["rows"]})
+        lines.append(f"| {label} | {d['tokens']:,} | {d['seconds']:.0f} s | {d['tokens_per_s']:,.0f} | "
+                     f"{min(rss):.1f}–{max(rss):.1f} MiB | {d['ms_per_chunk_first']:.1f} → "
+                     f"{d['ms_per_chunk_last']:.1f} | {', '.join(f'{b:,}' for b in states)} | {d['nonfinite']} |")
+    return "\n".join(lines) + "\n"
+
+
+@renderer("rmt-tasks")
+def rmt_tasks() -> str:
+    """Accuracy versus segments after the curriculum, per task."""
+    rows = (("memorize", "memorize"), ("detect", "detect & memorize"),
+            ("reasoning", "reasoning (qa4-style, two facts)"),
+            ("encoder_memorize", "memorize, **encoder** (`--from minilm`, 10 memory tokens)"))
+    first = _load("rmt/eval_memorize.json")["results"]
+    head = [f"{r['segments']} seg" if i == 0 else str(r["segments"]) for i, r in enumerate(first)]
+    head[-1] += f" ({first[-1]['tokens']:,} tokens)"
+    lines = ["| task | curriculum (step: segments) | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for name, label in rows:
+        ev = _load(f"rmt/eval_{name}.json")["results"]
+        if (RESULTS / f"rmt/train_{name}_meta.json").exists():
+            meta = _load(f"rmt/train_{name}_meta.json")
+            cur = ", ".join(f"{c['step']}: {c['to']}" for c in meta["curriculum"])
+            cur += f" (by {' and '.join(sorted({c['reason'] for c in meta['curriculum']}))}); {meta['step']} steps"
+        else:
+            cur = "not saved with the results"
+        lines.append(f"| {label} | {cur} | " + " | ".join(f"{r['accuracy']:.0%}" for r in ev) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@renderer("rmt-1m")
+def rmt_1m() -> str:
+    """RMT memorize at one million tokens."""
+    d = _load("rmt/eval_memorize_1M.json")
+    lines = ["| segments | tokens | right | state bytes | seconds | peak RSS MiB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['segments']:,} | {r['tokens']:,} | {round(r['accuracy'] * r['samples'])} of {r['samples']} | "
+              f"{r['peak_state_bytes']:,} | {r['seconds']:.0f} | {r['peak_rss_mib']} |" for r in d["results"]]
+    return "\n".join(lines) + "\n"
+
+
 def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
