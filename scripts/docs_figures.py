@@ -324,6 +324,185 @@ def rmt_1m() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _knobs(e: dict) -> str:
+    if e.get("slots"):
+        return f"{e['slots']} slots"
+    short = {"feature_dim": "F", "block_size": "W", "state_size": "N", "segment_length": "S", "num_memory_tokens": "m"}
+    order = ("segment_length", "num_memory_tokens", "block_size", "state_size", "feature_dim")
+    items = sorted((e.get("sizing") or {}).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9)
+    return ", ".join(f"{short.get(k, k)}={v}" for k, v in items)
+
+
+_COLUMNS = (("kv:window", "KV window"), ("kv:sink", "KV sink"), ("kv:h2o", "KV H2O"), ("kv:tova", "KV TOVA"),
+            ("rmt", "RMT (built)"), ("bst", "BST:SH (built)"), ("supra", "SUPRA (built)"))
+
+
+@renderer("compare-ppl")
+def compare_ppl() -> str:
+    """Perplexity of every family and KV policy at equal state bytes (the best of each row in bold)."""
+    rel = "compare/compare-small-d877b5cc3e/results.json"
+    d = _load(rel)
+    by = {e["name"]: e for e in d["entries"]}
+    lines = ["| budget | " + " | ".join(label for _, label in _COLUMNS) + " |", "|---|" + "---:|" * len(_COLUMNS)]
+    for b in d["config"]["budgets"]:
+        got = [by.get(f"{name}@{b}") for name, _ in _COLUMNS]
+        best = min(e["ppl"] for e in got if e)
+        cells = []
+        for e in got:
+            if e is None:
+                cells.append("n/a")
+                continue
+            ppl = f"**{e['ppl']:.2f}**" if e["ppl"] == best else f"{e['ppl']:.2f}"
+            cells.append(f"{ppl} ({_knobs(e)})")
+        size = f"{b // 2**20} MiB" if b % 2**20 == 0 else f"{b // 1024:,} KiB"
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    full = by["full"]
+    lines.append(f"| full cache, {full['eval_peak_state_bytes'] / 2**20:.0f} MiB at {d['config']['max_tokens']:,} "
+                 "tokens | " + " | " * (len(_COLUMNS) - 1) + f"base model: {full['ppl']:.2f} |")
+    lines += ["", f"- `docs/results/{rel}`; every entry, its state bytes and tokens/s: the run's `report.md`"]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("compare-task")
+def compare_task() -> str:
+    """Memory-task accuracy at equal bytes after 200 and 600 task-training steps."""
+    runs = {200: _load("compare/compare-small-f385715506/results.json"),
+            600: _load("compare/compare-small-59b5b594ba/results.json")}
+    segs = " / ".join(str(n) for n in runs[200]["config"]["task_segments"])
+    labels = (("kv:h2o", "KV **H2O** on the tuned base"), ("kv:tova", "KV TOVA on the tuned base"),
+              ("kv:window", "KV window on the tuned base"), ("kv:sink", "KV sink on the tuned base"),
+              ("supra", "SUPRA (built, then tuned)"), ("bst", "BST:SH (built, then tuned)"),
+              ("rmt", "RMT (built, then tuned)"))
+    lines = [f"| state (256 KiB), accuracy at {segs} segments | 200 steps | 600 steps |", "|---|---|---|"]
+    for name, label in labels:
+        cells, knobs = [], ""
+        for steps in (200, 600):
+            e = next((e for e in runs[steps]["entries"] if e["name"] == f"{name}@262144+memorize"), None)
+            cells.append(" / ".join(f"{r['accuracy']:.2f}" for r in e["task"]) if e else "not run")
+            knobs = knobs or (f" ({_knobs(e)})" if e else "")
+        lines.append(f"| {label}{knobs} | " + " | ".join(cells) + " |")
+    chance = next(e["task_chance"] for e in runs[200]["entries"] if e.get("task"))
+    lines += ["", f"Chance is {chance:.2f}; {runs[200]['config']['task_samples']} fresh samples per length."]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-compile")
+def kv_compile() -> str:
+    """The in-place decode step under torch.compile against eager, the plain and the full cache."""
+    d = _load("bench_kv_compile/results.json")
+    k = d["budget"]
+    lines = [f"| context | full | plain@{k} | tova@{k} eager | tova@{k} compiled | compiled / eager | "
+             "compiled / plain | compiled / full |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        full, plain = r["full tok/s"], r[f"plain@{k} tok/s"]
+        eager, comp = r[f"tova@{k} tok/s"], r[f"tova@{k} compiled tok/s"]
+        lines.append(f"| {r['context']:,} | {full:,.0f} | {plain:,.0f} | {eager:,.0f} | {comp:,.0f} | "
+                     f"**{_x(r['tova compiled/eager'])}** | {_x(r['tova compiled/plain'])} | {_x(comp / full)} |")
+    eager_plain = [r["tova/plain"] for r in d["rows"]]
+    lines += ["", f"Eager TOVA@{k} against the plain cache in this run: "
+              f"{_x(min(eager_plain))}–{_x(max(eager_plain))}."]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-prefill-modes")
+def kv_prefill_modes() -> str:
+    """Prefill in 512-token chunks per mode, with the readable twin, against the full cache."""
+    d = _load("bench_kv_prefill/results.json")
+    k = d["budget"]
+    got = {r["variant"]: r for r in d["rows"]}
+    policies = ["tova", "h2o", "window"]
+    lines = ["| variant | " + " | ".join(f"{p} tok/s | vs full" for p in policies) + " |", "|---|" + "---|---|" * 3]
+    full = got["full"]
+    lines.append(f"| full cache | {full['tok/s']:,.0f} | {_x(1.0)} |" + " | |" * 2)
+    for mode, label in (("exact", "`exact` (fast)"), ("exact (reference twin)", "`exact`, readable twin (1 round)"),
+                        ("chunked:64", "`chunked:64`"), ("oneshot", "`oneshot`")):
+        cells = []
+        for p in policies:
+            r = got[f"{p}@{k} {mode}"]
+            cells.append(f"{r['tok/s']:,.0f} | {_x(r['vs full'])}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-shapes")
+def kv_shapes() -> str:
+    """Decode at real models' shapes (random weights) with the copy-bandwidth limit."""
+    k = 512
+    lines = [f"| shape | context | full tok/s (of limit) | plain@{k} | window@{k} | TOVA@{k} (of limit) | "
+             "TOVA / full | ceiling | TOVA / window | fixed / naive | full KV MiB | TOVA KV MiB |", "|" + "---|" * 12]
+    facts = []
+    for name, label in (("qwen2.5-0.5b", "Qwen2.5-0.5B"), ("llama-3.2-1b", "Llama-3.2-1B")):
+        d = _load(f"bench_kv_{name}/results.json")
+        facts.append(f"{label}: weights {d['weight bytes'] / 2**20:,.0f} MiB, copy bandwidth "
+                     f"{d['copy bandwidth GB/s']:.1f} GB/s")
+        for r in d["rows"]:
+            t = f"tova@{k}"
+            full_limit = r["full tok/s"] / r["full limit tok/s"]
+            lines.append(
+                f"| {label} | {r['context']:,} | {r['full tok/s']:.2f} ({full_limit:.0%}) | "
+                f"{r[f'plain@{k} tok/s']:.2f} | {r[f'window@{k} tok/s']:.2f} | {r[f'{t} tok/s']:.2f} "
+                f"({r[f'{t} tok/s'] / r[f'{t} limit tok/s']:.0%}) | {_x(r['tova/full speed'])} | {_x(r['ceiling'])} | "
+                f"{_x(r['tova/window'])} | {_x(r['tova fixed/naive'])} | {r['full bytes'] / 2**20:.1f} | "
+                f"{r[f'{t} bytes'] / 2**20:.1f} |")
+    lines += ["", "; ".join(facts) + "."]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("kv-targets")
+def kv_targets() -> str:
+    """#14's targets, checked against the saved decode, prefill and throughput results."""
+    dec, pre = _load("bench_kv/results.json"), _load("bench_kv_prefill/results.json")
+    thr = _load("bench_kv_throughput_4k/results.json")
+    k = dec["budget"]
+    tw = [r["tova/window"] for r in dec["rows"]]
+    tp = [r["tova/plain"] for r in dec["rows"]]
+    last = dec["rows"][-1]
+    exact = next(r["vs full"] for r in pre["rows"] if r["variant"] == f"tova@{k} exact")
+    fixed = [r["tova fixed/naive"] for r in dec["rows"]]
+
+    def verdict(ok: int, n: int) -> str:
+        return "met" if ok == n else f"met at {ok} of {n} contexts"
+
+    lines = [f"- Exact prefill (512-token chunks): {_x(exact)} of the full cache, target ≥ 0.5x: "
+             f"{verdict(exact >= 0.5, 1)}.",
+             f"- Throughput at 1/8 of the cache: {thr['throughput ratio']:.1f}x, target ≥ 4x: "
+             f"{verdict(thr['throughput ratio'] >= 4, 1)}.",
+             f"- TOVA@{k} against Window@{k}: {_x(min(tw))}–{_x(max(tw))}, target ≥ 0.97x: "
+             f"{verdict(sum(v >= 0.97 for v in tw), len(tw))}.",
+             f"- TOVA@{k} against a plain {k}-token cache: {_x(min(tp))}–{_x(max(tp))}, target ≥ 0.95x: "
+             f"{verdict(sum(v >= 0.95 for v in tp), len(tp))}.",
+             f"- Bounded against full at {last['context']:,}: {_x(last['tova/full speed'])}, "
+             f"{last['tova/full of ceiling']:.0%} of the {_x(last['ceiling'])} ceiling measured in the same run, "
+             f"target ≥ 95%: {verdict(last['tova/full of ceiling'] >= 0.95, 1)}.",
+             f"- In-place storage alone: {_x(min(fixed))}–{_x(max(fixed))} the naive twin's speed."]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("base-demo")
+def base_demo() -> str:
+    """What `msrnn demo` measured: held-out perplexity, context use, KV at 64 slots, four families at 256 KiB."""
+    d = _load("demo_results.json")
+    ind = d["induction"]
+    lines = [f"- Held-out perplexity over {d['documents']} documents: **{d['heldout_ppl']:.1f}** (positions up to 512: "
+             f"{d['heldout_ppl_within_512']:.1f}; beyond: {d['heldout_ppl_beyond_512']:.1f}).",
+             f"- Context use: a held-out 256-token window scores {ind['ppl_first_half']:.1f} the first time and "
+             f"{ind['ppl_repeat']:.1f} when repeated ({ind['windows']} windows).", "",
+             "| KV at 64 slots, token by token | perplexity | peak state bytes |", "|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['ppl']:.1f} | {r['peak_state_bytes']:,} |" for r in d["kv"]]
+    lines += ["", "| four families at 256 KiB (trained briefly) | perplexity | state bytes |", "|---|---|---|"]
+    lines += [f"| {e['name']} | {e['ppl']:.1f} | {e['state_bytes']:,} |" for e in d["families"]["entries"]]
+    lines += ["", f"- `docs/results/demo_results.json` ({_provenance(d, 'demo_results.json')})"]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("base-small")
+def base_small() -> str:
+    """The studies' base model on held-out files."""
+    d = _load("small_eval_512.json")
+    return (f"Held-out perplexity of the first {d['chunk_size']} tokens of the {d['documents']} stdlib test files: "
+            f"**{d['ppl']:.1f}** ({d['tokens']:,} tokens; `docs/results/small_eval_512.json`).\n")
+
+
 def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 

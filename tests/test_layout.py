@@ -225,3 +225,32 @@ def test_training_commands_load_on_the_cpu():
                 if "resolve_device" in text or ".to(" in text or "device=" in text:
                     bad.append(f"{name}:{node.name}")
     assert not bad, bad
+
+
+def test_measured_figures_in_the_docs_come_from_results_files():
+    """A measured figure (a decimal, a decimal ratio or a percentage) appears in the README and the hand-written docs
+    pages only inside a figure block that scripts/docs_figures.py fills from docs/results, so no page quotes a number
+    that its results file does not hold. Outside blocks: code, quotations, version numbers, settings such as needle
+    depths, and targets (after "≥", "target", "at least") are not measurements."""
+    import re
+
+    root = SRC.parents[1]
+    blocks = re.compile(r"<!-- figures: [\w-]+ -->.*?<!-- /figures -->", re.S)
+    fence = re.compile(r"```.*?```", re.S)
+    inline = re.compile(r"`[^`]*`|\"[^\"\n]*\"|\]\([^)\n]*\)")
+    figure = re.compile(r"(?<![\w.\-/])\d[\d,]*\.\d+(?:x|%)?(?![\w.])|(?<![\w.\-/])\d+%")
+    exempt = re.compile(r"(?:≥|<|>|target(?: of)?|at least|depths?|transformers|torch|kvpress|kernels|ERNIE|Llama|"
+                        r"Python|lm-eval|version)\s*$")
+    pages = [root / "README.md", *sorted(p for p in (root / "docs").rglob("*.md")
+                                         if p.relative_to(root / "docs").parts[0] not in ("results", "reference"))]
+    bad = []
+    for page in pages:
+        text = inline.sub(" ", fence.sub(" ", blocks.sub(" ", page.read_text())))
+        for m in figure.finditer(text):
+            before = text[max(0, m.start() - 14) : m.start()]
+            if exempt.search(before) or m.group() in ("100%", "0%"):
+                continue
+            line = text[text.rfind("\n", 0, m.start()) + 1 : text.find("\n", m.end())]
+            bad.append(f"{page.relative_to(root)}: {m.group()} in: {line.strip()[:100]}")
+    assert not bad, "measured figures outside figure blocks (add a renderer to scripts/docs_figures.py):\n" + \
+        "\n".join(bad)
