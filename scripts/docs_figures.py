@@ -28,9 +28,15 @@ BLOCK = re.compile(r"(<!-- figures: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /f
 RENDERERS: dict[str, Callable[[], str]] = {}
 
 
-def renderer(name: str):
+def renderer(name: str, *sources: str):
+    """Register a block renderer; each of ``sources`` (paths under docs/results) gets a provenance line after it."""
     def add(fn: Callable[[], str]) -> Callable[[], str]:
-        RENDERERS[name] = fn
+        def render() -> str:
+            body = fn()
+            if sources:
+                body += "\n" + "".join(f"- {_provenance(_load(src), src)}\n" for src in sources)
+            return body
+        RENDERERS[name] = render
         return fn
     return add
 
@@ -42,7 +48,13 @@ def _load(rel: str) -> dict:
 def _provenance(data: dict, rel: str) -> str:
     p = data.get("provenance") or {}
     if not p:
-        return f"`docs/results/{rel}` records no command or load (measured before results carried them)"
+        from docs_results import recorded
+
+        old = recorded(rel)
+        if old is None:
+            return f"`docs/results/{rel}` records no command or load (measured before results carried them)"
+        return (f"`{old['command']}`" + (f" — {old['date']}" if old.get("date") else "") +
+                f"; load: {old.get('load', 'not recorded')} (recorded in `docs/results/provenance.json`)")
     load = " / ".join(map(str, p.get("load_at_start") or [])) or "?"
     return (f"`{p.get('command')}` — {p.get('date')}, {p.get('device')}, {p.get('threads')} thread(s), load average "
             f"{load} (1/5/15 min) at the start; torch {p.get('torch')}, transformers {p.get('transformers')}")
@@ -114,19 +126,19 @@ def _sweep(task: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("kv-sweep-plain")
+@renderer("kv-sweep-plain", "kv_sweep/results.json")
 def kv_sweep_plain() -> str:
     """Perplexity versus budget on held-out code."""
     return _sweep("plain")
 
 
-@renderer("kv-sweep-copy")
+@renderer("kv-sweep-copy", "kv_sweep/results.json")
 def kv_sweep_copy() -> str:
     """Perplexity versus budget on the copy task."""
     return _sweep("copy")
 
 
-@renderer("kv-analysis")
+@renderer("kv-analysis", "kv_analysis_tova/results.json")
 def kv_analysis() -> str:
     """Which first positions TOVA keeps, and which token kinds."""
     data = _load("kv_analysis_tova/results.json")
@@ -163,7 +175,7 @@ def kv_decode() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("kv-throughput")
+@renderer("kv-throughput", "bench_kv_throughput_4k/results.json", "bench_kv_throughput_8k/results.json")
 def kv_throughput() -> str:
     """Generated tokens/s of the largest batches that fit one KV memory budget."""
     lines = ["| context, cache | KV budget | full: batch, tok/s | TOVA: batch, tok/s | throughput ratio |",
@@ -177,7 +189,7 @@ def kv_throughput() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("kv-chunked-ppl")
+@renderer("kv-chunked-ppl", "kv_prefill_ppl/tova_exact.json")
 def kv_chunked_ppl() -> str:
     """The perplexity cost of chunked and one-shot prefill against exact prefill."""
     lines = ["| policy@128 | prefill | ppl | vs exact | most slots carried (per layer) | peak state bytes | tok/s |",
@@ -218,19 +230,19 @@ def _bst_rows(prefix: str, variants: list[str], with_params: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("bst-300")
+@renderer("bst-300", "bst/eval_sh-s4.json")
 def bst_300() -> str:
     """Five BST variants after 300 steps: perplexity by position, state bytes."""
     return _bst_rows("", ["slide", "sh-s4", "mh-s4", "mf-s4", "sh-unstruct"], with_params=True)
 
 
-@renderer("bst-900")
+@renderer("bst-900", "bst/eval900_sh-s4.json")
 def bst_900() -> str:
     """SLIDE, SH and MH after 900 steps."""
     return _bst_rows("900", ["slide", "sh-s4", "mh-s4"], with_params=False)
 
 
-@renderer("bst-bench")
+@renderer("bst-bench", "bst/bench_bst.json")
 def bst_bench() -> str:
     """S4D by FFT against its scan, and a BST layer against full attention."""
     d = _load("bst/bench_bst.json")
@@ -245,7 +257,7 @@ def bst_bench() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("supra-eval")
+@renderer("supra-eval", "supra_eval_supra-150_4096.json", "supra_train.json")
 def supra_eval() -> str:
     """The base softmax model against SUPRA beyond the training length."""
     lines = ["| eval length | base softmax (trained at 512) | SUPRA, 150 uptraining steps | base state | SUPRA state |",
@@ -261,7 +273,7 @@ def supra_eval() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("supra-bench")
+@renderer("supra-bench", "bench_supra/results.json")
 def supra_bench() -> str:
     """Linear-attention forms against SDPA, and decode cost versus position."""
     d = _load("bench_supra/results.json")
@@ -277,7 +289,7 @@ def supra_bench() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("streams")
+@renderer("streams", "stream_rmt_1M/results.json", "stream_supra_1M/results.json")
 def streams() -> str:
     """1M-token streams: flat memory, constant time per chunk, no non-finite logits."""
     lines = ["| family | tokens | wall | tok/s | RSS over the stream | ms per chunk, early → late | "
@@ -292,7 +304,7 @@ def streams() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("rmt-tasks")
+@renderer("rmt-tasks", "rmt/eval_memorize.json")
 def rmt_tasks() -> str:
     """Accuracy versus segments after the curriculum, per task."""
     rows = (("memorize", "memorize"), ("detect", "detect & memorize"),
@@ -314,7 +326,7 @@ def rmt_tasks() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("rmt-1m")
+@renderer("rmt-1m", "rmt/eval_memorize_1M.json")
 def rmt_1m() -> str:
     """RMT memorize at one million tokens."""
     d = _load("rmt/eval_memorize_1M.json")
@@ -337,7 +349,7 @@ _COLUMNS = (("kv:window", "KV window"), ("kv:sink", "KV sink"), ("kv:h2o", "KV H
             ("rmt", "RMT (built)"), ("bst", "BST:SH (built)"), ("supra", "SUPRA (built)"))
 
 
-@renderer("compare-ppl")
+@renderer("compare-ppl", "compare/compare-small-d877b5cc3e/results.json")
 def compare_ppl() -> str:
     """Perplexity of every family and KV policy at equal state bytes (the best of each row in bold)."""
     rel = "compare/compare-small-d877b5cc3e/results.json"
@@ -359,11 +371,12 @@ def compare_ppl() -> str:
     full = by["full"]
     lines.append(f"| full cache, {full['eval_peak_state_bytes'] / 2**20:.0f} MiB at {d['config']['max_tokens']:,} "
                  "tokens | " + " | " * (len(_COLUMNS) - 1) + f"base model: {full['ppl']:.2f} |")
-    lines += ["", f"- `docs/results/{rel}`; every entry, its state bytes and tokens/s: the run's `report.md`"]
+    lines += ["", "Every entry, its state bytes and tokens/s: the run's `report.md`."]
     return "\n".join(lines) + "\n"
 
 
-@renderer("compare-task")
+@renderer("compare-task", "compare/compare-small-f385715506/results.json",
+          "compare/compare-small-59b5b594ba/results.json")
 def compare_task() -> str:
     """Memory-task accuracy at equal bytes after 200 and 600 task-training steps."""
     runs = {200: _load("compare/compare-small-f385715506/results.json"),
@@ -386,7 +399,7 @@ def compare_task() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("kv-compile")
+@renderer("kv-compile", "bench_kv_compile/results.json")
 def kv_compile() -> str:
     """The in-place decode step under torch.compile against eager, the plain and the full cache."""
     d = _load("bench_kv_compile/results.json")
@@ -404,7 +417,7 @@ def kv_compile() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("kv-prefill-modes")
+@renderer("kv-prefill-modes", "bench_kv_prefill/results.json")
 def kv_prefill_modes() -> str:
     """Prefill in 512-token chunks per mode, with the readable twin, against the full cache."""
     d = _load("bench_kv_prefill/results.json")
@@ -424,7 +437,7 @@ def kv_prefill_modes() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("kv-shapes")
+@renderer("kv-shapes", "bench_kv_qwen2.5-0.5b/results.json", "bench_kv_llama-3.2-1b/results.json")
 def kv_shapes() -> str:
     """Decode at real models' shapes (random weights) with the copy-bandwidth limit."""
     k = 512
@@ -495,7 +508,7 @@ def base_demo() -> str:
     return "\n".join(lines) + "\n"
 
 
-@renderer("base-small")
+@renderer("base-small", "small_eval_512.json")
 def base_small() -> str:
     """The studies' base model on held-out files."""
     d = _load("small_eval_512.json")

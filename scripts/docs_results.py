@@ -37,6 +37,14 @@ def _table(rows: list[dict]) -> list[str]:
     return out
 
 
+def recorded(rel: str) -> dict | None:
+    """What docs/results/provenance.json records for a result saved before results carried their provenance."""
+    from fnmatch import fnmatch
+
+    table = json.loads((RESULTS / "provenance.json").read_text())
+    return next((v for k, v in table.items() if not k.startswith("_") and fnmatch(rel, k)), None)
+
+
 def _result(path: Path) -> list[str]:
     rel = path.relative_to(RESULTS)
     lines = [f"## `{rel}`", ""]
@@ -48,6 +56,9 @@ def _result(path: Path) -> list[str]:
         data = {"rows": data}
     stamp = data.get("provenance") if isinstance(data.get("provenance"), dict) else None
     prov = stamp or {k: data[k] for k in PROVENANCE if k in data and not isinstance(data[k], (list, dict))}
+    if stamp is None and recorded(rel.as_posix()):
+        prov = {**recorded(rel.as_posix()), **prov}
+        stamp = prov
     shown = {k: " / ".join(map(str, v)) if isinstance(v, list) else v for k, v in prov.items() if v is not None}
     lines.append("Provenance: " + ("; ".join(f"{k} `{_fmt(v)}`" for k, v in shown.items()) if shown
                                    else "not recorded in the file (see the study page's command)"))
@@ -68,9 +79,10 @@ def _result(path: Path) -> list[str]:
 
 def render() -> str:
     lines = ["# Results", "", "Generated from the JSON under `docs/results/` by `python scripts/docs_results.py` (CI "
-             "fails if this page is stale). The studies quote these files; each study states the command that made "
-             "it.", ""]
-    for path in sorted(RESULTS.rglob("*.json")):
+             "fails if this page is stale). The studies quote these files through `scripts/docs_figures.py`. A "
+             "result saved before results carried their provenance shows what `docs/results/provenance.json` "
+             "recorded from the study page when it was measured.", ""]
+    for path in sorted(p for p in RESULTS.rglob("*.json") if p.name != "provenance.json"):
         lines += _result(path)
     return "\n".join(lines).rstrip() + "\n"
 
