@@ -1,16 +1,19 @@
-"""Write the results pages (docs/results/index.md) from the JSON files under docs/results, so a figure shown there
-is the saved measurement: each result's command, versions and load where it recorded them, its scalars, its rows as
-a table and its PNGs.
+"""Write every page made from the JSON under docs/results: the results page (docs/results/index.md: each result's
+command, versions and load, its scalars, its rows as a table and its PNGs) and the figure blocks of README.md and the
+docs pages (scripts/figures.py), so a figure shown anywhere is the saved measurement.
 
-    python scripts/docs_results.py            # write it
-    python scripts/docs_results.py --check    # exit 1 if the saved page differs from the JSON (CI)
+    python scripts/docs_results.py            # write them
+    python scripts/docs_results.py --check    # exit 1 if a saved page or block differs from the JSON (CI)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+
+import figures
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 OUT = RESULTS / "index.md"
@@ -37,14 +40,6 @@ def _table(rows: list[dict]) -> list[str]:
     return out
 
 
-def recorded(rel: str) -> dict | None:
-    """What docs/results/provenance.json records for a result saved before results carried their provenance."""
-    from fnmatch import fnmatch
-
-    table = json.loads((RESULTS / "provenance.json").read_text())
-    return next((v for k, v in table.items() if not k.startswith("_") and fnmatch(rel, k)), None)
-
-
 def _result(path: Path) -> list[str]:
     rel = path.relative_to(RESULTS)
     lines = [f"## `{rel}`", ""]
@@ -56,8 +51,8 @@ def _result(path: Path) -> list[str]:
         data = {"rows": data}
     stamp = data.get("provenance") if isinstance(data.get("provenance"), dict) else None
     prov = stamp or {k: data[k] for k in PROVENANCE if k in data and not isinstance(data[k], (list, dict))}
-    if stamp is None and recorded(rel.as_posix()):
-        prov = {**recorded(rel.as_posix()), **prov}
+    if stamp is None and figures.recorded(rel.as_posix()):
+        prov = {**figures.recorded(rel.as_posix()), **prov}
         stamp = prov
     shown = {k: " / ".join(map(str, v)) if isinstance(v, list) else v for k, v in prov.items() if v is not None}
     lines.append("Provenance: " + ("; ".join(f"{k} `{_fmt(v)}`" for k, v in shown.items()) if shown
@@ -79,18 +74,31 @@ def _result(path: Path) -> list[str]:
 
 def render() -> str:
     lines = ["# Results", "", "Generated from the JSON under `docs/results/` by `python scripts/docs_results.py` (CI "
-             "fails if this page is stale). The studies quote these files through `scripts/docs_figures.py`. A "
-             "result saved before results carried their provenance shows what `docs/results/provenance.json` "
-             "recorded from the study page when it was measured.", ""]
+             "fails if this page is stale). The studies quote these files through the figure blocks the same script "
+             "fills (`scripts/figures.py`). A result saved before results carried their provenance shows what "
+             "`docs/results/provenance.json` recorded from the study page when it was measured.", ""]
     for path in sorted(p for p in RESULTS.rglob("*.json") if p.name != "provenance.json"):
         lines += _result(path)
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> int:
-    from generated import write_or_check
-
-    return write_or_check(__doc__, OUT, render)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if a saved page or block is stale (CI)")
+    args = p.parse_args()
+    wanted = {OUT: render()}
+    for page in figures.pages():
+        wanted[page] = figures.fill(page.read_text())
+    stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
+    if args.check:
+        if stale:
+            print(f"stale: {', '.join(str(s.relative_to(figures.ROOT)) for s in stale)}; run python "
+                  "scripts/docs_results.py", file=sys.stderr)
+            return 1
+        return 0
+    for path in stale:
+        path.write_text(wanted[path])
+    return 0
 
 
 if __name__ == "__main__":

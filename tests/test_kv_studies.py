@@ -227,7 +227,7 @@ def test_kv_throughput_bench_sizes_batches_from_bytes(task_model_dir, capsys):
 
 def test_saved_results_carry_their_provenance(tmp_path):
     """Every results.json a command writes names the command line, the versions and the machine's load, so a figure
-    quoted from it in the docs comes with how it was measured (scripts/docs_figures.py prints it)."""
+    quoted from it in the docs comes with how it was measured (scripts/docs_results.py prints it)."""
     import json
 
     import torch

@@ -200,13 +200,12 @@ def test_twins_are_named_one_way():
 def test_generated_docs_are_current():
     """The CLI reference comes from the parsers, and the results page and the figure blocks of README.md and the
     docs pages from docs/results/*.json: regenerate them (python scripts/docs_cli.py; python
-    scripts/docs_results.py; python scripts/docs_figures.py) when either changes."""
+    scripts/docs_results.py) when either changes."""
     import subprocess
     import sys
 
     root = SRC.parents[1]
-    for script in ("scripts/docs_cli.py", "scripts/docs_results.py", "scripts/docs_figures.py",
-                   "benchmarks/longctx_study.py"):
+    for script in ("scripts/docs_cli.py", "scripts/docs_results.py", "benchmarks/longctx_study.py"):
         r = subprocess.run([sys.executable, str(root / script), "--check"], capture_output=True, text=True,
                            timeout=300, cwd=root)
         assert r.returncode == 0, r.stderr
@@ -229,7 +228,7 @@ def test_training_commands_load_on_the_cpu():
 
 def test_measured_figures_in_the_docs_come_from_results_files():
     """A measured figure (a decimal, a decimal ratio or a percentage) appears in the README and the hand-written docs
-    pages only inside a figure block that scripts/docs_figures.py fills from docs/results, so no page quotes a number
+    pages only inside a figure block that scripts/docs_results.py fills from docs/results, so no page quotes a number
     that its results file does not hold. Outside blocks: code, quotations, version numbers, settings such as needle
     depths, and targets (after "≥", "target", "at least") are not measurements."""
     import re
@@ -252,5 +251,5 @@ def test_measured_figures_in_the_docs_come_from_results_files():
                 continue
             line = text[text.rfind("\n", 0, m.start()) + 1 : text.find("\n", m.end())]
             bad.append(f"{page.relative_to(root)}: {m.group()} in: {line.strip()[:100]}")
-    assert not bad, "measured figures outside figure blocks (add a renderer to scripts/docs_figures.py):\n" + \
+    assert not bad, "measured figures outside figure blocks (add a renderer to scripts/figures.py):\n" + \
         "\n".join(bad)

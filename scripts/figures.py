@@ -1,24 +1,20 @@
-"""Fill the figure blocks of README.md and docs/**/*.md from the JSON under docs/results, so a figure quoted in
-prose pages is the saved measurement, with the command and load it was measured under.
+"""The figure blocks of README.md and docs/**/*.md, filled from the JSON under docs/results, so a figure quoted in
+prose pages is the saved measurement, with the command and load it was measured under. ``scripts/docs_results.py``
+writes (or, with ``--check``, checks) them together with the results page.
 
 A block is written as
 
     <!-- figures: NAME -->
-    (what this script writes)
+    (what the renderer NAME writes)
     <!-- /figures -->
 
-and NAME is one of the renderers below. ``--check`` exits 1 when any block differs from what its JSON makes (CI).
-
-    python scripts/docs_figures.py            # rewrite every block
-    python scripts/docs_figures.py --check    # exit 1 if a block is stale
+and NAME is one of the renderers below; a renderer names its source files, whose provenance follows the block.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,11 +41,17 @@ def _load(rel: str) -> dict:
     return json.loads((RESULTS / rel).read_text())
 
 
+def recorded(rel: str) -> dict | None:
+    """What docs/results/provenance.json records for a result saved before results carried their provenance."""
+    from fnmatch import fnmatch
+
+    table = json.loads((RESULTS / "provenance.json").read_text())
+    return next((v for k, v in table.items() if not k.startswith("_") and fnmatch(rel, k)), None)
+
+
 def _provenance(data: dict, rel: str) -> str:
     p = data.get("provenance") or {}
     if not p:
-        from docs_results import recorded
-
         old = recorded(rel)
         if old is None:
             return f"`docs/results/{rel}` records no command or load (measured before results carried them)"
@@ -517,7 +519,10 @@ def base_small() -> str:
 
 
 def pages() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    """The hand-written pages that may hold figure blocks (the generated results and reference pages hold none)."""
+    docs = ROOT / "docs"
+    return [ROOT / "README.md", *sorted(p for p in docs.rglob("*.md")
+                                        if p.relative_to(docs).parts[0] not in ("results", "reference"))]
 
 
 def fill(text: str) -> str:
@@ -527,26 +532,3 @@ def fill(text: str) -> str:
             raise SystemExit(f"unknown figures block {name!r}; known: {', '.join(sorted(RENDERERS))}")
         return m.group(1) + RENDERERS[name]() + m.group(4)
     return BLOCK.sub(sub, text)
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if a block is stale (CI)")
-    args = p.parse_args()
-    stale = []
-    for page in pages():
-        text = page.read_text()
-        new = fill(text)
-        if new != text:
-            stale.append(page)
-            if not args.check:
-                page.write_text(new)
-    if args.check and stale:
-        print(f"stale figures in {', '.join(str(s.relative_to(ROOT)) for s in stale)}: run python "
-              "scripts/docs_figures.py", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
