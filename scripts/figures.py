@@ -518,6 +518,31 @@ def base_small() -> str:
             f"**{d['ppl']:.1f}** ({d['tokens']:,} tokens; `docs/results/small_eval_512.json`).\n")
 
 
+@renderer("longctx-equal-bytes", "longctx_compare/results.json")
+def longctx_equal_bytes() -> str:
+    """The probes for the four families at equal state bytes (each trained family next to KV sized to its bytes)."""
+    d = _load("longctx_compare/results.json")
+    lengths = d["config"]["longctx_lengths"]
+    entries = sorted(d["entries"], key=lambda e: (e["state_bytes"], e["family"] != "kv", e["name"]))
+    chance = d["entries"][0]["longctx"][0]["chance"]
+    lines = ["| entry | state bytes | " + " | ".join(f"{n} tokens" for n in lengths) + " | needle kept |",
+             "|---|---:|" + "---:|" * (len(lengths) + 1)]
+    for e in entries:
+        cells = []
+        for n in lengths:
+            rs = [r for r in e["longctx"] if r["length"] == n]
+            rank, exact = (sum(r[k] for r in rs) / len(rs) for k in ("rank_acc", "exact"))
+            cells.append(f"{rank:.2f} / {exact:.2f}")
+        kept = [r["retention"] for r in e["longctx"] if r["retention"] is not None]
+        label = e["name"] + (f" ({e['slots']} slots)" if e.get("slots") else "")
+        lines.append(f"| {label} | {e['state_bytes']:,} | " + " | ".join(cells) + " | "
+                     + (f"{sum(kept) / len(kept):.2f}" if kept else "-") + " |")
+    samples, depths = d["config"]["longctx_samples"], d["config"]["longctx_depths"]
+    lines += ["", f"Rank accuracy (chance {chance:.3f}) / exact match over {', '.join(d['config']['longctx'])} and "
+              f"depths {', '.join(str(x) for x in depths)}, {samples} samples per cell."]
+    return "\n".join(lines) + "\n"
+
+
 def pages() -> list[Path]:
     """The hand-written pages that may hold figure blocks (the generated results and reference pages hold none)."""
     docs = ROOT / "docs"
