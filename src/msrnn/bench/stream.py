@@ -6,7 +6,6 @@ linear in length), state bytes stay constant, and no logit becomes NaN/inf over 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,17 +13,9 @@ from typing import Any
 import torch
 
 from msrnn.bench.rows import Row
+from msrnn.bench.timing import rss_mib
 from msrnn.errors import ConfigError
 from msrnn.protocol import stream_chunks
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 @dataclass
@@ -56,7 +47,7 @@ def stream_bench(lm: Any, tokens: int, chunk: int = 512, samples: int = 16, seed
         if (i + 1) % every == 0 or i == n_chunks - 1:
             now = time.perf_counter()
             span = done - (rows[-1].tokens if rows else 0)
-            rows.append(StreamRow(done, rss_bytes() / 2**20, lm.state_nbytes(state),
+            rows.append(StreamRow(done, rss_mib(), lm.state_nbytes(state),
                                   1e3 * (now - t_last) / max(1, span // chunk)))
             t_last = now
     total = time.perf_counter() - t_start

@@ -1,5 +1,6 @@
-"""Timing and memory helpers shared by the benchmarks: medians of repeated runs and timed decode steps (both with
-warm-up and, on a GPU, a CUDA sync around the clock), and peak RSS in a fresh process."""
+"""Timing and memory helpers shared by the benchmarks and commands: one clock (``timed``: a CUDA sync around the
+call), medians of repeated runs and timed decode steps (both with warm-up), and the RSS readings (now, this
+process's peak, and the peak of a fresh process running some code)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def timed_decode(lm: Any, state: Any, steps: int, vocab: int) -> tuple[float, An
         _, state = lm.forward_chunk(tok, state)
     sync(device)
     return time.perf_counter() - t0, state
+
+
+def rss_mib() -> float:
+    """This process's resident set size now, in MiB (Linux /proc; 0 where unavailable)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def own_peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``getrusage``; kilobytes on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def peak_rss_mib(code: str, timeout: float = 600) -> float:

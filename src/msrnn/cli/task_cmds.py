@@ -32,15 +32,8 @@ def add_eval_task(ev: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval_task)
 
 
-def _peak_rss_mib() -> float:
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
 def run_eval_task(args: argparse.Namespace) -> int:
+    from msrnn.bench.timing import own_peak_rss_mib
     from msrnn.cli.eval_cmds import check_compile_applies, load_for_cli
     from msrnn.evaluate.tasks import TaskEvalConfig, evaluate_task
     from msrnn.families import lm_family
@@ -84,7 +77,7 @@ def run_eval_task(args: argparse.Namespace) -> int:
     for n in lengths:  # one length at a time, so the RSS after each is that length's peak so far
         row = evaluate_task(model, gen, [n], cfg, samples=fixed, progress=not (args.quiet or args.json))[0]
         row["segments"] = n // S if n else None
-        row["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+        row["peak_rss_mib"] = round(own_peak_rss_mib(), 1)
         rows.append(row)
     if args.babilong:
         rows[0]["tokens"] = max(len(s.input_ids) for s in fixed[0])
