@@ -65,7 +65,7 @@ def test_schedule_warmup_then_cosine_to_floor():
 @pytest.mark.parametrize("kwargs,msg", [
     ({"max_steps": 0}, "max_steps"), ({"max_steps": 1, "lr": -1}, "lr"),
     ({"max_steps": 1, "schedule": "x"}, "schedule"),
-    ({"max_steps": 1, "grad_accum": 0}, "grad_accum"), ({"max_steps": 1, "mixed_precision": "fp8"}, "mixed_precision"),
+    ({"max_steps": 1, "grad_accum": 0}, "grad_accum"), ({"max_steps": 1, "precision": "fp8"}, "precision"),
 ])
 def test_bad_train_config(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -119,3 +119,65 @@ def test_resume_refuses_another_world_size_and_a_missing_rng_file(tmp_path):
     (ckpt / "random_states_0.pkl").unlink()
     with pytest.raises(ModelLoadError, match="random_states_0.pkl"):
         make_trainer(tmp_path, 2).resume()
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one mixed-precision setting per process; these tests change it, so they start and end with
+    no Accelerator state (as a training command's own process does)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16-mixed", "bf16"])
+def test_a_bf16_checkpoint_keeps_fp32_masters_so_tiny_updates_survive(tmp_path, precision, fresh_accelerator_state):
+    """A bf16 checkpoint trains on fp32 master weights (and AdamW states) unless pure bf16 is asked for by name: at
+    lr 1e-5 an update is far below a bf16 weight's rounding step, so in bf16 most weights never move, while the
+    fp32 masters move everywhere. The export is written back in the dtype the checkpoint was loaded in."""
+    from helpers import tiny
+    from safetensors.torch import load_file
+
+    model = tiny("llama", seed=0).to(torch.bfloat16).train()
+    start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    def batch_fn(step, micro, rank):
+        x = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(step))
+        return {"input_ids": x, "labels": x}
+
+    cfg = TrainConfig(max_steps=3, lr=1e-5, warmup_steps=0, eval_every=0, weight_decay=0.0, precision=precision)
+    trainer = Trainer(model, cfg, batch_fn, tmp_path, tokens_per_step=32, progress=False)
+    trainer.train()
+    weights = dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    moved = sum(int((p.detach().float() != start[n]).sum()) for n, p in weights.items())
+    total = sum(p.numel() for p in weights.values())
+    if precision == "bf16":
+        assert all(p.dtype == torch.bfloat16 for p in weights.values())
+        assert moved < 0.5 * total  # most updates are lost to rounding
+    else:
+        assert all(p.dtype == torch.float32 for p in weights.values())
+        assert moved > 0.75 * total  # every weight with a gradient (not unused embedding rows) moved in fp32
+        exp_avg = next(iter(trainer.optimizer.state.values()))["exp_avg"]
+        assert exp_avg.dtype == torch.float32
+    trainer.export(tmp_path / "model")
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+
+
+def test_modules_a_model_keeps_in_fp32_stay_fp32_under_pure_bf16():
+    """transformers' _keep_in_fp32_modules_strict (BST's SSM kernel) is honoured by --precision bf16."""
+    from msrnn.train.trainer import cast_for_training
+
+    class Model(torch.nn.Module):
+        _keep_in_fp32_modules_strict = ["kernel"]
+
+        def __init__(self):
+            super().__init__()
+            self.kernel = torch.nn.Linear(4, 4)
+            self.proj = torch.nn.Linear(4, 4)
+
+    m = Model()
+    cast_for_training(m, "bf16")
+    assert m.kernel.weight.dtype == torch.float32 and m.proj.weight.dtype == torch.bfloat16

@@ -21,6 +21,7 @@ def add_training_flags(p: argparse.ArgumentParser, *, max_steps: int, lr: float,
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    add_precision_flag(p)
     p.add_argument("--warmup-steps", type=int, default=warmup_steps)
     p.add_argument("--repeat-fraction", type=float, default=0.25,
                    help="share of each batch whose 2nd half repeats the 1st (induction heads; default 0.25)")
@@ -29,6 +30,16 @@ def add_training_flags(p: argparse.ArgumentParser, *, max_steps: int, lr: float,
     add_run_folder_flags(p)
     add_seed(p)
     add_output_flags(p)
+
+
+def add_precision_flag(p: argparse.ArgumentParser) -> None:
+    """--precision: how weights, optimizer states and the forward are held (msrnn.train.config.PRECISIONS)."""
+    from msrnn.train.config import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="fp32; bf16-mixed (fp32 master weights and optimizer states, bf16 forward); bf16 (all bf16: "
+                        "small updates are lost); auto: bf16-mixed on a bf16 GPU, fp32 otherwise. The model is "
+                        "exported in the dtype it was loaded in")
 
 
 def add_run_folder_flags(p: argparse.ArgumentParser) -> None:
@@ -80,7 +91,7 @@ def train_config(args: argparse.Namespace) -> Any:
 
     return TrainConfig(max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, eval_every=args.eval_every,
-                       save_every=args.save_every, seed=args.seed)
+                       save_every=args.save_every, seed=args.seed, precision=args.precision)
 
 
 def summary(out: Path, trainer: Any, result: Any) -> dict[str, Any]:

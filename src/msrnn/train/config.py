@@ -8,6 +8,17 @@ from typing import Any
 
 from msrnn.errors import ConfigError
 
+# How weights, optimizer states and the forward are held while training (``--precision``):
+# - fp32: everything in fp32;
+# - bf16-mixed: fp32 master weights and AdamW states, the forward under bf16 autocast. A bf16 checkpoint is trained
+#   this way by default: in bf16 an update below the weight's rounding step (about 1/256 of it) is lost, and so is
+#   weight decay;
+# - bf16: weights and states in bf16 (half the memory, small updates lost; only when asked for by name). Modules a
+#   model keeps in fp32 (transformers' ``_keep_in_fp32_modules``/``_strict``: BST's SSM kernel) stay in fp32;
+# - auto: bf16-mixed where the device computes in bf16 (CUDA with bf16), fp32 otherwise.
+# The exported model takes the dtype the weights were loaded in (a bf16 checkpoint stays bf16 on disk).
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+
 
 @dataclass
 class TrainConfig:
@@ -28,7 +39,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     log_every: int = 10
     seed: int = 0
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | no | bf16 | fp16
+    precision: str = "auto"  # one of PRECISIONS
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -45,8 +56,8 @@ class TrainConfig:
             raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")
         if self.grad_accum < 1:
             raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ConfigError(f"unknown mixed_precision {self.mixed_precision!r}; use auto, no, bf16 or fp16")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         for name in ("eval_every", "save_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")

@@ -152,9 +152,10 @@ class Trainer:
         # knobs): saved in every checkpoint and compared on resume, so a resume with other settings is refused
         # instead of being recorded as the same run. JSON-normalised (tuples become lists) once, here.
         self.run = json.loads(json.dumps(run, default=str)) if run is not None else None
-        mp = config.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.precision = resolve_precision(config.precision)
+        self.export_dtype = _loaded_dtype(model)
+        cast_for_training(model, self.precision)
+        mp = "bf16" if self.precision == "bf16-mixed" else "no"
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         check_launch(self.accelerator.num_processes)
         torch.manual_seed(config.seed)
@@ -290,7 +291,7 @@ class Trainer:
     # Changing these mid-run would not take effect (the optimizer's saved lr wins over --lr) or would silently
     # make the resumed curve a different run; the length of the run (max_steps) and logging cadence may change.
     RECIPE_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "beta1", "beta2", "adam_eps",
-                     "grad_clip", "grad_accum", "seed", "mixed_precision")
+                     "grad_clip", "grad_accum", "seed", "precision")
 
     def _check_same_recipe(self, path: Path, saved: dict[str, Any]) -> None:
         now = self.config.to_dict()
@@ -465,6 +466,7 @@ class Trainer:
         weights = self.accelerator.get_state_dict(self.model)
         if not self.accelerator.is_main_process:
             return out
+        weights = _in_dtype(weights, self.export_dtype, _fp32_modules(self.accelerator.unwrap_model(self.model)))
         out.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out / ".export") as tmp:
             self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), state_dict=weights,
@@ -478,3 +480,50 @@ class Trainer:
         write_json(out / "msrnn.json", {"step": self.step, **(meta or {})})
         write_json(out / "train_config.json", self.config.to_dict())  # a rename: never writes through a link
         return out
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` made concrete: bf16-mixed where the device computes in bf16 (CUDA with bf16), fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _fp32_modules(model: Any) -> set[str]:
+    """Module names a model keeps in fp32 whatever it is loaded in (transformers' ``_keep_in_fp32_modules``)."""
+    return set(getattr(model, "_keep_in_fp32_modules", None) or []) | \
+        set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+
+
+def _kept_fp32(name: str, keep: set[str]) -> bool:
+    return any(k in name.split(".") for k in keep)
+
+
+def _loaded_dtype(model: Any) -> torch.dtype:
+    """The dtype most of the model's floating weights were loaded in (what the export is written in)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def cast_for_training(model: Any, precision: str) -> None:
+    """Hold the weights (and so AdamW's states, which take their dtype) as ``precision`` says: fp32 masters for
+    fp32 and bf16-mixed, bf16 for bf16 except the modules the model keeps in fp32. In place, before the optimizer
+    exists; tied weights are one parameter and are cast once."""
+    keep = _fp32_modules(model)
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        want = torch.bfloat16 if precision == "bf16" and not _kept_fp32(name, keep) else torch.float32
+        if p.dtype != want:
+            p.data = p.data.to(want)
+
+
+def _in_dtype(weights: dict[str, torch.Tensor], dtype: torch.dtype, keep: set[str]) -> dict[str, torch.Tensor]:
+    """The state dict to export in the dtype the model was loaded in (fp32 masters of a bf16 checkpoint are written
+    back as bf16), leaving the modules the model keeps in fp32 as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype and not _kept_fp32(k, keep) else v
+            for k, v in weights.items()}
+
