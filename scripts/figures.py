@@ -543,6 +543,28 @@ def longctx_equal_bytes() -> str:
     return "\n".join(lines) + "\n"
 
 
+@renderer("longctx-families", "longctx_families/supra/results.json", "longctx_families/bst/results.json",
+          "longctx_families/rmt/results.json")
+def longctx_families() -> str:
+    """The three trained families on the KV study's probes (5 depths, 6 samples), next to the study's full cache."""
+    study = _load("longctx/results.json")
+    lengths = study["lengths"]
+    rows = {"full cache (the KV study)": [r for r in study["rows"] if r["variant"] == "full"]}
+    for family in ("supra", "bst", "rmt"):
+        rows[f"{family.upper() if family != 'supra' else 'SUPRA'} (256 KiB, tuned)"] = \
+            _load(f"longctx_families/{family}/results.json")["rows"]
+    lines = ["| model | " + " | ".join(f"{n} tokens" for n in lengths) + " | state bytes |",
+             "|---|" + "---:|" * (len(lengths) + 1)]
+    for label, rs in rows.items():
+        cells = []
+        for n in lengths:
+            at = [r for r in rs if r["length"] == n]
+            rank, exact = (sum(r[k] for r in at) / len(at) for k in ("rank_acc", "exact"))
+            cells.append(f"{rank:.2f} / {exact:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {max(r['peak_state_bytes'] for r in rs):,} |")
+    return "\n".join(lines) + "\n"
+
+
 def pages() -> list[Path]:
     """The hand-written pages that may hold figure blocks (the generated results and reference pages hold none)."""
     docs = ROOT / "docs"
