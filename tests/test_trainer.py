@@ -181,3 +181,48 @@ def test_modules_a_model_keeps_in_fp32_stay_fp32_under_pure_bf16():
     m = Model()
     cast_for_training(m, "bf16")
     assert m.kernel.weight.dtype == torch.float32 and m.proj.weight.dtype == torch.bfloat16
+
+
+def _family_model(family):
+    from helpers import tiny
+
+    from msrnn.bst import from_llama
+    from msrnn.rmt import MemoryWrapper
+    from msrnn.supra import convert
+
+    if family == "supra":
+        return convert(tiny("llama", seed=3), feature_dim=8)
+    if family == "bst":
+        return from_llama(tiny("llama", seed=3), block_size=8, state_size=4)
+    return MemoryWrapper.wrap(tiny("llama", seed=3), num_memory_tokens=2, segment_length=16)
+
+
+@pytest.mark.parametrize("family", ["supra", "bst", "rmt"])
+def test_gradient_checkpointing_is_honoured_by_every_family(family):
+    """gradient_checkpointing_enable() used to do nothing on SUPRA (its loop calls the layers' parts itself): every
+    family now recomputes its layers in backward (--activation-checkpointing), with the same gradients and fewer
+    activation bytes kept."""
+    x = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for checkpointed in (False, True):
+        model = _family_model(family).train()
+        if checkpointed:
+            from msrnn.train.trainer import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        kept = []
+
+        def pack(t, kept=kept):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=x, labels=x)
+            loss = out["loss"] if isinstance(out, dict) else out.loss
+        loss.backward()
+        runs[checkpointed] = (sum(kept), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    plain, ckpt = runs[False], runs[True]
+    assert ckpt[0] < 0.7 * plain[0], (family, ckpt[0], plain[0])
+    assert plain[1].keys() == ckpt[1].keys()
+    for name, g in plain[1].items():
+        torch.testing.assert_close(ckpt[1][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -36,9 +36,11 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     # The SSM kernels load in fp32 under from_pretrained(dtype=bf16/fp16) too (msrnn.ssm.fp32 explains why).
     _keep_in_fp32_modules_strict = ["kernel"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: BSTConfig) -> None:
         super().__init__(config)
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable(): each layer is recomputed
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(BSTLayer(config, i in config.ssm_layers) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -87,7 +89,10 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
         pad = (-L) % W
         x = self.embed_tokens(F.pad(input_ids, (0, pad)))
         for layer in self.layers:
-            x = layer(x, W)
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(layer.__call__, x, W)
+            else:
+                x = layer(x, W)
         logits = self.lm_head(self.norm(x[:, :L]))
         loss = None
         if labels is not None:

@@ -40,6 +40,8 @@ def add_precision_flag(p: argparse.ArgumentParser) -> None:
                    help="fp32; bf16-mixed (fp32 master weights and optimizer states, bf16 forward); bf16 (all bf16: "
                         "small updates are lost); auto: bf16-mixed on a bf16 GPU, fp32 otherwise. The model is "
                         "exported in the dtype it was loaded in")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer in backward: less activation memory, a slower step")
 
 
 def add_run_folder_flags(p: argparse.ArgumentParser) -> None:
@@ -91,7 +93,8 @@ def train_config(args: argparse.Namespace) -> Any:
 
     return TrainConfig(max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, eval_every=args.eval_every,
-                       save_every=args.save_every, seed=args.seed, precision=args.precision)
+                       save_every=args.save_every, seed=args.seed, precision=args.precision,
+                       activation_checkpointing=args.activation_checkpointing)
 
 
 def summary(out: Path, trainer: Any, result: Any) -> dict[str, Any]:

@@ -49,6 +49,8 @@ class RMTState:
 class MemoryWrapper(PreTrainedModel, GenerationMixin):
     """A decoder with memory tokens read at each segment's start and written at its end (RMT)."""
     config_class = RMTConfig
+    # gradient_checkpointing_enable() reaches the backbone's decoder layers, which checkpoint themselves.
+    supports_gradient_checkpointing = True
     base_model_prefix = "rmt"
     _supports_sdpa = True
 

@@ -280,6 +280,9 @@ class SupraModel(LlamaModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigError("pass exactly one of input_ids and inputs_embeds")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if cache is None and self.training and any(getattr(layer, "gradient_checkpointing", False)
+                                                   for layer in self.layers):
+            use_cache = False  # as transformers' decoders do: a recomputed layer would update its state twice
         if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
             cache = None  # generate() makes an empty DynamicCache; SUPRA needs its own state cache
         if use_cache and cache is None:
@@ -295,8 +298,13 @@ class SupraModel(LlamaModel):
         hidden = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            h = h + layer.self_attn(layer.input_layernorm(h), rope, position_ids, state)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if state is None and self.training and getattr(layer, "gradient_checkpointing", False):
+                # gradient_checkpointing_enable() marks each decoder layer; this loop calls the layer's parts itself
+                # (so transformers' own layer hook never runs) and checkpoints the layer here. Only without a state:
+                # recomputing a layer that updated its state in place would update it twice.
+                h = layer._gradient_checkpointing_func(_decoder_layer, layer, h, rope, position_ids, None)
+            else:
+                h = _decoder_layer(layer, h, rope, position_ids, state)
             if hidden is not None:
                 hidden.append(h)
         h = self.norm(h)
@@ -304,6 +312,13 @@ class SupraModel(LlamaModel):
             hidden[-1] = h
         return model_output(BaseModelOutputWithPast, last_hidden_state=h, cache=cache if use_cache else None,
                             hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+def _decoder_layer(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   position_ids: torch.Tensor, state: Any) -> torch.Tensor:
+    """One pre-norm decoder layer of :class:`SupraModel`: linear attention with the layer's state, then the MLP."""
+    h = h + layer.self_attn(layer.input_layernorm(h), rope, position_ids, state)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 class SupraForCausalLM(LlamaForCausalLM):

@@ -40,6 +40,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     precision: str = "auto"  # one of PRECISIONS
+    activation_checkpointing: bool = False  # recompute each layer in backward (less memory, about a third slower)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:

@@ -155,6 +155,8 @@ class Trainer:
         self.precision = resolve_precision(config.precision)
         self.export_dtype = _loaded_dtype(model)
         cast_for_training(model, self.precision)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
         mp = "bf16" if self.precision == "bf16-mixed" else "no"
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         check_launch(self.accelerator.num_processes)
@@ -526,4 +528,20 @@ def _in_dtype(weights: dict[str, torch.Tensor], dtype: torch.dtype, keep: set[st
     back as bf16), leaving the modules the model keeps in fp32 as they are."""
     return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype and not _kept_fp32(k, keep) else v
             for k, v in weights.items()}
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute every decoder layer in backward, through transformers' own switch (``activation_checkpointing_
+    enable``, called ``gradient_checkpointing_enable`` before transformers 5.25); SUPRA, BST and RMT honour it
+    (tested: same gradients, fewer saved activations). A model that does not support it is refused by name."""
+    from msrnn.errors import ConfigError
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} does not support activation checkpointing; drop "
+                          "--activation-checkpointing")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
