@@ -89,5 +89,22 @@ def interleaved(variants: dict, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def side_args():
+    """The arguments both sides take (run.py passes the same ones to each)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("weights", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--tokens", default="4096,8192")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sinks", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    return args
+
+
 def write(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -10,15 +10,13 @@ compressing at every step) holds while decoding, read off layer 0's keys.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import interleaved, load, positions_of, prompt, write
+from common import interleaved, load, positions_of, prompt, side_args, write
 from kvpress import DecodingPress, PrefillDecodingPress, StreamingLLMPress, TOVAPress
 from transformers import DynamicCache
 
@@ -78,16 +76,7 @@ def streaming_reproduction(model, tokens: int, budget: int, sinks: int, steps: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("weights", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--tokens", default="4096,8192")
-    ap.add_argument("--budget", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--sinks", type=int, default=4)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = side_args()
     model = load(args.weights)
     k = args.budget
     from importlib.metadata import version
