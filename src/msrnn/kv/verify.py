@@ -205,9 +205,11 @@ def _shrink(cfg: Any) -> list[int]:
             _set(cfg, name, vocab - 1 - _TOKEN_IDS.index(name))
         elif isinstance(value, list):
             _set(cfg, name, [v for v in value if isinstance(v, int) and v < vocab] or [vocab - 3])
-    for name in ("dtype", "torch_dtype"):
-        if getattr(cfg, name, None) is not None:
-            _set(cfg, name, torch.float32)
+    # transformers 5 names it ``dtype``; ``torch_dtype`` is its deprecated alias (reading it warns), kept only for a
+    # config that has no ``dtype`` of its own.
+    name = "dtype" if "dtype" in vars(cfg) else "torch_dtype"
+    if getattr(cfg, name, None) is not None:
+        _set(cfg, name, torch.float32)
     return mapping
 
 
