@@ -66,20 +66,33 @@ def _x(v: float) -> str:
     return f"{v:.2f}x"
 
 
-@renderer("kv-prefill")
-def kv_prefill() -> str:
-    """Prefill speed against the full cache: one 8k chunk and 512-token chunks, for each policy and mode."""
-    runs = {c: _load(f"bench_kv_prefill_8k_chunk{c}/results.json") for c in (8192, 512)}
-    policies = list(dict.fromkeys(r["variant"].split("@")[0] for r in runs[8192]["rows"] if "@" in r["variant"]))
-    budget = runs[8192]["budget"]
-    lines = ["| prefill of 8,192 tokens, speed vs the full cache | " + " | ".join(policies) + " |",
-             "|---|" + "---|" * len(policies)]
+def _prefill_table(prefix: str, title: str) -> tuple[list[str], dict[int, dict]]:
+    runs = {c: _load(f"{prefix}_chunk{c}/results.json") for c in (8192, 512)
+            if (RESULTS / f"{prefix}_chunk{c}/results.json").exists()}
+    first = next(iter(runs.values()))
+    policies = list(dict.fromkeys(r["variant"].split("@")[0] for r in first["rows"] if "@" in r["variant"]))
+    budget = first["budget"]
+    lines = [f"| {title} | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
     for c, label in ((8192, "one 8,192-token chunk"), (512, "512-token chunks")):
+        if c not in runs:
+            continue
         got = {r["variant"]: r["vs full"] for r in runs[c]["rows"]}
         for mode in ("exact", "oneshot"):
             cells = [_x(got[f"{p}@{budget} {mode}"]) for p in policies]
             lines.append(f"| {label}, `{mode}` | " + " | ".join(cells) + " |")
+    return lines, runs
+
+
+@renderer("kv-prefill")
+def kv_prefill() -> str:
+    """Prefill speed against the full cache: one 8k chunk and 512-token chunks, for each policy and mode; the
+    `small` shape, then Qwen2.5-0.5B's shape where it was measured."""
+    lines, runs = _prefill_table("bench_kv_prefill_8k", "`small` shape, 8,192 tokens: speed vs the full cache")
     lines += ["", *[f"- {_provenance(runs[c], f'bench_kv_prefill_8k_chunk{c}/results.json')}" for c in runs]]
+    if (RESULTS / "bench_kv_prefill_qwen_8k_chunk8192/results.json").exists():
+        qwen, qruns = _prefill_table("bench_kv_prefill_qwen_8k", "Qwen2.5-0.5B's shape, 8,192 tokens")
+        lines += ["", *qwen, "",
+                  *[f"- {_provenance(qruns[c], f'bench_kv_prefill_qwen_8k_chunk{c}/results.json')}" for c in qruns]]
     return "\n".join(lines) + "\n"
 
 
