@@ -89,6 +89,17 @@ def interleaved(variants: dict, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def side_start(library: str):
+    """What both sides start with: their arguments (run.py passes the same ones to each), the model on one thread,
+    and the result's header naming the library and the versions it ran on."""
+    from importlib.metadata import version
+
+    args = side_args()
+    result = {"library": f"{library} {version(library)}", "torch": torch.__version__,
+              "transformers": version("transformers"), "lengths": {}}
+    return args, load(args.weights), result
+
+
 def side_args():
     """The arguments both sides take (run.py passes the same ones to each)."""
     import argparse

@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from common import interleaved, load, positions_of, prompt, side_args, write
+from common import interleaved, positions_of, prompt, side_start, write
 from kvpress import DecodingPress, PrefillDecodingPress, StreamingLLMPress, TOVAPress
 from transformers import DynamicCache
 
@@ -76,13 +76,8 @@ def streaming_reproduction(model, tokens: int, budget: int, sinks: int, steps: i
 
 
 def main() -> None:
-    args = side_args()
-    model = load(args.weights)
+    args, model, result = side_start("kvpress")
     k = args.budget
-    from importlib.metadata import version
-
-    result = {"library": f"kvpress {version('kvpress')}", "torch": torch.__version__,
-              "transformers": version("transformers"), "lengths": {}}
     for T in (int(t) for t in args.tokens.split(",")):
         ids = prompt(T)
         full = full_keys(model, ids)

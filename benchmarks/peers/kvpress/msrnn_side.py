@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import interleaved, load, positions_of, prompt, side_args, write
+from common import interleaved, positions_of, prompt, side_start, write
 
 from msrnn.kv import KVEvictionLM, make_policy
 from msrnn.models import HFCausalLM
@@ -65,13 +65,8 @@ def streaming_reproduction(model, tokens: int, budget: int, sinks: int, steps: i
 
 
 def main() -> None:
-    args = side_args()
-    model = load(args.weights)
+    args, model, result = side_start("msrnn")
     k = args.budget
-    from importlib.metadata import version
-
-    result = {"library": f"msrnn {version('msrnn')}", "torch": torch.__version__,
-              "transformers": version("transformers"), "lengths": {}}
     full_lm = HFCausalLM(model)
     for T in (int(t) for t in args.tokens.split(",")):
         ids = prompt(T)
