@@ -60,6 +60,13 @@ def test_compare_report_schema_and_resume(dirs, tiny_corpus, tmp_path, capsys):
     for f in ("report.md", "results.json", "ppl_vs_state.png", "ppl_vs_position.png", "accuracy_vs_length.png",
               "speed_memory_vs_length.png"):
         assert (folder / f).exists(), f
+    # The models given with --models have their own columns in the equal-bytes table, next to the KV policies
+    # sized to them (they used to appear only in the per-entry table).
+    table = (folder / "report.md").read_text().split("## Perplexity at equal state bytes")[1].split("##")[0]
+    header = table.strip().splitlines()[0]
+    assert "bst:bst" in header and "rmt:rmt" in header and "kv tova" in header
+    row = next(line for line in table.splitlines() if line.startswith(f"| {bst['budget_bytes']:,} |"))
+    assert f"{bst['ppl']:.2f}" in row
     assert [p["tokens"] for p in bst["profile"]] == [16, 32, 48, 64]  # 64 tokens in chunks of 16
     assert len({p["state_bytes"] for p in names["kv:tova@8192"]["profile"][1:]}) == 1  # bounded: flat
     full = [p["state_bytes"] for p in names["full"]["profile"]]

@@ -124,8 +124,12 @@ def _accuracy(e: dict[str, Any]) -> str:
 
 
 def equal_bytes_table(entries: list[dict[str, Any]], tuned: bool = False, cell=_ppl) -> list[str]:
-    """Markdown: one row per budget, one column per KV policy and built family."""
+    """Markdown: one row per budget, one column per KV policy and built family, and one per model given with
+    ``--models`` (a single point, in the row of the bytes it holds, where the KV policies were sized to it)."""
     series = _series(entries, tuned)
+    for e in entries:
+        if _tuned(e) == tuned and _spec(e).series(e) is None and e.get("budget_bytes") and not _reference(e):
+            series.setdefault(e["name"], []).append(e)
     budgets = sorted({e["budget_bytes"] for s in series.values() for e in s})
     if not budgets:
         return []
