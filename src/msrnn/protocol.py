@@ -156,14 +156,19 @@ def split(input_ids: torch.Tensor, chunk_sizes: Iterable[int] | int) -> Iterator
         pos, i = pos + size, i + 1
 
 
-def takes_last_only(lm: StatefulLM) -> bool:
-    """Whether ``lm.forward_chunk`` declares ``last_only`` (read off its signature at each stream, since a caller
-    may have replaced the method; an adapter written elsewhere without it is still driven, with the last row
-    sliced off its full logits)."""
+def accepts_keyword(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` declares the keyword ``name`` (read off its signature: verified, not assumed)."""
     try:
-        return "last_only" in inspect.signature(lm.forward_chunk).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def takes_last_only(lm: StatefulLM) -> bool:
+    """Whether ``lm.forward_chunk`` declares ``last_only`` (read at each stream, since a caller may have replaced the
+    method; an adapter written elsewhere without it is still driven, with the last row sliced off its full
+    logits)."""
+    return accepts_keyword(lm.forward_chunk, "last_only")
 
 
 def stream_chunks(lm: StatefulLM, chunks: Iterable[torch.Tensor], state: Any = None,

@@ -6,7 +6,6 @@ This is the reference every bounded family is compared against: its state grows 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from msrnn.compat import cache_kwargs, check_advanced, check_transformers_version, output_cache
 from msrnn.errors import ConfigError
-from msrnn.protocol import check_batch_size, check_chunk, check_state, owner, tensor_nbytes
+from msrnn.protocol import accepts_keyword, check_batch_size, check_chunk, check_state, owner, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class HFCausalLM:
         self.max_positions, self.learned_positions = position_limit(model)
         # Whether the model's forward takes ``logits_to_keep`` (transformers' heads do): read off the signature
         # rather than assumed, since a remote or older head may not; without it the head runs on every position.
-        self._keeps_logits = _takes(model.forward, "logits_to_keep")
+        self._keeps_logits = accepts_keyword(model.forward, "logits_to_keep")
 
     @property
     def device(self) -> torch.device:
@@ -124,13 +123,6 @@ class HFCausalLM:
             _WARNED_EXTRAPOLATION.add(self.model)  # RoPE runs past its limit: extrapolation, worth one warning
             log.warning("position %d is past the model's max_position_embeddings=%d: RoPE extrapolates from here, "
                         "outside the positions the model was configured for", end, self.max_positions)
-
-
-def _takes(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def position_limit(model: Any) -> tuple[int | None, bool]:
