@@ -226,3 +226,15 @@ def test_gradient_checkpointing_is_honoured_by_every_family(family):
     assert plain[1].keys() == ckpt[1].keys()
     for name, g in plain[1].items():
         torch.testing.assert_close(ckpt[1][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_an_accelerator_that_would_autocast_otherwise_is_refused(tmp_path, fresh_accelerator_state):
+    """An Accelerator handed to the trainer keeps the mixed precision it was built with: one that disagrees with
+    --precision is refused rather than silently training another way."""
+    from accelerate import Accelerator
+    from helpers import tiny
+
+    acc = Accelerator(mixed_precision="bf16", cpu=True)
+    cfg = TrainConfig(max_steps=1, eval_every=0, precision="fp32")
+    with pytest.raises(ConfigError, match="mixed precision 'bf16' but precision 'fp32'"):
+        Trainer(tiny("llama"), cfg, lambda s, m, r: {}, tmp_path, progress=False, accelerator=acc)

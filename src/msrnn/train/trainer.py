@@ -158,6 +158,10 @@ class Trainer:
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
         mp = "bf16" if self.precision == "bf16-mixed" else "no"
+        if accelerator is not None and accelerator.mixed_precision != mp:  # it would autocast as it was built
+            raise ConfigError(f"the Accelerator passed in runs mixed precision {accelerator.mixed_precision!r} but "
+                              f"precision {config.precision!r} needs {mp!r}; build it with mixed_precision={mp!r} "
+                              "or pass none")
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         check_launch(self.accelerator.num_processes)
         torch.manual_seed(config.seed)
