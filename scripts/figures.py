@@ -102,7 +102,7 @@ def peers_kvpress() -> str:
     data = _load("peers_kvpress/results.json")
     sides = data["sides"]
     lines = ["| prompt | TOVA kept sets equal | StreamingLLM kept sets equal | prefill: msrnn `oneshot` | "
-             "msrnn `exact` (default) | kvpress | hard-budget decode: msrnn | kvpress |",
+             "msrnn `exact` (the default prefill) | kvpress | hard-budget decode: msrnn | kvpress |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['tokens']:,} tokens, {r['budget']} slots | {r['TOVA kept sets equal (layer x KV head)']} | "

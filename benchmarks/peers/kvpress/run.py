@@ -116,8 +116,9 @@ def main() -> None:
               "provenance": provenance()}
     result["provenance"].update(command=" ".join(["python", "benchmarks/peers/kvpress/run.py", *sys.argv[1:]]),
                                 load_at_start=load_start, threads=1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    from msrnn.io import write_json
+
+    write_json(args.out / "results.json", result)  # atomic, and a link at the path is replaced, not followed
     for row in rows:
         print(json.dumps(row))
     for row in result["streaming_llm"]:
