@@ -37,6 +37,7 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
     # The SSM kernels load in fp32 under from_pretrained(dtype=bf16/fp16) too (msrnn.ssm.fp32 explains why).
     _keep_in_fp32_modules_strict = ["kernel"]
     supports_gradient_checkpointing = True
+    _no_split_modules = ["BSTLayer"]  # called whole by forward: FSDP's units (msrnn.train.sharding)
 
     def __init__(self, config: BSTConfig) -> None:
         super().__init__(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from msrnn.cli.common import add_output_flags, emit, int_list, positive_int, seed_int
-from msrnn.cli.training import add_precision_flag, add_run_folder_flags, check_out, summary, train_config
+from msrnn.cli.training import add_run_folder_flags, add_scale_flags, check_out, summary, train_config
 
 
 def add_train_longctx(ts: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def add_train_longctx(ts: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    add_precision_flag(p)
+    add_scale_flags(p)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--save-every", type=int, default=100)
     add_run_folder_flags(p)

@@ -21,7 +21,7 @@ def add_training_flags(p: argparse.ArgumentParser, *, max_steps: int, lr: float,
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    add_precision_flag(p)
+    add_scale_flags(p)
     p.add_argument("--warmup-steps", type=int, default=warmup_steps)
     p.add_argument("--repeat-fraction", type=float, default=0.25,
                    help="share of each batch whose 2nd half repeats the 1st (induction heads; default 0.25)")
@@ -32,7 +32,7 @@ def add_training_flags(p: argparse.ArgumentParser, *, max_steps: int, lr: float,
     add_output_flags(p)
 
 
-def add_precision_flag(p: argparse.ArgumentParser) -> None:
+def add_scale_flags(p: argparse.ArgumentParser) -> None:
     """--precision: how weights, optimizer states and the forward are held (msrnn.train.config.PRECISIONS)."""
     from msrnn.train.config import PRECISIONS
 
@@ -42,6 +42,10 @@ def add_precision_flag(p: argparse.ArgumentParser) -> None:
                         "exported in the dtype it was loaded in")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer in backward: less activation memory, a slower step")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer states over the processes (PyTorch FSDP2; launch "
+                        "with torchrun or accelerate launch); checkpoints are torch distributed checkpoints, which "
+                        "resume under another process count at the same global batch")
 
 
 def add_run_folder_flags(p: argparse.ArgumentParser) -> None:
@@ -94,7 +98,7 @@ def train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, precision=args.precision,
-                       activation_checkpointing=args.activation_checkpointing)
+                       activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp)
 
 
 def summary(out: Path, trainer: Any, result: Any) -> dict[str, Any]:

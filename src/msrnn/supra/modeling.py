@@ -314,6 +314,12 @@ class SupraModel(LlamaModel):
                             hidden_states=tuple(hidden) if hidden is not None else None)
 
 
+    def shard_units(self) -> list[nn.Module]:
+        """What FSDP shards one by one (msrnn.train.sharding): each layer's attention and MLP, the modules this
+        loop calls as a whole (it never calls the decoder layer itself, so a hook on the layer would never run)."""
+        return [m for layer in self.layers for m in (layer.self_attn, layer.mlp)]
+
+
 def _decoder_layer(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    position_ids: torch.Tensor, state: Any) -> torch.Tensor:
     """One pre-norm decoder layer of :class:`SupraModel`: linear attention with the layer's state, then the MLP."""

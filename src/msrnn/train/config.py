@@ -41,6 +41,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # one of PRECISIONS
     activation_checkpointing: bool = False  # recompute each layer in backward (less memory, about a third slower)
+    fsdp: bool = False  # shard weights, gradients and optimizer states over the processes (PyTorch FSDP2)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:

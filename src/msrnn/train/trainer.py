@@ -13,8 +13,11 @@ step, log, recipe, scheduler and curriculum as plain JSON and marks the checkpoi
 temp dir and renamed, so an interrupted save never leaves a half checkpoint. Resuming (``Accelerator.load_state``)
 restores all of it on every rank and, because batches are a function of the step, continues the same loss curve.
 Nothing is unpickled beyond tensors and plain values: Accelerate loads its files with ``weights_only=True``, and a
-crafted one is refused, not run. The model is gathered with ``Accelerator.get_state_dict`` for export, the call
-that also holds under FSDP; FSDP itself has not been run (see the README).
+crafted one is refused, not run. The model is gathered with ``Accelerator.get_state_dict`` for export.
+
+``TrainConfig.fsdp`` (``--fsdp``) shards the model with PyTorch FSDP2 instead of DDP (:mod:`msrnn.train.sharding`:
+units, DCP checkpoints read without running pickled code, resume under another process count at the same global
+batch, a consolidated export); tested on CPU with 2 gloo processes for every family in ``tests/test_fsdp.py``.
 """
 
 from __future__ import annotations
@@ -165,17 +168,34 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         check_launch(self.accelerator.num_processes)
         torch.manual_seed(config.seed)
+        if config.fsdp:  # sharded in place before the optimizer exists, so AdamW's states are sharded too
+            from msrnn.train import sharding
+
+            sharding.shard(model, self.accelerator)
         optimizer = torch.optim.AdamW(
             _param_groups(model, config.weight_decay, config.lr), lr=config.lr, betas=(config.beta1, config.beta2),
             eps=config.adam_eps, fused=torch.cuda.is_available() or None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if config.fsdp:  # prepare() would wrap the sharded model in DDP as well
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.resharded: list[dict[str, int]] = []  # FSDP resumes under another number of processes: step, from, to
         self.post_update_loss: float | None = None  # the final weights' loss, measured before export
         # Each weight tensor's largest entry when this run started (checked again before export).
-        self._start_scale = {n: float(p.detach().abs().max()) for n, p in model.named_parameters() if p.numel()}
+        self._start_scale = self._max_abs()
+
+    def _max_abs(self) -> dict[str, float]:
+        """Each weight tensor's largest absolute entry (NaN or inf when it holds one), over every shard."""
+        if self.config.fsdp:
+            from msrnn.train.sharding import global_max_abs
+
+            return global_max_abs(self.model)
+        model = self.accelerator.unwrap_model(self.model)
+        return {n: float(p.detach().abs().max()) for n, p in model.named_parameters() if p.numel()}
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -201,17 +221,22 @@ class Trainer:
         path = self.checkpoint_root / f"step-{self.step:07d}"
         with atomic_dir(path, overwrite=True) if acc.is_main_process else nullcontext() as tmp:
             tmp = self._from_main(str(tmp) if tmp is not None else None)
-            # Model (safetensors), optimizer and this rank's RNG states; Accelerate writes shared files on rank 0.
-            # Its warning that tied weights (lm_head = embeddings) are saved once is expected: safetensors' loader
-            # ties them back, and the resume tests compare every weight.
-            with _quiet("accelerate.utils.other"):
-                acc.save_state(tmp, safe_serialization=True)
+            if self.config.fsdp:  # every rank writes its shards (DCP) and its RNG states
+                from msrnn.train.sharding import save_sharded
+
+                save_sharded(Path(tmp), self.model, self.optimizer, acc.process_index)
+            else:
+                # Model (safetensors), optimizer and this rank's RNG states; Accelerate writes shared files on rank
+                # 0. Its warning that tied weights (lm_head = embeddings) are saved once is expected: safetensors'
+                # loader ties them back, and the resume tests compare every weight.
+                with _quiet("accelerate.utils.other"):
+                    acc.save_state(tmp, safe_serialization=True)
             acc.wait_for_everyone()
             if acc.is_main_process:
                 state = {"step": self.step, "history": self.history, "config": self.config.to_dict(), "run": self.run,
                          "scheduler": self.scheduler.state_dict(),
                          "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-                         "processes": acc.num_processes}
+                         "processes": acc.num_processes, "resharded": self.resharded}
                 write_json(Path(tmp) / STATE_FILE, state)
         acc.wait_for_everyone()  # the rename has happened before any rank goes on (or resumes from it)
         if not acc.is_main_process:
@@ -239,8 +264,14 @@ class Trainer:
                 raise ModelLoadError(f"checkpoint {old[-1].parent} was written by an older msrnn (before Accelerate "
                                      "state saving); resume it with that version, or start a new --out")
             return False
-        if not (path / STATE_FILE).exists() or not any(path.glob("*.safetensors")):
+        from msrnn.train.sharding import is_sharded_checkpoint
+
+        sharded = is_sharded_checkpoint(path)
+        if not (path / STATE_FILE).exists() or not (sharded or any(path.glob("*.safetensors"))):
             raise ModelLoadError(f"checkpoint {path} is incomplete; delete it to resume from an earlier one")
+        if sharded != self.config.fsdp:
+            raise ConfigError(f"checkpoint {path} was written by {'sharded (--fsdp)' if sharded else 'unsharded'} "
+                              f"training; resume it {'with' if sharded else 'without'} --fsdp")
         try:
             state = json.loads((path / STATE_FILE).read_text())
             if not isinstance(state, dict):
@@ -249,13 +280,27 @@ class Trainer:
             raise ModelLoadError(f"checkpoint {path}'s {STATE_FILE} is corrupt; delete the checkpoint and resume"
                                  ) from None
         self._check_state_fields(path, state)
-        self._check_same_recipe(path, state.get("config") or {})
+        saved_world, world = state.get("processes", 1), self.accelerator.num_processes
+        saved_config = state.get("config") or {}
+        reshard = sharded and saved_world != world
+        if reshard:
+            # DCP reshards weights and optimizer states; the global batch (micro-batches x processes) must stay.
+            per_step = saved_config.get("grad_accum", 1) * saved_world
+            if per_step % world or per_step // world != self.config.grad_accum:
+                keep = f"--grad-accum {per_step // world}" if per_step % world == 0 else "a process count that " \
+                    f"divides {per_step}"
+                raise ConfigError(f"checkpoint {path} was trained with {saved_world} process(es) x grad_accum "
+                                  f"{saved_config.get('grad_accum', 1)}; under {world} process(es) keep the global "
+                                  f"batch with {keep}")
+        self._check_same_recipe(path, saved_config, skip=("grad_accum",) if reshard else ())
         self._check_same_run(path, state.get("run"))
-        saved_world = state.get("processes", 1)
-        if saved_world != self.accelerator.num_processes:
+        if sharded:
+            self._load_sharded(path, state, saved_world)
+            return True
+        if saved_world != world:
             # Each rank's RNG state and batch stream belong to one world size: another one is a different run.
             raise ConfigError(f"checkpoint {path} was trained with {saved_world} process(es), this run has "
-                              f"{self.accelerator.num_processes}; resume with the same launch")
+                              f"{world}; resume with the same launch (checkpoints of --fsdp training reshard)")
         rng_file = path / f"random_states_{self.accelerator.process_index}.pkl"
         if not rng_file.exists():
             raise ModelLoadError(f"checkpoint {path} has no {rng_file.name}; delete it to resume from an earlier one")
@@ -284,24 +329,43 @@ class Trainer:
         except Exception as exc:
             raise ModelLoadError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it and resume"
                                  ) from None
+        self._restore(path, state)
+        return True
+
+    def _load_sharded(self, path: Path, state: dict[str, Any], saved_world: int) -> None:
+        """Resume a DCP checkpoint: weights and optimizer states resharded to this launch, each rank's RNG states
+        (a rank the checkpoint did not have keeps the seeded state, and the reshard is recorded)."""
+        from msrnn.train.sharding import load_sharded
+
+        load_sharded(path, self.model, self.optimizer, self.accelerator.process_index)
+        self.resharded = [r for r in state.get("resharded") or [] if isinstance(r, dict)]
+        if saved_world != self.accelerator.num_processes:
+            self.resharded.append({"step": int(state["step"]), "from": saved_world,
+                                   "to": self.accelerator.num_processes})
+            log.warning("resumed %s (%d process(es)) under %d: the weights and optimizer states are resharded; "
+                        "from here the batches are those of %d processes", path, saved_world,
+                        self.accelerator.num_processes, self.accelerator.num_processes)
+        self._restore(path, state)
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        """The plain-JSON part of a checkpoint: scheduler, step, log, curriculum."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         if self.curriculum is not None and state.get("curriculum"):
             self.curriculum.load_state_dict(state["curriculum"])
-        model = self.accelerator.unwrap_model(self.model)
-        self._start_scale = {n: float(p.detach().abs().max()) for n, p in model.named_parameters() if p.numel()}
+        self._start_scale = self._max_abs()
         log.info("resumed from %s at step %d", path, self.step)
-        return True
 
     # Changing these mid-run would not take effect (the optimizer's saved lr wins over --lr) or would silently
     # make the resumed curve a different run; the length of the run (max_steps) and logging cadence may change.
     RECIPE_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "beta1", "beta2", "adam_eps",
                      "grad_clip", "grad_accum", "seed", "precision")
 
-    def _check_same_recipe(self, path: Path, saved: dict[str, Any]) -> None:
+    def _check_same_recipe(self, path: Path, saved: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
         now = self.config.to_dict()
-        changed = [f"{k} {saved[k]} -> {now[k]}" for k in self.RECIPE_FIELDS if k in saved and saved[k] != now[k]]
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in self.RECIPE_FIELDS
+                   if k in saved and saved[k] != now[k] and k not in skip]
         if changed:
             raise ConfigError(f"checkpoint {path} was trained with other settings ({'; '.join(changed)}); resume with "
                               "the flags it was trained with, or start a new --out")
@@ -339,7 +403,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(acc.device) for k, v in self.batch_fn(self.step, micro, acc.process_index).items()}
             last = micro == cfg.grad_accum - 1
-            with (nullcontext() if last else acc.no_sync(self.model)), acc.autocast():
+            with self._no_sync(skip=not last), acc.autocast():
                 loss = self.loss_fn(self.model, batch) / cfg.grad_accum
                 acc.backward(loss)
             total += float(loss.detach())
@@ -358,6 +422,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total
+
+    def _no_sync(self, skip: bool) -> Any:
+        """Keep this micro-batch's gradients local (all but the last micro-batch of a step)."""
+        if self.config.fsdp:
+            from msrnn.train.sharding import no_gradient_sync
+
+            return no_gradient_sync(self.model, skip)
+        return self.accelerator.no_sync(self.model) if skip else nullcontext()
 
     def _validate(self) -> dict[str, float]:
         if self.val_fn is None:
@@ -428,13 +500,12 @@ class Trainer:
         whose largest entry grew more than 1000-fold during this run to above 1000 (at ``--lr 1e8`` every weight
         becomes ~1e8 while a near-uniform model's loss hardly moves); or a loss more than twice (plus one nat) the
         run's first logged loss."""
-        model = self.accelerator.unwrap_model(self.model)
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        now = self._max_abs()
+        bad = [n for n, v in now.items() if not math.isfinite(v)]
         if bad:
             raise NumericsError(f"after the last update {len(bad)} weight tensor(s) hold NaN or inf ({bad[0]}, ...); "
                                 "nothing was exported. Lower --lr (or raise --warmup-steps) and train again")
-        grown = [(n, before, float(p.detach().abs().max())) for n, p in model.named_parameters()
-                 if (before := self._start_scale.get(n)) is not None and p.numel()]
+        grown = [(n, before, a) for n, a in now.items() if (before := self._start_scale.get(n)) is not None]
         grown = [(n, b, a) for n, b, a in grown if a > 1000.0 and a > 1000.0 * max(b, 1e-6)]
         if grown:
             n, b, a = grown[0]
@@ -469,10 +540,16 @@ class Trainer:
         out = Path(out_dir) if out_dir else self.out_dir
         self.check_final_weights()
         # Every rank takes part in gathering the full weights (a no-op copy under DDP, a gather under FSDP).
-        weights = self.accelerator.get_state_dict(self.model)
+        if self.config.fsdp:
+            from msrnn.train.sharding import full_weights
+
+            weights = full_weights(self.model)
+        else:
+            weights = self.accelerator.get_state_dict(self.model)
         if not self.accelerator.is_main_process:
             return out
-        weights = _in_dtype(weights, self.export_dtype, _fp32_modules(self.accelerator.unwrap_model(self.model)))
+        model = self.accelerator.unwrap_model(self.model)
+        weights = _in_dtype(_drop_tied_copies(weights, model), self.export_dtype, _fp32_modules(model))
         out.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out / ".export") as tmp:
             self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), state_dict=weights,
@@ -483,7 +560,8 @@ class Trainer:
         for f in sorted(staged.iterdir()):
             f.replace(out / f.name)
         staged.rmdir()
-        write_json(out / "msrnn.json", {"step": self.step, **(meta or {})})
+        resharded = {"resharded": self.resharded} if self.resharded else {}  # resumed under another process count
+        write_json(out / "msrnn.json", {"step": self.step, **resharded, **(meta or {})})
         write_json(out / "train_config.json", self.config.to_dict())  # a rename: never writes through a link
         return out
 
@@ -525,6 +603,19 @@ def cast_for_training(model: Any, precision: str) -> None:
         want = torch.bfloat16 if precision == "bf16" and not _kept_fp32(name, keep) else torch.float32
         if p.dtype != want:
             p.data = p.data.to(want)
+
+
+def _drop_tied_copies(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``weights`` without the second name of a tied parameter (the head tied to the embedding): a gathered state
+    dict (FSDP's) holds a separate copy under each name, which would store the table twice and untie it on load."""
+    first: dict[int, str] = {}
+    drop = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            drop.add(name)
+        else:
+            first[id(p)] = name
+    return {k: v for k, v in weights.items() if k not in drop}
 
 
 def _in_dtype(weights: dict[str, torch.Tensor], dtype: torch.dtype, keep: set[str]) -> dict[str, torch.Tensor]:
