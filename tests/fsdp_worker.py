@@ -71,6 +71,7 @@ def run():
     acc = resumed.accelerator
     rows = {"world": acc.num_processes, "straight": full(straight), "resumed": full(resumed),
             "losses": [[h["loss"] for h in t.history] for t in (straight, resumed)],
+            "fallback": straight.loss_fn.fallback,  # None: the chunked loss ran on the sharded model
             "local": sum(p.to_local().numel() for p in resumed.model.parameters()),
             "total": sum(p.numel() for p in resumed.model.parameters())}
     straight.export(f"{OUT}/export")

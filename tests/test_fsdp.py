@@ -53,6 +53,8 @@ def test_fsdp2_on_two_processes_trains_resumes_reshards_and_exports(tmp_path, fa
     _run_worker(tmp_path, family, "run")
     r0, r1 = (torch.load(tmp_path / f"run{i}.pt") for i in (0, 1))
     assert r0["world"] == r1["world"] == 2
+    # The trainer's chunked loss ran on the sharded model (RMT's forward takes no logits_to_keep: its own loss).
+    assert (r0["fallback"] is None) == (family != "rmt")
     # Sharded: each rank holds about half of every unit's weights (the root's small tensors are split too).
     assert r0["local"] + r1["local"] == r0["total"] and max(r0["local"], r1["local"]) < 0.55 * r0["total"]
     # Interrupted at the step-2 checkpoint and resumed: the same run, bit for bit.

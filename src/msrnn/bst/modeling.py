@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from msrnn.bst.config import BSTConfig
 from msrnn.bst.layers import BSTLayer
 from msrnn.compat import model_output
+from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
 from msrnn.models.state_cache import StateCache, refuse_padding, stateful_forward_cache
 
@@ -76,36 +77,50 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, output_hidden_states: bool | None = None,
                 **kwargs: Any) -> CausalLMOutputWithPast:
         """Parallel form: the sequence is padded at the end to whole blocks (causal, so padding changes nothing
-        before it), all blocks run at once and the SSM convolves the whole sequence by FFT.
+        before it), all blocks run at once and the SSM convolves the whole sequence by FFT. As in transformers,
+        ``logits_to_keep=k`` runs the head on the last k positions only (0: all), and ``output_hidden_states`` returns
+        the embeddings and every layer's output, the last one after the final norm (the head's input).
 
         With a cache (``generate`` passes ``use_cache=True``) the tokens go through the streaming step instead,
         continuing the cache's state: the same code as ``BSTLM.forward_chunk``."""
         cache = stateful_forward_cache(kwargs, use_cache, labels, self.config.num_hidden_layers, "SSM states")
         if cache is not None:
-            return self._forward_stateful(input_ids, attention_mask, cache)
+            return self._forward_stateful(input_ids, attention_mask, cache, logits_to_keep)
         B, L = input_ids.shape
         W = self.block or L
         pad = (-L) % W
         x = self.embed_tokens(F.pad(input_ids, (0, pad)))
+        hidden = [x[:, :L]] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = self._gradient_checkpointing_func(layer.__call__, x, W)
             else:
                 x = layer(x, W)
-        logits = self.lm_head(self.norm(x[:, :L]))
+            if hidden is not None:
+                hidden.append(x[:, :L])
+        h = self.norm(x[:, :L])  # [B, L, d]
+        if hidden is not None:
+            hidden[-1] = h
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if labels is not None:
+            if logits_to_keep:
+                raise ConfigError("labels need the logits of every position; pass logits_to_keep=0 with labels")
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        return model_output(CausalLMOutputWithPast, loss=loss, logits=logits)
+        return model_output(CausalLMOutputWithPast, loss=loss, logits=logits,
+                            hidden_states=tuple(hidden) if hidden is not None else None)
 
     def _forward_stateful(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          cache: StateCache) -> CausalLMOutputWithPast:
+                          cache: StateCache, logits_to_keep: int = 0) -> CausalLMOutputWithPast:
         refuse_padding(attention_mask, "the SSM state")
         if cache.state is None:
             cache.state = self.init_state(input_ids.shape[0])
-        logits = self.step(input_ids, cache.state)
+        logits = self.step(input_ids, cache.state, last_only=logits_to_keep == 1)
+        if logits_to_keep > 1:
+            logits = logits[:, -logits_to_keep:]
         cache.seen = cache.state["pos"]
         return model_output(CausalLMOutputWithPast, logits=logits, cache=cache)
 

@@ -66,7 +66,8 @@ def check_launch(num_processes: int, env: Any = None) -> None:
 
 
 def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Causal LM loss of a HF model (it shifts labels itself)."""
+    """Causal LM loss of a HF model (it shifts labels itself), on full logits: the readable twin of the trainer's
+    default, :class:`msrnn.train.loss.ChunkedLMLoss`."""
     return model(**batch)["loss"]  # ModelOutput or a plain dict (MemoryWrapper)
 
 
@@ -129,7 +130,7 @@ class Trainer:
         config: TrainConfig,
         batch_fn: BatchFn,
         out_dir: str | Path,
-        loss_fn: LossFn = default_loss,
+        loss_fn: LossFn | None = None,
         val_fn: ValFn | None = None,
         tokens_per_step: int = 0,
         save_extra: Callable[[Path], None] | None = None,
@@ -142,6 +143,10 @@ class Trainer:
 
         self.config = config
         self.batch_fn = batch_fn
+        if loss_fn is None:  # the causal LM loss without the full [T, vocab] logits
+            from msrnn.train.loss import ChunkedLMLoss
+
+            loss_fn = ChunkedLMLoss()
         self.loss_fn = loss_fn
         self.val_fn = val_fn
         self.out_dir = Path(out_dir)
