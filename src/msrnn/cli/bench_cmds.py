@@ -60,6 +60,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     from msrnn.cli.bst_cmds import add_bench_bst
 
     add_bench_bst(bs)
+    add_bench_train_memory(bs)
     c = bs.add_parser("costs", help="analytic FLOPs and state bytes vs length for every family (no timing)")
     c.add_argument("--model", default=None, help="model directory to read the architecture from")
     c.add_argument("--preset", default="small", help="architecture preset when --model is not given")
@@ -331,4 +332,60 @@ def run_bench_stream(args: argparse.Namespace) -> int:
             Column("state bytes", lambda r: r.state_bytes), Column("ms/chunk", lambda r: r.ms_per_chunk)]
     out_console.print(render(f"stream of {res['tokens']:,} tokens ({res['tokens_per_s']:,.0f} tok/s, "
                              f"{res['nonfinite']} non-finite logits)", res["rows"], cols))
+    return 0
+
+
+def add_bench_train_memory(bs: argparse._SubParsersAction) -> None:
+    p = bs.add_parser("train-memory", help="peak memory of a training step at a real shape, full logits vs the "
+                                           "chunked loss and activation checkpointing (counted, not run)")
+    p.add_argument("--shape", default="llama-3.2-1b", help="preset shape (default llama-3.2-1b)")
+    p.add_argument("--vocab", type=positive_int, default=128256, help="vocabulary (default 128256, Llama 3's)")
+    p.add_argument("--lengths", default="2048,8192", help="tokens per step (default 2048,8192)")
+    p.add_argument("--families", default="hf,supra", help="hf (the softmax Llama) and/or supra (default both)")
+    p.add_argument("--precision", default="bf16-mixed", choices=["fp32", "bf16-mixed", "bf16"],
+                   help="as in training (default bf16-mixed: fp32 masters, bf16 autocast)")
+    p.add_argument("--chunk-tokens", type=positive_int, default=1024, help="positions per loss chunk (default 1024)")
+    p.add_argument("--out", default=None, help="write results.json here")
+    add_output_flags(p)
+    p.set_defaults(func=run_bench_train_memory)
+
+
+def run_bench_train_memory(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from msrnn.bench.train_memory import FAMILIES, run
+    from msrnn.errors import ConfigError
+    from msrnn.models.presets import PRESETS
+    from msrnn.ui import err_console, out_console, print_json, table
+
+    lengths = int_list(args.lengths, "--lengths")
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise ConfigError(f"unknown family {bad[0] if bad else args.families!r} in --families; use "
+                          f"{', '.join(FAMILIES)}")
+    if args.shape not in PRESETS:
+        raise ConfigError(f"unknown --shape {args.shape!r}; use one of {', '.join(PRESETS)}")
+    total = len(families) * len(lengths) * 3
+    with Progress(console=err_console, disable=args.quiet or args.json, transient=True) as bar:
+        task = bar.add_task("counting", total=total)
+        result = run(families, args.shape, args.vocab, lengths, args.precision, args.chunk_tokens,
+                     progress=lambda: bar.advance(task))
+    result["command"] = "msrnn bench train-memory"
+    save_results(args.out, "results.json", result)
+    if args.json:
+        print_json(result)
+        return 0
+    rows = [[r["family"], r["tokens"], r["loss"], "on" if r["activation_checkpointing"] else "off", r["saved_mib"],
+             r["saved_kib_per_token"], r["backward_peak_mib"], r["step_peak_mib"]] for r in result["rows"]]
+    out_console.print(table(f"training step memory at {args.shape} (vocab {args.vocab:,}, {args.precision}; live "
+                            "tensor bytes, counted on fake tensors)",
+                            ["family", "tokens", "loss", "act. ckpt", "kept for backward MiB", "KiB/token",
+                             "fwd+bwd peak MiB", "step peak MiB"], rows))
+    if result["per_token"]:
+        lo, hi = result["per_token"][0]["between"]
+        out_console.print(table(f"kept for backward per token (slope between {lo} and {hi} tokens)",
+                                ["family", "loss", "act. ckpt", "KiB/token"],
+                                [[p["family"], p["loss"], "on" if p["activation_checkpointing"] else "off",
+                                  p["kib_per_token"]] for p in result["per_token"]]))
     return 0
