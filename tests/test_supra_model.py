@@ -21,6 +21,44 @@ def test_conversion_copies_every_original_tensor_bit_exact(arch):
     assert new and all(".phi_" in n for n in new)  # only the feature maps are new
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_folder_converts_tensor_by_tensor_to_the_same_model(tmp_path, arch, dtype):
+    """convert_dir streams the stored tensors into a SUPRA model built in the checkpoint's dtype: the same tensors
+    as converting the loaded model (the feature maps' random init included)."""
+    from msrnn.models.loading import load_hf_causal_lm
+    from msrnn.supra.convert import convert_dir
+
+    base = tiny(arch, seed=3).to(dtype)
+    base.save_pretrained(tmp_path / "base")
+    streamed = convert_dir(tmp_path / "base", seed=5)
+    whole = convert(load_hf_causal_lm(tmp_path / "base"), seed=5)
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == dtype and torch.equal(a[k], b[k]), k
+
+
+def test_a_tied_folder_streams_and_a_folder_that_does_not_map_is_loaded_whole(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from msrnn.supra.convert import convert_dir
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    tied.save_pretrained(tmp_path / "tied")
+    supra = convert_dir(tmp_path / "tied")
+    assert supra.lm_head.weight is supra.model.embed_tokens.weight
+    assert torch.equal(supra.model.embed_tokens.weight, tied.model.embed_tokens.weight)
+    # A stored name the model does not have (a renamed or extra tensor): not streamed, the caller loads it whole.
+    weights = load_file(tmp_path / "tied" / "model.safetensors")
+    save_file({**weights, "extra.weight": torch.zeros(2)}, tmp_path / "tied" / "model.safetensors",
+              metadata={"format": "pt"})
+    assert convert_dir(tmp_path / "tied") is None
+
+
 @pytest.mark.parametrize("feature_map", ["dense", "per_head"])
 @pytest.mark.parametrize("decay", ["lightning", "retnet", "none"])
 def test_streaming_and_generate_equal_full_forward(feature_map, decay):
@@ -107,7 +145,8 @@ def test_cli_convert_train_eval(tmp_path, tiny_corpus, capsys):
     capsys.readouterr()
     conv = tmp_path / "supra"
     assert main(["convert", "supra", "--from", str(base), "--out", str(conv), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["params"] > 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["params"] > 0 and res["streamed"]
     assert main(["convert", "supra", "--from", str(conv), "--out", str(tmp_path / "again")]) == 2
     assert "already a SUPRA model" in capsys.readouterr().err
     up = tmp_path / "up"

@@ -76,15 +76,18 @@ def own_peak_rss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def peak_rss_mib(code: str, timeout: float = 600) -> float:
-    """Peak RSS growth (MiB) of a fresh Python process while it runs ``code``, after importing torch.
+def peak_rss_mib(code: str, timeout: float = 600, setup: str = "", pythonpath: str | None = None) -> float:
+    """Peak RSS growth (MiB) of a fresh Python process while it runs ``code``, after importing torch and running
+    ``setup`` (imports, inputs: not counted); ``pythonpath`` runs it against another checkout's ``src``.
 
     Linux: the high-water mark is reset (``/proc/self/clear_refs`` 5) after the imports and read back from
-    VmHWM, so the imports' own transient peak cannot hide a smaller workload."""
+    VmHWM, so the imports' own transient peak cannot hide a smaller workload. (``ru_maxrss`` would not do: it
+    counts the parent's pages the child held between fork and exec.)"""
     script = (
         "import json, torch\n"
         "torch.set_num_threads(1)\n"
         "import msrnn.bst.layers\n"
+        f"{setup}\n"
         "def rss(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key):\n"
@@ -94,6 +97,10 @@ def peak_rss_mib(code: str, timeout: float = 600) -> float:
         f"{code}\n"
         "print(json.dumps([base, rss('VmHWM:')]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, check=True)
+    import os
+
+    env = None if pythonpath is None else {**os.environ, "PYTHONPATH": pythonpath}  # another msrnn (a "before")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, check=True,
+                         env=env)
     base, peak = json.loads(out.stdout.strip().splitlines()[-1])
     return (peak - base) / 1024

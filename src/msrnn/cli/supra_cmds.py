@@ -39,22 +39,28 @@ def run_convert_supra(args: argparse.Namespace) -> int:
     from msrnn.io import atomic_dir, write_json
     from msrnn.models.loading import load_hf_causal_lm, load_tokenizer_for
     from msrnn.supra import convert
+    from msrnn.supra.convert import convert_dir
 
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose another --out")
-    model = load_hf_causal_lm(args.source)
+    knobs = {"decay": args.decay, "feature_map": args.feature_map, "seed": args.seed, "feature_dim": args.feature_dim}
     tokenizer = load_tokenizer_for(args.source)
-    supra = convert(model, decay=args.decay, feature_map=args.feature_map, seed=args.seed,
-                    feature_dim=args.feature_dim)
+    # A folder streams tensor by tensor (one model in memory); a hub id, or a folder whose tensors do not map one
+    # to one, is loaded whole and converted.
+    supra = convert_dir(args.source, **knobs) if Path(args.source).is_dir() else None
+    streamed = supra is not None
+    if supra is None:
+        model = load_hf_causal_lm(args.source)
+        supra = convert(model, **knobs)
+        del model
     with atomic_dir(out) as tmp:
         supra.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / "msrnn.json", {"family": "supra", "source": str(args.source), "decay": args.decay,
                                         "feature_map": args.feature_map, "total_steps": 0})
-    res = {"out": str(out), "params": sum(p.numel() for p in supra.parameters()),
-           "base_params": sum(p.numel() for p in model.parameters()), "decay": args.decay,
-           "feature_map": args.feature_map}
+    res = {"out": str(out), "params": sum(p.numel() for p in supra.parameters()), "decay": args.decay,
+           "feature_map": args.feature_map, "streamed": streamed}
     return emit(args, "convert supra", res)
 
 

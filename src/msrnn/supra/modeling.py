@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -333,8 +333,12 @@ class SupraForCausalLM(LlamaForCausalLM):
     config_class = SupraConfig
 
     def __init__(self, config: SupraConfig) -> None:
-        super().__init__(config)
+        # LlamaForCausalLM's own __init__ would build a softmax LlamaModel only to replace it: a second model in
+        # memory while this one is built (the peak of `msrnn convert supra`). Its other two fields are set here.
+        LlamaPreTrainedModel.__init__(self, config)
         self.model = SupraModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
