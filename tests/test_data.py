@@ -146,3 +146,24 @@ def test_batches_deterministic_with_repeats(tiny_corpus, tiny_tokenizer):
         LMBatches(stream, seq_len=64, batch_size=8, eos_id=0, repeat_fraction=1.5)
     with pytest.raises(DataError, match="fewer than one sequence"):
         LMBatches(stream, seq_len=10**8, batch_size=1, eos_id=0)
+
+
+def test_windows_are_read_from_the_token_file_and_equal_the_joined_stream():
+    """LMBatches never builds the joined int64 corpus: each window is read document by document. Every window,
+    across empty documents, boundaries and both ends, equals the same slice of the documents joined by EOS."""
+    from msrnn.data.tokens import TokenStream
+
+    rng = np.random.default_rng(0)
+    lengths = [5, 0, 1, 9, 0, 0, 3, 12, 1]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = rng.integers(1, 500, int(offsets[-1])).astype(np.uint16)
+    stream = TokenStream(tokens, offsets, [str(i) for i in range(len(lengths))])
+    joined = np.insert(tokens, offsets[1:-1], 999).astype(np.int64)  # the array it used to build
+    b = LMBatches(stream, seq_len=4, batch_size=1, eos_id=999)
+    for start in range(len(joined)):
+        for end in range(start, len(joined) + 1):
+            np.testing.assert_array_equal(b.joined(start, end), joined[start:end])
+    for step in range(20):  # the batches of a step are those the joined array gave
+        rng = np.random.default_rng([b.seed, step, 0, 0])
+        start = int(rng.integers(0, len(joined) - 4 + 1))
+        np.testing.assert_array_equal(b.batch(step)["input_ids"][0].numpy(), joined[start : start + 4])

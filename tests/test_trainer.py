@@ -84,6 +84,9 @@ def test_a_multi_process_cpu_launch_that_runs_one_process_is_refused(monkeypatch
     check_launch(1, {"ACCELERATE_USE_CPU": "True"})  # accelerate launch --cpu, one process asked for
     check_launch(1, {})  # a plain run
     check_launch(2, {**simple, "WORLD_SIZE": "2", "RANK": "0"})  # torchrun
+    # A rank of a 2-process torchrun whose Accelerate state was set up as one process (each would train alone).
+    with pytest.raises(ConfigError, match="launcher started 2 processes but training sees one"):
+        check_launch(1, {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"})
     monkeypatch.setattr("os.environ", {**simple})
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
         check_launch(1)

@@ -96,7 +96,11 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
                           f"<= {limit} (or a preset with more positions)")
     train_spec, val_spec = training_specs(cfg.data)
     train_docs = load_documents(train_spec)
-    stream = cached_token_stream(train_docs, tokenizer)
+    from msrnn.train.trainer import process_state
+
+    # Rank 0 tokenizes into the on-disk cache; the other ranks wait and map its file instead of each tokenizing.
+    with process_state().main_process_first():
+        stream = cached_token_stream(train_docs, tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     batches = LMBatches(stream, cfg.seq_len, cfg.batch_size, eos, cfg.repeat_fraction, seed=train_cfg.seed)
     val_batches = None
@@ -106,8 +110,9 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
     else:
         try:
             val_docs = load_documents(val_spec)
-            val_batches = LMBatches(cached_token_stream(val_docs, tokenizer), cfg.seq_len, cfg.batch_size, eos,
-                                    0.0, seed=12345)
+            with process_state().main_process_first():
+                val_stream = cached_token_stream(val_docs, tokenizer)
+            val_batches = LMBatches(val_stream, cfg.seq_len, cfg.batch_size, eos, 0.0, seed=12345)
         except MsrnnError as exc:  # a tiny corpus may have no val split; training still makes sense
             log.warning("no validation data (%s); training without it", exc)
     trainer = Trainer(

@@ -58,11 +58,26 @@ def check_launch(num_processes: int, env: Any = None) -> None:
     import os
 
     env = os.environ if env is None else env
+    world = str(env.get("WORLD_SIZE", "1"))
+    if num_processes == 1 and world.isdigit() and int(world) > 1:
+        # Each of the launcher's processes would train alone, on its own copy, and write the same files.
+        raise ConfigError(f"the launcher started {world} processes but training sees one; launch CPU training with "
+                          "`torchrun --nproc_per_node N -m msrnn.cli.main ...` and nothing else that sets up "
+                          "Accelerate first")
     asked = "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "RANK" not in env
     if num_processes == 1 and asked and str(env.get("ACCELERATE_USE_CPU", "")).lower() == "true":
         raise ConfigError("accelerate launch --cpu --num_processes N runs one process, not N; for N CPU processes "
                           "use `torchrun --nproc_per_node N -m msrnn.cli.main ...` (gloo DDP), for N GPUs "
                           "`accelerate launch --multi_gpu --num_processes N ...`")
+
+
+def process_state() -> Any:
+    """Accelerate's process state as the trainer's Accelerator makes it (CPU processes on a machine without CUDA):
+    a caller that needs the rank before the trainer exists must make it the same way, or a CPU launch under
+    torchrun would be taken for one process per rank."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
