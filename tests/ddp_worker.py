@@ -72,18 +72,24 @@ def rmt_worker():
     words = " ".join(f"{n} went to the {p}. Where is {n}? Answer: {p}" for n in NAMES for p in PLACES)
     tok = train_bpe(iter(noise_sentences("stdlib", "train", limit=300) + [words] * 40), vocab_size=384)
     model = MemoryWrapper.wrap(tiny("llama", seed=0), num_memory_tokens=2, segment_length=64)
-    cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, eval_every=1, save_every=0)
+    cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, eval_every=1, save_every=0, fsdp=MODE == "rmt_fsdp")
     trainer, _ = train_task(model, tok, FAMILIES.get("rmt"), TaskTrainConfig(batch_size=2, val_samples=2),
                             CurriculumConfig(max_segments=2, stage_steps=1), cfg, f"{OUT}/rmt", {}, progress=False)
     acc = trainer.accelerator
-    params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(trainer.model).parameters()])
+    if cfg.fsdp:  # each rank holds a shard: the full weights, gathered
+        from msrnn.train.sharding import full_weights
+
+        params = torch.cat([v.flatten() for _, v in sorted(full_weights(trainer.model).items())]) \
+            if acc.is_main_process else full_weights(trainer.model)
+    else:
+        params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(trainer.model).parameters()])
     torch.save({"world": acc.num_processes, "params": params}, f"{OUT}/rmt{acc.process_index}.pt")
 
 
 def worker():
     if MODE == "resume":
         return resume_worker()
-    if MODE == "rmt":
+    if MODE in ("rmt", "rmt_fsdp"):
         return rmt_worker()
     sys.path.insert(0, sys.argv[2])
     from helpers import tiny

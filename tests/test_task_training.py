@@ -99,6 +99,27 @@ def test_train_task_runs_the_curriculum_and_resumes_it(tmp_path, task_tokenizer)
     assert saved.config.task == "memorize" and saved.config.label_names == list(PLACES)
 
 
+def test_every_rank_draws_rank_zeros_segment_counts_on_its_own_samples(tmp_path, task_tokenizer):
+    """A sharded model gathers each layer's weights at every call, so all ranks must run the same number of
+    segments: rank r's batch has rank 0's shape (its segment counts) and its own samples; rank 0's are unchanged."""
+    from msrnn.families import FAMILIES
+    from msrnn.train import TrainConfig
+    from msrnn.train.tasks import CurriculumSchedule, TaskTrainConfig, train_on_task
+
+    w = MemoryWrapper.wrap(tiny("llama", seed=1), num_memory_tokens=2, segment_length=96)
+    curriculum = Curriculum(CurriculumConfig(max_segments=4, start=4))  # counts drawn from 1..4
+    trainer = train_on_task(w, task_tokenizer, FAMILIES.get("rmt"), TaskTrainConfig(task="memorize", batch_size=3),
+                            96, CurriculumSchedule(curriculum), TrainConfig(max_steps=1, eval_every=0),
+                            tmp_path / "r", {}, progress=False)
+    shapes = set()
+    for step in range(12):
+        ranks = [trainer.batch_fn(step, 0, r) for r in range(3)]
+        assert len({tuple(b["input_ids"].shape) for b in ranks}) == 1, step
+        assert not torch.equal(ranks[0]["input_ids"], ranks[1]["input_ids"])
+        shapes.add(tuple(ranks[0]["input_ids"].shape))
+    assert len(shapes) > 1  # the counts do vary from step to step
+
+
 @pytest.mark.parametrize("bad", [{"max_segments": 2, "start": 3}, {"threshold": 0}, {"stage_steps": -1}])
 def test_bad_curriculum(bad):
     from msrnn.errors import ConfigError

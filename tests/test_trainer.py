@@ -241,3 +241,58 @@ def test_an_accelerator_that_would_autocast_otherwise_is_refused(tmp_path, fresh
     cfg = TrainConfig(max_steps=1, eval_every=0, precision="fp32")
     with pytest.raises(ConfigError, match="mixed precision 'bf16' but precision 'fp32'"):
         Trainer(tiny("llama"), cfg, lambda s, m, r: {}, tmp_path, progress=False, accelerator=acc)
+
+
+def test_report_to_sends_every_step_to_the_trackers(tmp_path, fresh_accelerator_state):
+    """Trackers go through Accelerate: the run's settings once, every step's record (loss, lr, validation) with
+    its step, and the run closed at the end. A tracker whose package is missing is refused before training."""
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+    from helpers import tiny
+
+    from msrnn.errors import ConfigError
+    from msrnn.train import TrainConfig, Trainer
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.logged, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    def batch_fn(step, micro, rank):
+        x = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(step))
+        return {"input_ids": x, "labels": x}
+
+    rec = Recorder()
+    cfg = TrainConfig(max_steps=3, eval_every=2, warmup_steps=1, precision="fp32")
+    t = Trainer(tiny("llama").train(), cfg, batch_fn, tmp_path / "run", progress=False,
+                val_fn=lambda m: {"val_loss": 1.5}, accelerator=Accelerator(cpu=True, log_with=[rec]),
+                run={"data": "stdlib", "shape": (2, 16)})
+    t.train()
+    assert [s for s, _ in rec.logged] == [1, 2, 3]
+    assert set(rec.logged[0][1]) == {"loss", "lr"} and rec.logged[1][1]["val_loss"] == 1.5
+    assert rec.logged[2][1]["loss"] == t.history[2]["loss"]
+    assert rec.config["lr"] == cfg.lr and rec.config["data"] == "stdlib" and rec.config["shape"] == "[2, 16]"
+    assert rec.finished
+    from accelerate.utils import is_tensorboard_available
+
+    if not is_tensorboard_available():
+        with pytest.raises(ConfigError, match="needs the tensorboard package"):
+            Trainer(tiny("llama").train(), TrainConfig(max_steps=1, report_to="tensorboard"), batch_fn,
+                    tmp_path / "tb", progress=False)
+    with pytest.raises(ConfigError, match="unknown tracker"):
+        TrainConfig(max_steps=1, report_to="mlflow")

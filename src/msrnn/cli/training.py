@@ -42,6 +42,11 @@ def add_scale_flags(p: argparse.ArgumentParser) -> None:
                         "exported in the dtype it was loaded in")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer in backward: less activation memory, a slower step")
+    from msrnn.train.config import TRACKERS
+
+    p.add_argument("--report-to", choices=TRACKERS, default="none",
+                   help="also log every step to TensorBoard or Weights & Biases (through Accelerate; logs under "
+                        "OUT/logs; needs that package)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimizer states over the processes (PyTorch FSDP2; launch "
                         "with torchrun or accelerate launch); checkpoints are torch distributed checkpoints, which "
@@ -98,7 +103,8 @@ def train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, precision=args.precision,
-                       activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp)
+                       activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp,
+                       report_to=args.report_to)
 
 
 def summary(out: Path, trainer: Any, result: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from msrnn.errors import ConfigError
 # - auto: bf16-mixed where the device computes in bf16 (CUDA with bf16), fp32 otherwise.
 # The exported model takes the dtype the weights were loaded in (a bf16 checkpoint stays bf16 on disk).
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+TRACKERS = ("none", "tensorboard", "wandb")  # Accelerate's trackers msrnn offers (--report-to)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainConfig:
     precision: str = "auto"  # one of PRECISIONS
     activation_checkpointing: bool = False  # recompute each layer in backward (less memory, about a third slower)
     fsdp: bool = False  # shard weights, gradients and optimizer states over the processes (PyTorch FSDP2)
+    report_to: str = "none"  # one of TRACKERS: each step's log also goes to that tracker (through Accelerate)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -58,6 +60,8 @@ class TrainConfig:
             raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")
         if self.grad_accum < 1:
             raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.report_to not in TRACKERS:
+            raise ConfigError(f"unknown tracker {self.report_to!r}; use {', '.join(TRACKERS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         for name in ("eval_every", "save_every", "log_every"):

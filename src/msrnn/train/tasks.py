@@ -114,7 +114,10 @@ def train_on_task(model: Any, tokenizer: Any, spec: Any, task_cfg: TaskTrainConf
 
     def batch_fn(step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         rng = random.Random(hash((train_cfg.seed, step, micro, rank)))
-        segs = schedule.segments_for_batch(rng, task_cfg.batch_size, step)
+        # Every rank runs rank 0's segment counts on its own samples: a sharded (--fsdp) model gathers each layer's
+        # weights at every call, so the ranks must make the same calls. Rank 0's draws are as they always were.
+        shared = rng if rank == 0 else random.Random(hash((train_cfg.seed, step, micro, 0)))
+        segs = schedule.segments_for_batch(shared, task_cfg.batch_size, step)
         return collate(gen.batch([n * S for n in segs], rng), pad)
 
     val_cache: dict[int, dict[str, torch.Tensor]] = {}

@@ -185,8 +185,12 @@ class Trainer:
             raise ConfigError(f"the Accelerator passed in runs mixed precision {accelerator.mixed_precision!r} but "
                               f"precision {config.precision!r} needs {mp!r}; build it with mixed_precision={mp!r} "
                               "or pass none")
-        self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(),
+                                                      **_tracking(config.report_to, self.out_dir))
         check_launch(self.accelerator.num_processes)
+        if self.accelerator.log_with:  # every step's record goes to the trackers too (rank 0 writes)
+            self.accelerator.init_trackers(self.out_dir.name or "msrnn",
+                                           config=_flat_config({**config.to_dict(), **(self.run or {})}))
         torch.manual_seed(config.seed)
         if config.fsdp:  # sharded in place before the optimizer exists, so AdamW's states are sharded too
             from msrnn.train import sharding
@@ -486,6 +490,8 @@ class Trainer:
                     if self.curriculum is not None:
                         record.update(self.curriculum.update(self.step, record))
                 self.history.append(record)
+                if acc.log_with:
+                    acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
                 elapsed = time.perf_counter() - t0
                 tps = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
                 # Variable-length training (the RMT curriculum) passes no token count: show steps/s instead.
@@ -506,6 +512,8 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
         seconds = time.perf_counter() - t0
+        if acc.log_with:
+            acc.end_training()  # flush and close the trackers
         self.save_checkpoint()
         if acc.is_main_process:
             write_json(self.out_dir / "history.json", self.history)
@@ -584,6 +592,25 @@ class Trainer:
         write_json(out / "msrnn.json", {"step": self.step, **resharded, **(meta or {})})
         write_json(out / "train_config.json", self.config.to_dict())  # a rename: never writes through a link
         return out
+
+
+def _tracking(report_to: str, out_dir: Path) -> dict[str, Any]:
+    """The Accelerator's tracker arguments for ``--report-to``: logs under ``<out>/logs``; a tracker whose package
+    is missing is refused up front (Accelerate would drop it with a warning and train unlogged)."""
+    if report_to == "none":
+        return {}
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]()
+    if not available:
+        raise ConfigError(f"--report-to {report_to} needs the {report_to} package; pip install {report_to}, or "
+                          "drop --report-to")
+    return {"log_with": report_to, "project_dir": str(out_dir / "logs")}
+
+
+def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters as trackers take them (numbers, strings and booleans; anything else as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str) for k, v in config.items()}
 
 
 def resolve_precision(precision: str) -> str:
