@@ -23,3 +23,21 @@ set -o pipefail
 # The suite's CUDA-only tests (skipped on CPUs): fla's Triton kernel, and anything else marked for CUDA.
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_supra_fla.py -rs 2>&1 | tee "$out/pytest_cuda.log"
 timeout 360 python3 benchmarks/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
+# Sharded training (FSDP2 over NCCL): pretrain a tiny model on 2 GPUs with --fsdp, uptrain its SUPRA conversion
+# sharded, and resume the SUPRA run on one GPU (DCP reshards it). One GPU: the same on a mesh of one. Not yet run
+# on GPUs by msrnn's developers (no multi-GPU machine); CPU gloo runs of the same code are in tests/test_fsdp.py.
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+n=$(( gpus >= 2 ? 2 : 1 ))
+fsdp="$out/fsdp"
+rm -rf "$fsdp"
+common=(--seq-len 128 --batch-size 2 --eval-every 2 --save-every 2 --fsdp --quiet --json)
+{
+  timeout 120 torchrun --nproc_per_node "$n" -m msrnn.cli.main pretrain --preset tiny --out "$fsdp/base" \
+    --max-steps 4 "${common[@]}" &&
+  python3 -m msrnn.cli.main convert supra --from "$fsdp/base" --out "$fsdp/supra" --quiet &&
+  timeout 120 torchrun --nproc_per_node "$n" -m msrnn.cli.main train supra --from "$fsdp/supra" \
+    --out "$fsdp/up" --max-steps 4 "${common[@]}" &&
+  timeout 120 python3 -m msrnn.cli.main train supra --from "$fsdp/supra" --out "$fsdp/up" --max-steps 6 \
+    --grad-accum "$n" --resume "${common[@]}" &&
+  echo "PASS fsdp: $n GPU(s) pretrain + SUPRA uptraining sharded, resumed on 1 GPU"
+} 2>&1 | tee "$out/fsdp.log" || echo "FAIL fsdp (see $out/fsdp.log)"

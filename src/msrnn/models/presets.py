@@ -73,6 +73,13 @@ def llama32_1b() -> Preset:
                   max_positions=131072, rope_theta=5e5)
 
 
+@PRESETS.register("mistral-7b", "Mistral-7B's shape: 32 layers, d=4096, 32/8 heads, FFN 14336 (memory benchmarks)")
+def mistral_7b() -> Preset:
+    """The layer, width and head shape of Mistral-7B-v0.1 (its config.json; untied head; no sliding window)."""
+    return Preset(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+                  max_positions=32768, rope_theta=1e4, tie_embeddings=False)
+
+
 def preset_config(name: str, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None,
                   attn_implementation: str = "sdpa") -> LlamaConfig:
     """The ``LlamaConfig`` of preset ``name`` for a tokenizer of ``vocab_size`` tokens."""
