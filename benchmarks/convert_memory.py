@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +63,7 @@ def main() -> int:
     from msrnn.bench.timing import peak_rss_mib
     from msrnn.models.presets import build_model
 
+    load_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "base"
         build_model(args.shape, args.vocab).to(torch.bfloat16).save_pretrained(src)
@@ -75,12 +77,15 @@ def main() -> int:
               "checkpoint_mib": round(ckpt / 2**20, 1), "rows": rows,
               "command": f"python benchmarks/convert_memory.py --shape {args.shape} --vocab {args.vocab}"
                          + (" --before-src DIR" if args.before_src else ""), "before_commit": _commit(args.before_src)}
+    from msrnn.provenance import provenance
+
+    result["provenance"] = {**provenance(), "load_at_start": [round(x, 2) for x in load_start],
+                            "command": " ".join(["python", "benchmarks/convert_memory.py", *sys.argv[1:]])}
     if args.out:
         from msrnn.io import write_json
-        from msrnn.provenance import stamped
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out) / "results.json", stamped(result))
+        write_json(Path(args.out) / "results.json", result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

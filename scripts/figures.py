@@ -592,3 +592,72 @@ def fill(text: str) -> str:
             raise SystemExit(f"unknown figures block {name!r}; known: {', '.join(sorted(RENDERERS))}")
         return m.group(1) + RENDERERS[name]() + m.group(4)
     return BLOCK.sub(sub, text)
+
+
+@renderer("train-memory", "bench_train_memory/results.json")
+def train_memory() -> str:
+    """One training step at Llama-3.2-1B's shape: what the forward keeps for the backward, before and after."""
+    d = _load("bench_train_memory/results.json")
+    label = {("full", False): "full logits (before)", ("chunked", False): "chunked loss",
+             ("chunked", True): "chunked loss + activation checkpointing"}
+    lengths = sorted({r["tokens"] for r in d["rows"]})
+    lines = ["| family | loss | " + " | ".join(f"kept for backward at {n:,} tokens" for n in lengths)
+             + " | per token | step peak at " + f"{lengths[-1]:,} tokens |",
+             "|---|---|" + "---:|" * (len(lengths) + 2)]
+    for p in d["per_token"]:
+        rows = {r["tokens"]: r for r in d["rows"] if r["family"] == p["family"] and r["loss"] == p["loss"]
+                and r["activation_checkpointing"] == p["activation_checkpointing"]}
+        name = {"hf": "Llama (softmax)", "supra": "SUPRA"}[p["family"]]
+        lines.append(f"| {name} | {label[p['loss'], p['activation_checkpointing']]} | "
+                     + " | ".join(f"{rows[n]['saved_mib'] / 1024:.1f} GiB" for n in lengths)
+                     + f" | {p['kib_per_token']:,.0f} KiB | {rows[lengths[-1]]['step_peak_mib'] / 1024:.1f} GiB |")
+    lines += ["", f"Shape {d['shape']}, vocabulary {d['vocab']:,}, {d['precision']} (fp32 master weights and AdamW "
+              "states), batch 1; per token: the slope between the two lengths. Counted on fake tensors (live tensor "
+              "bytes; allocator overhead comes on top)."]
+    return "\n".join(lines) + "\n"
+
+
+@renderer("convert-memory", "convert_memory/results.json")
+def convert_memory() -> str:
+    """`msrnn convert supra`'s peak memory against the checkpoint, before and after streaming."""
+    d = _load("convert_memory/results.json")
+    rows = {r["mode"]: r for r in d["rows"]}
+    before, now = rows["before"], rows["streamed"]
+    return (f"| `convert supra` of a {d['checkpoint_mib']:,.0f} MiB bf16 checkpoint ({d['shape']} shape) | peak "
+            "resident memory | x the checkpoint |\n|---|---:|---:|\n"
+            f"| before ({d['before_commit']}: load, float32 SUPRA init, copy, cast) | {before['peak_mib']:,.0f} MiB | "
+            f"{_x(before['x_checkpoint'])} |\n"
+            f"| now (tensor by tensor into a model built in bf16) | {now['peak_mib']:,.0f} MiB | "
+            f"{_x(now['x_checkpoint'])} |\n")
+
+
+@renderer("fsdp-7b-estimate", "bench_train_memory_7b/results.json")
+def fsdp_7b_estimate() -> str:
+    """Memory per GPU for SUPRA uptraining of a 7B model on 8 GPUs, estimated from the unsharded benchmark."""
+    from msrnn.models.presets import PRESETS
+
+    d = _load("bench_train_memory_7b/results.json")
+    shape = PRESETS.get(d["shape"])()
+    gpus, tokens = 8, 4096
+    pick = {(r["loss"], r["activation_checkpointing"]): r for r in d["rows"]
+            if r["family"] == "supra" and r["tokens"] == tokens}
+    ac, plain = pick["chunked", True], pick["chunked", False]
+    weights = ac["weights_mib"]  # fp32 masters, MiB
+    root = 2 * d["vocab"] * shape.hidden_size * 4 / 2**20  # embeddings and the untied head, fp32
+    layer = (weights - root) / shape.num_layers
+    recompute = (plain["saved_mib"] - ac["saved_mib"]) / shape.num_layers
+    parts = [
+        (f"fp32 weights, gradients and AdamW's two states, sharded {gpus} ways", 4 * weights / gpus),
+        (f"kept for backward ({tokens:,} tokens, activation checkpointing)", ac["saved_mib"]),
+        ("one layer's activations, recomputed in backward", recompute),
+        ("two layers' gathered weights (one prefetched) and one layer's full gradients", 3 * layer),
+        ("the root's embeddings and head, gathered, with their gradients", 2 * root),
+        ("one loss chunk's logits (1,024 positions)", 1024 * d["vocab"] * 10 / 2**20),
+    ]
+    lines = ["| per GPU | GiB |", "|---|---:|"] + [f"| {n} | {v / 1024:.1f} |" for n, v in parts]
+    lines += [f"| **total (estimate)** | **{sum(v for _, v in parts) / 1024:.1f}** |", "",
+              f"SUPRA at {d['shape']}'s shape ({weights * 2**20 / 4 / 1e9:.2f}B parameters), vocabulary "
+              f"{d['vocab']:,}, bf16-mixed, batch 1 x {tokens:,} tokens per GPU. Each part is read off the unsharded "
+              "benchmark (fake tensors) or the shape; the sum is an estimate, not a measurement on GPUs. The CUDA "
+              "context and the allocator's caching come on top."]
+    return "\n".join(lines) + "\n"

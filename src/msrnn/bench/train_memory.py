@@ -81,20 +81,14 @@ class MemoryRow:
     seconds: float  # to count it (no compute happens)
 
 
-FAMILIES = ("hf", "supra")
-
-
 def _model(family: str, shape: str, vocab: int) -> torch.nn.Module:
-    """A random model of ``shape``: the softmax Llama, or its SUPRA conversion (built from the converted config:
-    the weights' values do not matter here)."""
-    from msrnn.models.presets import build_model, preset_config
+    """A random model of ``shape`` as ``family``'s trainable module at its default knobs (the softmax Llama itself
+    for ``hf``, its SUPRA conversion, a BST or an RMT built from it)."""
+    from msrnn.families import FAMILIES
+    from msrnn.models.presets import build_model
 
-    if family == "hf":
-        return build_model(shape, vocab)
-    from msrnn.supra.convert import supra_config
-    from msrnn.supra.modeling import SupraForCausalLM
-
-    return SupraForCausalLM(supra_config(preset_config(shape, vocab)))
+    spec = FAMILIES.get(family)
+    return spec.make(build_model(shape, vocab), spec.knobs())
 
 
 def measure(family: str, shape: str, vocab: int, tokens: int, chunked: bool, checkpointing: bool,
@@ -109,7 +103,13 @@ def measure(family: str, shape: str, vocab: int, tokens: int, chunked: bool, che
     counter = LiveTensorBytes()
     with FakeTensorMode():
         # Built before counting starts (a conversion swaps tensors, which a watched storage forbids), then counted.
-        model = _model(family, shape, vocab).train()
+        try:
+            model = _model(family, shape, vocab).train()
+        except RuntimeError as exc:  # a conversion that swaps tensors in place (BST's keeps its SSM in fp32)
+            from msrnn.errors import ConfigError
+
+            raise ConfigError(f"the {family} family's model cannot be built on fake tensors ({str(exc).splitlines()[0]}"
+                              "); measure hf, supra or rmt") from None
         cast_for_training(model, precision)
         if checkpointing:
             enable_activation_checkpointing(model)

@@ -341,7 +341,9 @@ def add_bench_train_memory(bs: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", default="llama-3.2-1b", help="preset shape (default llama-3.2-1b)")
     p.add_argument("--vocab", type=positive_int, default=128256, help="vocabulary (default 128256, Llama 3's)")
     p.add_argument("--lengths", default="2048,8192", help="tokens per step (default 2048,8192)")
-    p.add_argument("--families", default="hf,supra", help="hf (the softmax Llama) and/or supra (default both)")
+    p.add_argument("--families", default="hf,supra",
+                   help="hf (the softmax Llama itself), supra, rmt: each made from the shape's Llama "
+                        "(default hf,supra)")
     p.add_argument("--precision", default="bf16-mixed", choices=["fp32", "bf16-mixed", "bf16"],
                    help="as in training (default bf16-mixed: fp32 masters, bf16 autocast)")
     p.add_argument("--chunk-tokens", type=positive_int, default=1024, help="positions per loss chunk (default 1024)")
@@ -353,17 +355,20 @@ def add_bench_train_memory(bs: argparse._SubParsersAction) -> None:
 def run_bench_train_memory(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from msrnn.bench.train_memory import FAMILIES, run
+    from msrnn.bench.train_memory import run
     from msrnn.errors import ConfigError
+    from msrnn.families import FAMILIES, FamilySpec
     from msrnn.models.presets import PRESETS
     from msrnn.ui import err_console, out_console, print_json, table
 
     lengths = int_list(args.lengths, "--lengths")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
+    # The families whose trainable module is made from a base decoder (their spec defines make).
+    usable = [n for n in FAMILIES.names() if type(FAMILIES.get(n)).make is not FamilySpec.make]
+    bad = [f for f in families if f not in usable]
     if bad or not families:
         raise ConfigError(f"unknown family {bad[0] if bad else args.families!r} in --families; use "
-                          f"{', '.join(FAMILIES)}")
+                          f"{', '.join(usable)}")
     if args.shape not in PRESETS:
         raise ConfigError(f"unknown --shape {args.shape!r}; use one of {', '.join(PRESETS)}")
     total = len(families) * len(lengths) * 3

@@ -25,6 +25,10 @@ class FullSpec(FamilySpec):
         return {"flops": arch.dense_flops_per_token() * length + arch.layers * 4 * arch.heads * arch.head_dim * pairs,
                 "state_bytes": arch.kv_bytes_per_slot() * length}
 
+    def make(self, base_model: Any, knobs: Knobs, seed: int = 0) -> Any:
+        """The full-cache model's trainable module is the base decoder itself."""
+        return base_model.train()
+
     def load(self, path: str | Path, **options: Any) -> Any:
         from msrnn.models.loading import load_full
 
