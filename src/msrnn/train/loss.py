@@ -9,8 +9,9 @@ at most one chunk's logits exist at once, in the forward and in the backward.
 It depends on one behaviour of the model, verified on every step rather than assumed: the head applied to the last
 hidden state must give exactly the logits the model itself returned for the last position (a model that scales or
 soft-caps its logits, or whose last hidden state is not the head's input, fails it). Where that check fails, or the
-model's forward takes no ``logits_to_keep``, the loss is the model's own (full logits), and msrnn says so once. The
-readable twin is :func:`full_cross_entropy` (tested equal, gradients included).
+model's forward takes no ``logits_to_keep``, the loss is the model's own (full logits): a failed check is a warning,
+a model without ``logits_to_keep`` a line in the log. The readable twin is :func:`full_cross_entropy` (tested
+equal, gradients included).
 """
 
 from __future__ import annotations
@@ -65,10 +66,14 @@ class ChunkedLMLoss:
         self.verify = verify
         self.fallback: str | None = None  # why the model's own loss is used, once a check failed
 
-    def _use_full(self, reason: str) -> None:
+    def _use_full(self, reason: str, failed_check: bool = False) -> None:
+        """Use the model's own loss from now on. A failed check is a warning (the model does not behave as a
+        causal LM head is expected to); a model that simply takes no ``logits_to_keep`` (RMT, whose logits are
+        bounded by its segment anyway) is noted in the log."""
         if self.fallback is None:
-            log.warning("training loss: %s, so the model computes its own loss on full logits (more memory per "
-                        "token, the same loss)", reason)
+            (log.warning if failed_check else log.info)(
+                "training loss: %s, so the model computes its own loss on full logits (more memory per token, the "
+                "same loss)", reason)
         self.fallback = reason
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -83,7 +88,7 @@ class ChunkedLMLoss:
         hidden = out.get("hidden_states") if isinstance(out, dict) else getattr(out, "hidden_states", None)
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         if not hidden or head is None:
-            self._use_full("the model returns no hidden states or has no output embedding")
+            self._use_full("the model returns no hidden states or has no output embedding", failed_check=True)
             return model(**batch)["loss"]
         h = hidden[-1]  # [B, T, d]
         if not self.verify:
@@ -93,6 +98,6 @@ class ChunkedLMLoss:
             same = torch.equal(head(h[:, -1:].detach()).to(own.dtype), own.detach())
         if not same:  # check: head(last hidden state) == the model's own last logits
             self._use_full("check head_of_last_hidden_state_equals_logits failed (the model scales, caps or "
-                           "otherwise transforms its logits)")
+                           "otherwise transforms its logits)", failed_check=True)
             return model(**batch)["loss"]
         return chunked_cross_entropy(h[:, :-1], labels[:, 1:], head, self.chunk_tokens)
