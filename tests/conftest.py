@@ -84,3 +84,14 @@ def task_model_dir(tmp_path_factory: pytest.TempPathFactory, task_tokenizer) -> 
     tiny("llama", seed=1).save_pretrained(d)
     task_tokenizer.save_pretrained(str(d))
     return d
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one mixed-precision setting per process; these tests change it, so they start and end with
+    no Accelerator state (as a training command's own process does)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -36,15 +36,6 @@ def _unsharded_reference(tmp_path: Path, family: str) -> dict[str, torch.Tensor]
     return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fsdp2_on_two_processes_trains_resumes_reshards_and_exports(tmp_path, family, fresh_accelerator_state):

@@ -124,17 +124,6 @@ def test_resume_refuses_another_world_size_and_a_missing_rng_file(tmp_path):
         make_trainer(tmp_path, 2).resume()
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one mixed-precision setting per process; these tests change it, so they start and end with
-    no Accelerator state (as a training command's own process does)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("precision", ["auto", "bf16-mixed", "bf16"])
 def test_a_bf16_checkpoint_keeps_fp32_masters_so_tiny_updates_survive(tmp_path, precision, fresh_accelerator_state):
     """A bf16 checkpoint trains on fp32 master weights (and AdamW states) unless pure bf16 is asked for by name: at

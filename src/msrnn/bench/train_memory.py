@@ -115,25 +115,24 @@ def measure(family: str, shape: str, vocab: int, tokens: int, chunked: bool, che
             enable_activation_checkpointing(model)
         counter.track([p for p in model.parameters()] + [b for b in model.buffers()])
         weights = counter.now
-        counter.__enter__()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        loss_fn = ChunkedLMLoss(chunk_tokens, verify=False) if chunked else default_loss  # no values to check
-        ids = torch.randint(0, vocab, (batch_size, tokens))
-        batch = {"input_ids": ids, "labels": ids}
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-        for step in range(2):
-            if step == 1:
-                counter.reset_peak()
-            before = counter.now
-            with autocast:
-                loss = loss_fn(model, batch)
-            saved = counter.now - before  # what the forward keeps for the backward
-            loss.backward()
-            backward_peak = counter.peak
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-        counter.__exit__(None, None, None)
+        with counter:  # every tensor the step makes, from here
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            loss_fn = ChunkedLMLoss(chunk_tokens, verify=False) if chunked else default_loss  # no values to check
+            ids = torch.randint(0, vocab, (batch_size, tokens))
+            batch = {"input_ids": ids, "labels": ids}
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+            for step in range(2):
+                if step == 1:
+                    counter.reset_peak()
+                before = counter.now
+                with autocast:
+                    loss = loss_fn(model, batch)
+                saved = counter.now - before  # what the forward keeps for the backward
+                loss.backward()
+                backward_peak = counter.peak
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                del loss
     return MemoryRow(family, tokens, "chunked" if chunked else "full", checkpointing, round(weights / MIB, 1),
                      round(saved / MIB, 1), round(saved / tokens / 1024, 1), round(backward_peak / MIB, 1),
                      round(counter.peak / MIB, 1), round(time.perf_counter() - t0, 2))
