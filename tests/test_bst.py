@@ -147,6 +147,8 @@ def test_train_bst_cli_and_eval_ppl_any_chunk_size(tmp_path, tiny_corpus, capsys
                "--save-every", "0", "--out", str(out), "--json", "--quiet"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["model"] == "BST:SH:S4"
+    packing = json.loads((out / "msrnn.json").read_text())["packing"]  # blocks cannot restart: a row per document
+    assert packing["layout"] == "rows" and "refuses position ids" in packing["failed"]
     ppl = []
     for chunk in ("1", "7", "64"):
         assert main(["eval", "ppl", "--model", str(out), "--data", str(tiny_corpus), "--chunk-size", chunk,

@@ -85,6 +85,9 @@ def test_pretrain_writes_a_self_contained_model_dir(trained_dir):
     assert {"config.json", "model.safetensors", "tokenizer.json", "msrnn.json", "history.json"} <= names
     meta = json.loads((trained_dir / "msrnn.json").read_text())
     assert meta["family"] == "hf" and meta["preset"] == "tiny" and meta["total_steps"] == 3
+    # documents packed in a window, each from position 0: a Llama passes the check and trains on them packed
+    assert meta["packing"] == {"packing": "documents", "layout": "packed", "check": "position_ids_restart_documents",
+                               "failed": None}
     assert not [n for n in names if n.startswith(".")]  # no temp leftovers
 
 

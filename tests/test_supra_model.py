@@ -154,6 +154,7 @@ def test_cli_convert_train_eval(tmp_path, tiny_corpus, capsys):
                  "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--quiet",
                  "--json"]) == 0
     capsys.readouterr()
+    assert json.loads((up / "msrnn.json").read_text())["packing"]["layout"] == "packed"  # it resets its state
     results = []
     for n in ("40", "120"):
         assert main(["eval", "ppl", "--model", str(up), "--data", f"{tiny_corpus}:all", "--max-tokens", n,

@@ -78,7 +78,7 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int = 0, output_hidden_states: bool | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Parallel form: the sequence is padded at the end to whole blocks (causal, so padding changes nothing
         before it), all blocks run at once and the SSM convolves the whole sequence by FFT. As in transformers,
         ``logits_to_keep=k`` runs the head on the last k positions only (0: all), and ``output_hidden_states`` returns
@@ -90,6 +90,11 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             return self._forward_stateful(input_ids, attention_mask, cache, logits_to_keep)
         B, L = input_ids.shape
+        if position_ids is not None and not torch.equal(
+                position_ids.to(input_ids.device).expand(B, -1), torch.arange(L, device=input_ids.device).expand(B, -1)):
+            # Blocks and the SSM's time axis are positions in the sequence: they cannot restart inside it.
+            raise ConfigError("BST places tokens in blocks by their index in the sequence, so it takes no position "
+                              "ids other than 0..T-1; put each document on a row of its own")
         W = self.block or L
         pad = (-L) % W
         x = self.embed_tokens(F.pad(input_ids, (0, pad)))

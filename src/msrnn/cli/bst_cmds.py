@@ -68,7 +68,7 @@ def run_train_bst(args: argparse.Namespace) -> int:
             model = BSTForCausalLM(cfg)  # on the CPU: the trainer's Accelerator places it
     data = PretrainConfig(preset=None if args.source else args.preset or "small", data=args.data,
                           seq_len=args.seq_len, batch_size=args.batch_size, repeat_fraction=args.repeat_fraction,
-                          vocab_size=len(tokenizer), tokenizer=args.tokenizer)
+                          vocab_size=len(tokenizer), tokenizer=args.tokenizer, packing=args.packing)
     meta = {"family": "bst", "name": cfg.name, "variant": args.variant, "kernel": args.kernel,
             "block_size": W, "train_length": args.seq_len, "started_from": args.source}
     trainer, result = train_lm(model, tokenizer, data, train_config(args), out, meta, resume=args.resume,

@@ -105,8 +105,9 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     data_fp = fingerprint(load_documents("stdlib:train"))
+    # The packing is in the name: a model cached by a version that trained across document boundaries is not this one.
     model_dir = cache_dir() / "models" / (f"demo-{args.preset}-s{args.max_steps}-r{args.repeat_fraction:g}"
-                                          f"-seed{args.seed}-{data_fp}")
+                                          f"-{PretrainConfig.packing}-seed{args.seed}-{data_fp}")
     trained_now = False
     if not (model_dir / "msrnn.json").exists():
         err_console.print(f"[bold]msrnn demo[/]: training the {args.preset} model ({args.max_steps} steps); "

@@ -77,7 +77,7 @@ def run_train_supra(args: argparse.Namespace) -> int:
     model = load_hf_causal_lm(src).train()  # on the CPU: the trainer's Accelerator places it, each rank on its own
     tokenizer = load_tokenizer_for(src)
     cfg = PretrainConfig(preset=None, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                         repeat_fraction=args.repeat_fraction)
+                         repeat_fraction=args.repeat_fraction, packing=args.packing)
     meta = {**read_meta(src), "family": supra.name, "uptrained_from": str(src)}
     trainer, result = train_lm(model, tokenizer, cfg, train_config(args), out, meta, resume=args.resume,
                                progress=not args.quiet)

@@ -67,6 +67,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer,
                          vocab_size=args.vocab_size or 4096,
                          seq_len=args.seq_len, batch_size=args.batch_size, repeat_fraction=args.repeat_fraction,
-                         attn_implementation=args.attn)
+                         attn_implementation=args.attn, packing=args.packing)
     trainer, result = pretrain(cfg, train_config(args), out, resume=args.resume, progress=not args.quiet)
     return emit(args, "pretrain", summary(out, trainer, result))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from msrnn.cli.common import add_output_flags, add_seed, positive_int
+from msrnn.data.batches import PACKINGS
 from msrnn.errors import ConfigError
 
 
@@ -25,6 +26,10 @@ def add_training_flags(p: argparse.ArgumentParser, *, max_steps: int, lr: float,
     p.add_argument("--warmup-steps", type=int, default=warmup_steps)
     p.add_argument("--repeat-fraction", type=float, default=0.25,
                    help="share of each batch whose 2nd half repeats the 1st (induction heads; default 0.25)")
+    p.add_argument("--packing", choices=PACKINGS, default="documents",
+                   help="documents (default): each document of a window starts from a fresh state (restarting "
+                        "position ids, or a row each where the model does not take them); stream: windows run "
+                        "across document boundaries, as before")
     p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--save-every", type=int, default=save_every)
     add_run_folder_flags(p)

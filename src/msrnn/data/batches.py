@@ -6,6 +6,18 @@ exactly the batches an uninterrupted run would, and DDP ranks see different data
 ``repeat_fraction`` of each batch are sequences whose second half repeats the first. On a small model this is
 what makes induction heads form quickly, i.e. what makes the model actually use distant context (measured in
 the foundation issue: held-out stdlib PPL ~14 with repeats versus ~42 without, same compute).
+
+Documents are joined by EOS and windows are cut from that stream, as in standard LM pretraining. What a window
+means depends on ``packing``:
+
+* ``documents`` (the default): each document is its own sequence. A batch carries ``position_ids`` that restart
+  at 0 where a document starts inside a window, and the first token of such a document is not a target (nothing
+  of it can be predicted from the document before). A model that honours restarting positions (a softmax decoder
+  masks across them, SUPRA empties its state there) sees every document from a fresh state; for any other model
+  :func:`document_rows` lays each document of a window out on a row of its own, which is the same computation.
+  A repeat sequence (``repeat_fraction``) is one synthetic document: its copy must see the original.
+* ``stream``: the window is one sequence, so attention and recurrent states run across document boundaries (the
+  behaviour before packing existed; what most LM pretraining does).
 """
 
 from __future__ import annotations
@@ -18,6 +30,9 @@ import torch
 from msrnn.data.tokens import TokenStream
 from msrnn.errors import ConfigError, DataError
 
+PACKINGS = ("documents", "stream")
+IGNORE = -100  # transformers' label for "no loss here"
+
 
 @dataclass
 class LMBatches:
@@ -28,6 +43,7 @@ class LMBatches:
     eos_id: int
     repeat_fraction: float = 0.0
     seed: int = 0
+    packing: str = "documents"
     _starts: np.ndarray = field(init=False, repr=False)  # [D] where each document starts in the joined stream
     _total: int = field(init=False, repr=False)
 
@@ -38,6 +54,8 @@ class LMBatches:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.repeat_fraction <= 1.0:
             raise ConfigError(f"repeat_fraction must be in [0, 1], got {self.repeat_fraction}")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"unknown packing {self.packing!r}; use one of {', '.join(PACKINGS)}")
         # Documents joined by EOS so a window may cross a boundary, as in standard LM pretraining. The joined stream
         # is never built: a window is read from the token file (a memory map, shared by every rank) document by
         # document, so a rank holds the windows it reads, not the corpus (as int64 it was 4x the token file).
@@ -55,9 +73,18 @@ class LMBatches:
         """Tokens in one batch (batch size x sequence length)."""
         return self.seq_len * self.batch_size
 
-    def _window(self, rng: np.random.Generator, length: int) -> np.ndarray:
+    def _window(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """A random window of the joined stream: (tokens, each token's position in its document counted from the
+        window's start) [length] each."""
         start = int(rng.integers(0, self._total - length + 1))
-        return self.joined(start, start + length)
+        return self.joined(start, start + length), self.positions(start, start + length)
+
+    def positions(self, start: int, end: int) -> np.ndarray:
+        """For positions [start, end) of the joined stream, each one's distance from where its document starts or
+        from ``start``, whichever is later (a document's EOS belongs to it), as int64."""
+        idx = np.arange(start, end, dtype=np.int64)
+        doc = np.searchsorted(self._starts, idx, side="right") - 1  # [end - start] the document of each position
+        return idx - np.maximum(self._starts[doc], start)
 
     def joined(self, start: int, end: int) -> np.ndarray:
         """Positions [start, end) of the documents joined by EOS, as int64 (read from the token file)."""
@@ -82,12 +109,38 @@ class LMBatches:
         """The batch of (step, micro-step, rank): a pure function of its arguments."""
         rng = np.random.default_rng([self.seed, step, micro_step, rank])
         n_rep = int(round(self.repeat_fraction * self.batch_size))
-        rows = []
+        rows, positions = [], []
         for i in range(self.batch_size):
             if i < n_rep:
-                half = self._window(rng, (self.seq_len + 1) // 2)
+                half, _ = self._window(rng, (self.seq_len + 1) // 2)
                 rows.append(np.concatenate([half, half])[: self.seq_len])
+                positions.append(np.arange(self.seq_len))  # one synthetic document
             else:
-                rows.append(self._window(rng, self.seq_len))
+                ids, pos = self._window(rng, self.seq_len)
+                rows.append(ids)
+                positions.append(pos)
         ids = torch.from_numpy(np.stack(rows))  # [B, T]
-        return {"input_ids": ids, "labels": ids.clone()}
+        if self.packing == "stream":
+            return {"input_ids": ids, "labels": ids.clone()}
+        position_ids = torch.from_numpy(np.stack(positions))  # [B, T]
+        labels = ids.clone()
+        labels[:, 1:][position_ids[:, 1:] == 0] = IGNORE  # a document's first token: not predictable from another
+        return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+
+
+def document_rows(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """A ``documents`` batch with each document of each window on a row of its own, from position 0, padded at the
+    end with ``pad_id`` (no target). For models that do not take restarting ``position_ids``: every row is then one
+    document, so no state or attention crosses documents. The targets are the same tokens as in the packed batch,
+    so the mean loss is the same number; the price is the padding."""
+    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for b in range(ids.shape[0]):
+        starts = [0, *(torch.nonzero(pos[b, 1:] == 0).flatten() + 1).tolist(), ids.shape[1]]
+        pieces += [(ids[b, s:e], labels[b, s:e]) for s, e in zip(starts[:-1], starts[1:]) if e > s]
+    width = max(len(p[0]) for p in pieces)
+    out_ids = ids.new_full((len(pieces), width), pad_id)  # [pieces, width]
+    out_labels = labels.new_full((len(pieces), width), IGNORE)
+    for r, (x, y) in enumerate(pieces):
+        out_ids[r, : len(x)], out_labels[r, : len(y)] = x, y
+    return {"input_ids": out_ids, "labels": out_labels}

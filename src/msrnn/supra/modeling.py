@@ -29,7 +29,8 @@ from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
 from msrnn.models.hf import rope_theta, rope_type
 from msrnn.rope import apply_rope
-from msrnn.supra.ops import BACKENDS, DECAYS, chunked, fla_chunked, log_decay, recurrent_step, resolve_backend
+from msrnn.supra.ops import (BACKENDS, DECAYS, chunked, document_starts, fla_chunked, log_decay, recurrent_step,
+                             resolve_backend)
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +229,17 @@ class SupraAttention(nn.Module):
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
         prev = state.state if state is not None else None
         lg = self.log_gamma(q.device)
+        # Packed documents (position ids that restart): the state is emptied where each one starts. fla's kernel
+        # takes a per-head decay only, so such inputs run the torch form.
+        resets = document_starts(position_ids, B)
         with torch.autocast(device_type=q.device.type, enabled=False):  # the recurrence runs in fp32
             if T == 1 and prev is not None:
                 o, new_state = recurrent_step(q, k, v, lg, state=prev)
-            elif resolve_backend(self.config.linear_backend, q.device) == "fla":
+            elif resets is None and resolve_backend(self.config.linear_backend, q.device) == "fla":
                 o, new_state = fla_chunked(q, k, v, lg, initial_state=prev)
             else:
-                o, new_state = chunked(q, k, v, lg, initial_state=prev, chunk_size=self.config.linear_chunk_size)
+                o, new_state = chunked(q, k, v, lg, initial_state=prev, chunk_size=self.config.linear_chunk_size,
+                                       resets=resets)
         if state is not None:
             state.state, state.seen, state.is_initialized = new_state, state.seen + T, True
         o = o.transpose(1, 2)  # [B, T, H, d]

@@ -10,7 +10,9 @@ Three forms of the same function, tested against each other (outputs, final stat
   tokens, the state carries everything before the chunk;
 * :func:`recurrent_step` -- one token, for decoding.
 
-Every form takes and returns a carried state, so long streams can be processed chunk by chunk. The state is
+Every form takes and returns a carried state, so long streams can be processed chunk by chunk. ``resets`` [B, T]
+(bool) marks where a new document starts inside the input (training on packed documents): the state is emptied
+before that token, i.e. gamma is 0 there, so no document reads another's tokens. The state is
 stored *after* the decay of the step that produced it (fla's convention); SUPRA's official recurrent code stores
 ``gamma * S_t`` instead, which is the same function with the state exchanged through a factor gamma.
 Inputs may be bf16 under autocast: everything here computes in fp32 and returns outputs in the input dtype.
@@ -48,7 +50,8 @@ def log_decay(num_heads: int, kind: str = "lightning") -> torch.Tensor:
     return out.float()
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, state) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, state,
+           resets: torch.Tensor | None = None) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ConfigError(f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; got {tuple(q.shape)}, "
                           f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -57,6 +60,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.T
     if state is not None and state.shape != (q.shape[0], q.shape[1], q.shape[3], v.shape[3]):
         raise ConfigError(f"state must be [B, H, Dk, Dv] = {(q.shape[0], q.shape[1], q.shape[3], v.shape[3])}, "
                           f"got {tuple(state.shape)}")
+    if resets is not None and (resets.shape != (q.shape[0], q.shape[2]) or resets.dtype != torch.bool):
+        raise ConfigError(f"resets must be a bool [B, T] = {(q.shape[0], q.shape[2])} tensor, got "
+                          f"{resets.dtype} {tuple(resets.shape)}")
+
+
+def document_starts(position_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Where a new document starts inside a packed input, from its position ids: a position that does not follow
+    the one before it (the rule transformers uses to find packed sequences, so SUPRA and a softmax model agree on
+    the documents). [B, T] bool, or None when there is no start after the first token (the common case)."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return None
+    pos = position_ids.expand(batch, -1)  # [B, T]
+    starts = torch.zeros_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts if bool(starts.any()) else None
 
 
 def _zero_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,16 +82,18 @@ def _zero_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
-                    scale: float | None = None, initial_state: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float | None = None, initial_state: torch.Tensor | None = None,
+                    resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference loop. q, k [B, H, T, Dk], v [B, H, T, Dv] -> (o [B, H, T, Dv], state [B, H, Dk, Dv] fp32)."""
-    _check(q, k, v, log_gamma, initial_state)
+    _check(q, k, v, log_gamma, initial_state, resets)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     S = _zero_state(q, v) if initial_state is None else initial_state.float()
     gamma = log_gamma.float().exp().to(q.device)[None, :, None, None]  # [1, H, 1, 1]
     qf, kf, vf = q.float(), k.float() * scale, v.float()
     outs = []
     for t in range(q.shape[2]):
+        if resets is not None:  # a document starts at t: nothing before it is kept
+            S = S * (~resets[:, t]).float().to(S.device)[:, None, None, None]
         S = gamma * S + kf[:, :, t, :, None] * vf[:, :, t, None, :]  # [B, H, Dk, Dv]
         outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, :, t], S))
     return torch.stack(outs, dim=2).to(q.dtype), S
@@ -90,7 +110,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma:
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
             scale: float | None = None, initial_state: torch.Tensor | None = None, chunk_size: int = 64,
-            block_chunks: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+            block_chunks: int = 16, resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked parallel form; same contract as :func:`chunked_ref`. Any T (the last chunk may be short).
 
     Inside chunk c (positions i, j = 0..C-1), with S_c the state before it:
@@ -99,8 +119,13 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.
     All chunks of a block of ``block_chunks`` chunks are computed at once: the intra-chunk terms, U_c and the
     inter-chunk readout as batched matmuls; only the cheap S_c recurrence runs as a loop over chunks. Blocks are
     processed in sequence with the state carried, so memory stays O(block_chunks * C * D + block_chunks * D^2).
+
+    With ``resets``, every position gets a document number d (the count of starts up to it) and the three terms
+    keep only what lies in the same document: pairs (i, j) inside a chunk with d_i = d_j; the carried state for
+    positions with no start since the chunk began; U_c from the chunk's last document; and S_c carried past the
+    chunk only when no document starts in it.
     """
-    _check(q, k, v, log_gamma, initial_state)
+    _check(q, k, v, log_gamma, initial_state, resets)
     if chunk_size < 1 or block_chunks < 1:
         raise ConfigError(f"chunk_size and block_chunks must be >= 1, got {chunk_size}, {block_chunks}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -108,22 +133,32 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.
     S = _zero_state(q, v) if initial_state is None else initial_state.float()
     lg = log_gamma.float().to(q.device)
     qf, kf, vf = q.float(), k.float() * scale, v.float()
+    doc = before = None
+    if resets is not None:
+        doc = resets.to(q.device).long().cumsum(-1)  # [B, T] document number of each position
+        before = torch.cat([torch.zeros_like(doc[:, :1]), doc[:, :-1]], dim=1)  # [B, T] the previous position's
     outs = []
     full = T // chunk_size * chunk_size
     span = chunk_size * block_chunks
+
+    def block(a: int, b: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+        docs = None if doc is None else (doc[:, a:b], before[:, a:b])
+        return _chunk_block(qf[:, :, a:b], kf[:, :, a:b], vf[:, :, a:b], lg, S, C, docs)
+
     for start in range(0, full, span):
-        end = min(start + span, full)
-        o, S = _chunk_block(qf[:, :, start:end], kf[:, :, start:end], vf[:, :, start:end], lg, S, chunk_size)
+        o, S = block(start, min(start + span, full), chunk_size)
         outs.append(o)
     if full < T:  # the short last chunk
-        o, S = _chunk_block(qf[:, :, full:], kf[:, :, full:], vf[:, :, full:], lg, S, T - full)
+        o, S = block(full, T, T - full)
         outs.append(o)
     return torch.cat(outs, dim=2).to(q.dtype), S
 
 
 def _chunk_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Tensor, S: torch.Tensor,
-                 C: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n = T/C whole chunks at once (fp32 inputs, k already scaled); returns (o [B, H, T, Dv], state)."""
+                 C: int, docs: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n = T/C whole chunks at once (fp32 inputs, k already scaled); returns (o [B, H, T, Dv], state).
+    ``docs``: each position's document number and its predecessor's, [B, T] each (see :func:`chunked`)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     n = T // C
@@ -135,6 +170,15 @@ def _chunk_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Te
     inter = (lg[:, None] * (idx + 1)).exp()[:, None, :, None]  # [H, 1, C, 1]: gamma^(i+1)
     tail = (lg[:, None] * (C - 1 - idx)).exp()[:, None, :, None]  # [H, 1, C, 1]: gamma^(C-1-j)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * intra[:, None]  # [B, H, n, C, C]
+    keep = None
+    if docs is not None:
+        d = docs[0].view(B, 1, n, C)  # [B, 1, n, C]
+        first = docs[1].view(B, 1, n, C)[..., :1]  # [B, 1, n, 1]: the document the carried state belongs to
+        last = d[..., -1:]  # [B, 1, n, 1]: the document the state leaving the chunk belongs to
+        scores = scores * (d[..., :, None] == d[..., None, :])  # [B, H, n, C, C]: same document only
+        inter = inter * (d == first)[..., None]  # [B, 1, n, C, 1]: no start since the chunk began
+        tail = tail * (d == last)[..., None]  # [B, 1, n, C, 1]: only the last document enters the state
+        keep = (last == first).float()[..., 0]  # [B, 1, n]: no start in the chunk, the old state goes on
     o = torch.matmul(scores, vc)  # [B, H, n, C, Dv]
     U = torch.matmul((kc * tail).transpose(-1, -2), vc)  # [B, H, n, Dk, Dv]
     # Chunk-start states by a scan over chunks: n cheap [B, H, Dk, Dv] steps (an [n, n] prefix matmul would cost
@@ -143,7 +187,7 @@ def _chunk_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Te
     starts = []
     for c in range(n):
         starts.append(S)
-        S = decay_c * S + U[:, :, c]
+        S = decay_c * S + U[:, :, c] if keep is None else decay_c * S * keep[:, :, c, None, None] + U[:, :, c]
     o = o + inter * torch.matmul(qc, torch.stack(starts, dim=2))  # [B, H, n, C, Dv]
     S_next = S
     return o.reshape(B, H, T, Dv), S_next

@@ -17,16 +17,26 @@ equal, gradients included).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from msrnn.data.batches import IGNORE
 from msrnn.protocol import accepts_keyword
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # transformers' label for "no loss here"
+
+def training_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], **extra: Any) -> Any:
+    """``model(**batch, **extra)`` as training calls it: with ``use_cache=False`` where the forward takes it. A
+    training forward never reuses a key/value cache, building one costs memory, and transformers finds packed
+    documents in ``position_ids`` only when there is none (:mod:`msrnn.train.packing` checks that)."""
+    inner = getattr(model, "module", model)  # DDP's wrapped model; FSDP2 shards in place
+    if accepts_keyword(inner.forward, "use_cache"):
+        extra["use_cache"] = False
+    return model(**batch, **extra)
 
 
 def full_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -81,15 +91,15 @@ class ChunkedLMLoss:
         if self.fallback is None and not accepts_keyword(inner.forward, "logits_to_keep"):
             self._use_full(f"{type(inner).__name__}.forward takes no logits_to_keep")
         if self.fallback is not None:
-            return model(**batch)["loss"]
+            return training_forward(model, batch)["loss"]
         labels = batch["labels"]
         rest = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**rest, logits_to_keep=1, output_hidden_states=True)
+        out = training_forward(model, rest, logits_to_keep=1, output_hidden_states=True)
         hidden = out.get("hidden_states") if isinstance(out, dict) else getattr(out, "hidden_states", None)
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         if not hidden or head is None:
             self._use_full("the model returns no hidden states or has no output embedding", failed_check=True)
-            return model(**batch)["loss"]
+            return training_forward(model, batch)["loss"]
         h = hidden[-1]  # [B, T, d]
         if not self.verify:
             return chunked_cross_entropy(h[:, :-1], labels[:, 1:], head, self.chunk_tokens)
@@ -99,5 +109,5 @@ class ChunkedLMLoss:
         if not same:  # check: head(last hidden state) == the model's own last logits
             self._use_full("check head_of_last_hidden_state_equals_logits failed (the model scales, caps or "
                            "otherwise transforms its logits)", failed_check=True)
-            return model(**batch)["loss"]
+            return training_forward(model, batch)["loss"]
         return chunked_cross_entropy(h[:, :-1], labels[:, 1:], head, self.chunk_tokens)

@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from msrnn.data import LMBatches, cached_token_stream, load_documents, load_tokenizer, save_tokenizer, train_bpe
+from msrnn.data import PACKINGS, LMBatches, cached_token_stream, load_documents, load_tokenizer, save_tokenizer, train_bpe
 from msrnn.data.corpus import fingerprint, training_specs
 from msrnn.errors import ConfigError, MsrnnError
 from msrnn.io import cache_dir
 from msrnn.models.presets import PRESETS, build_model
 from msrnn.train.config import TrainConfig
+from msrnn.train.loss import training_forward
+from msrnn.train.packing import DocumentBatches
 from msrnn.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class PretrainConfig:
     repeat_fraction: float = 0.25
     val_batches: int = 8
     attn_implementation: str = "sdpa"
+    packing: str = "documents"  # see msrnn.data.batches: documents (states reset at boundaries) or stream
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -48,6 +51,8 @@ class PretrainConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.val_batches < 0:
             raise ConfigError("val_batches must be >= 0")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"unknown packing {self.packing!r}; use one of {', '.join(PACKINGS)}")
 
 
 def ensure_tokenizer(data: str, vocab_size: int = 4096, path: str | None = None) -> Any:
@@ -68,15 +73,17 @@ def ensure_tokenizer(data: str, vocab_size: int = 4096, path: str | None = None)
     return load_tokenizer(target)
 
 
-def make_val_fn(batches: LMBatches | None, n: int):
-    """A validation function over fixed batches (mean loss), or None."""
+def make_val_fn(batches: LMBatches | None, n: int, form: Callable[[dict], dict] | None = None):
+    """A validation function over fixed batches (mean loss), or None. ``form`` lays a batch out as training does
+    (:meth:`~msrnn.train.packing.DocumentBatches.form`), when it is called."""
     if batches is None or n == 0:
         return None
     fixed = [batches.batch(i) for i in range(n)]
 
     def val_fn(model: torch.nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
-        losses = [float(model(**{k: v.to(device) for k, v in b.items()})["loss"]) for b in fixed]
+        laid = [form(b) for b in fixed] if form is not None else fixed
+        losses = [float(training_forward(model, {k: v.to(device) for k, v in b.items()})["loss"]) for b in laid]
         return {"val_loss": sum(losses) / len(losses)}
 
     return val_fn
@@ -102,7 +109,10 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
     with process_state().main_process_first():
         stream = cached_token_stream(train_docs, tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    batches = LMBatches(stream, cfg.seq_len, cfg.batch_size, eos, cfg.repeat_fraction, seed=train_cfg.seed)
+    batches = LMBatches(stream, cfg.seq_len, cfg.batch_size, eos, cfg.repeat_fraction, seed=train_cfg.seed,
+                        packing=cfg.packing)
+    # documents: each model gets the packed batch or one row per document, whichever it honours (checked below)
+    source = DocumentBatches(batches.batch, pad_id=eos) if cfg.packing == "documents" else None
     val_batches = None
     if val_spec is None:
         log.info("training on all of %s with no validation split (name one with %s:train)", train_spec.name,
@@ -112,14 +122,18 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
             val_docs = load_documents(val_spec)
             with process_state().main_process_first():
                 val_stream = cached_token_stream(val_docs, tokenizer)
-            val_batches = LMBatches(val_stream, cfg.seq_len, cfg.batch_size, eos, 0.0, seed=12345)
+            val_batches = LMBatches(val_stream, cfg.seq_len, cfg.batch_size, eos, 0.0, seed=12345,
+                                    packing=cfg.packing)
         except MsrnnError as exc:  # a tiny corpus may have no val split; training still makes sense
             log.warning("no validation data (%s); training without it", exc)
     trainer = Trainer(
-        model, train_cfg, batches.batch, out_dir, val_fn=make_val_fn(val_batches, cfg.val_batches),
+        model, train_cfg, source or batches.batch, out_dir,
+        val_fn=make_val_fn(val_batches, cfg.val_batches, source.form if source else None),
         tokens_per_step=batches.tokens_per_batch, save_extra=lambda d: tokenizer.save_pretrained(str(d)),
         progress=progress, run={**asdict(cfg), **meta},
     )
+    if source is not None:  # on the model as it trains: placed, cast and (under --fsdp) sharded
+        source.choose(trainer.accelerator.unwrap_model(trainer.model))
     if resume and not trainer.resume():
         log.info("no checkpoint in %s; starting from scratch", out_dir)
     result = trainer.train()
@@ -127,7 +141,7 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
     trainer.export(meta={
         **meta, "params": params, "train_tokens": result.tokens, "total_steps": trainer.step,
         "data": asdict(cfg), "train": train_cfg.to_dict(), "train_seconds": round(result.seconds, 1),
-        "final_loss": result.final_loss,
+        "final_loss": result.final_loss, "packing": source.record() if source else {"packing": cfg.packing},
         "val_loss": next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None),
     })
     return trainer, result

@@ -83,7 +83,9 @@ def process_state() -> Any:
 def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Causal LM loss of a HF model (it shifts labels itself), on full logits: the readable twin of the trainer's
     default, :class:`msrnn.train.loss.ChunkedLMLoss`."""
-    return model(**batch)["loss"]  # ModelOutput or a plain dict (MemoryWrapper)
+    from msrnn.train.loss import training_forward
+
+    return training_forward(model, batch)["loss"]  # ModelOutput or a plain dict (MemoryWrapper)
 
 
 @dataclass
