@@ -167,3 +167,67 @@ def test_windows_are_read_from_the_token_file_and_equal_the_joined_stream():
         rng = np.random.default_rng([b.seed, step, 0, 0])
         start = int(rng.integers(0, len(joined) - 4 + 1))
         np.testing.assert_array_equal(b.batch(step)["input_ids"][0].numpy(), joined[start : start + 4])
+
+
+def _local_hf_dataset(root, n_train=40):
+    """A datasets corpus in a local folder (jsonl files per split): what hf:NAME reads, without the Hub."""
+    import json
+
+    root.mkdir()
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(n_train):
+            f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * (i % 4 + 1) if i % 7 else " "}) + "\n")
+    with open(root / "validation.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"text": f"class C{i}:\n    pass\n"}) + "\n")
+    return root
+
+
+def test_hf_corpus_streams_into_the_token_cache(tmp_path, tiny_tokenizer, monkeypatch):
+    """hf: corpora are read in datasets' streaming mode and tokenized batch by batch into the cache file: the
+    result equals tokenizing the documents in memory, a second read maps the cache without streaming, and a changed
+    dataset gets a new key."""
+    pytest.importorskip("datasets")
+    import os
+
+    from msrnn.data import corpus, token_stream
+    from msrnn.data import tokens as tokens_mod
+
+    data = _local_hf_dataset(tmp_path / "ds")
+    spec = f"hf:{data}:train"
+    key, docs = corpus.document_stream(spec)
+    assert not isinstance(docs, list) and next(docs).name == f"{data}/1"  # a lazy stream, not a list
+    whole = load_documents(spec)
+    assert len(whole) == 40 - 6  # the blank documents (every 7th) are left out
+    monkeypatch.setattr(corpus, "load_documents", lambda *a, **k: pytest.fail("hf: must stream, not load whole"))
+    real = tokens_mod._cached
+    monkeypatch.setattr(tokens_mod, "_cached", lambda k, d, t, r, batch_docs=256: real(k, d, t, r, batch_docs=5))
+    first = token_stream(spec, tiny_tokenizer, root=tmp_path / "cache")
+    fresh = tokenize_documents(whole, tiny_tokenizer)
+    np.testing.assert_array_equal(np.asarray(first.tokens), fresh.tokens)
+    np.testing.assert_array_equal(first.offsets, fresh.offsets)
+    assert first.names == [d.name for d in whole]
+
+    def no_stream(*a, **k):
+        raise AssertionError("a cached corpus is not streamed again")
+
+    monkeypatch.setattr(tokens_mod, "encode_many", no_stream)
+    again = token_stream(spec, tiny_tokenizer, root=tmp_path / "cache")
+    assert isinstance(again.tokens, np.memmap) and again.offsets.tolist() == first.offsets.tolist()
+    os.utime(data / "train.jsonl", (1, 1))  # the data changed: datasets' hash, and so the key, changes
+    assert corpus.document_stream(spec)[0] != key
+
+
+def test_pretrain_on_an_hf_corpus_streams_both_splits(tmp_path):
+    pytest.importorskip("datasets")
+    import json
+
+    from msrnn.cli.main import main
+
+    data = _local_hf_dataset(tmp_path / "ds", n_train=200)
+    out = tmp_path / "m"
+    assert main(["pretrain", "--preset", "tiny", "--data", f"hf:{data}", "--vocab-size", "300", "--max-steps", "2",
+                 "--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--save-every", "0",
+                 "--out", str(out), "--quiet"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert any("val_loss" in h for h in (history if isinstance(history, list) else history["history"]))

@@ -46,7 +46,7 @@ def test_positions_restart_after_every_eos_and_first_tokens_are_not_targets():
         b, old = docs.batch(step), flat.batch(step)
         assert b["input_ids"].equal(old["input_ids"])  # the same windows as before packing existed
         assert set(old) == {"input_ids", "labels"} and old["labels"].equal(old["input_ids"])
-        for row, pos in zip(b["input_ids"], b["position_ids"]):
+        for row, pos in zip(b["input_ids"], b["position_ids"], strict=True):
             np.testing.assert_array_equal(pos.numpy(), _reference_positions(row.numpy()))
         starts = b["position_ids"] == 0
         starts[:, 0] = False
@@ -68,7 +68,7 @@ def test_document_rows_put_each_document_on_its_own_row():
     b = LMBatches(stream, seq_len=9, batch_size=3, eos_id=EOS, seed=4).batch(3)
     rows = document_rows(b, pad_id=0)
     pieces = []
-    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+    for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
         n = int((ids != 0).sum())  # the stream's tokens are never 0, the padding is
         assert (ids[:n] != 0).all() and (labels[n:] == IGNORE).all()
         pieces.append((ids[:n], labels[:n]))
@@ -98,10 +98,10 @@ def test_linear_attention_resets_agree_in_every_form(C, block):
     torch.testing.assert_close(s2, s1, atol=2e-5, rtol=1e-5)
     g1 = torch.autograd.grad((o1 ** 2).sum() + s1.sum(), (q, k, v))
     g2 = torch.autograd.grad((o2 ** 2).sum() + s2.sum(), (q, k, v))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     for row, cuts in ((0, [0, 7, 8, 30, T]), (1, [0, 16, 44, T])):
-        for a, e in zip(cuts[:-1], cuts[1:]):
+        for a, e in zip(cuts[:-1], cuts[1:], strict=True):
             init = S0[row : row + 1] if a == 0 and not resets[row, 0] else None
             alone, _ = chunked_ref(q[row : row + 1, :, a:e], k[row : row + 1, :, a:e], v[row : row + 1, :, a:e], lg,
                                    initial_state=init)
@@ -172,7 +172,7 @@ def test_packed_and_row_layouts_give_the_same_loss_and_gradients(make, layout):
         results.append((float(value.detach()), [p.grad.clone() for p in model.parameters()]))
     (l1, g1), (l2, g2) = results
     assert abs(l1 - l2) < 1e-5 * abs(l1)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 

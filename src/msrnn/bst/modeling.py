@@ -90,8 +90,8 @@ class BSTForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             return self._forward_stateful(input_ids, attention_mask, cache, logits_to_keep)
         B, L = input_ids.shape
-        if position_ids is not None and not torch.equal(
-                position_ids.to(input_ids.device).expand(B, -1), torch.arange(L, device=input_ids.device).expand(B, -1)):
+        index = torch.arange(L, device=input_ids.device).expand(B, -1)  # [B, L]
+        if position_ids is not None and not torch.equal(position_ids.to(input_ids.device).expand(B, -1), index):
             # Blocks and the SSM's time axis are positions in the sequence: they cannot restart inside it.
             raise ConfigError("BST places tokens in blocks by their index in the sequence, so it takes no position "
                               "ids other than 0..T-1; put each document on a row of its own")

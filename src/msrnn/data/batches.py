@@ -137,7 +137,7 @@ def document_rows(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torc
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
     for b in range(ids.shape[0]):
         starts = [0, *(torch.nonzero(pos[b, 1:] == 0).flatten() + 1).tolist(), ids.shape[1]]
-        pieces += [(ids[b, s:e], labels[b, s:e]) for s, e in zip(starts[:-1], starts[1:]) if e > s]
+        pieces += [(ids[b, s:e], labels[b, s:e]) for s, e in zip(starts[:-1], starts[1:], strict=True) if e > s]
     width = max(len(p[0]) for p in pieces)
     out_ids = ids.new_full((len(pieces), width), pad_id)  # [pieces, width]
     out_labels = labels.new_full((len(pieces), width), IGNORE)

@@ -7,7 +7,9 @@ Data is named by a spec string (the CLI's ``--data``):
   repetitive and larger than the rest of the stdlib, the latter are not the standard library.
 * ``PATH[:split]`` -- a text file, a folder (all files below it, recursively) or a glob. A path is used whole
   unless a split is named (``notes.txt`` is all of notes.txt, for evaluation and training alike).
-* ``hf:NAME[:split]`` -- a Hugging Face dataset with a ``text`` column (needs the ``hf`` extra).
+* ``hf:NAME[:split]`` -- a Hugging Face dataset (a Hub name or a local folder of data files) with a ``text``
+  column (needs the ``hf`` extra). Read in datasets' streaming mode: training tokenizes it into the on-disk token
+  cache as it streams, so it is never held in memory whole.
 
 Splits (``train``, ``val``, ``test``, ``all``) of ``stdlib`` and of a path given with a split are assigned per
 file by a hash of its relative path, so they are stable across machines and runs and never overlap.
@@ -21,6 +23,7 @@ import glob as globlib
 import hashlib
 import logging
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,21 +169,43 @@ def _group_folders(items: list[tuple[str, str]]) -> list[Document]:
     return docs
 
 
-def _hf_documents(spec: DataSpec) -> list[Document]:
+def _hf_stream(spec: DataSpec) -> tuple[str, Iterator[Document]]:
+    """A ``datasets`` corpus in streaming mode: (a key for the data, its documents one at a time). The key is
+    datasets' own hash of what the builder reads (the revision of a Hub dataset, the files and their times of a
+    local one), so a changed dataset gets a new key."""
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         raise DataError(f"--data {spec.label} needs the 'datasets' package; pip install 'msrnn[hf]'") from None
-    import datasets
-
     split = {"all": "train", "val": "validation"}.get(spec.split, spec.split)
     try:
-        ds = datasets.load_dataset(spec.name, split=split)
+        builder = datasets.load_dataset_builder(spec.name)
+        ds = builder.as_streaming_dataset(split=split)
     except Exception as exc:
         raise DataError(f"cannot load dataset {spec.name!r} split {split!r}: {one_line(exc)}") from None
-    if "text" not in ds.column_names:
-        raise DataError(f"dataset {spec.name} has no 'text' column (columns: {', '.join(ds.column_names)})")
-    return [Document(f"{spec.name}/{i}", t) for i, t in enumerate(ds["text"]) if t and t.strip()]
+    key = hashlib.sha1("\0".join(["hf", spec.name, str(builder.config.name), split, str(builder.hash)]).encode())
+
+    def documents() -> Iterator[Document]:
+        for i, row in enumerate(ds):
+            if "text" not in row:
+                raise DataError(f"dataset {spec.name} has no 'text' column (columns: {', '.join(row)})")
+            text = row["text"]
+            if text and text.strip():
+                yield Document(f"{spec.name}/{i}", text)
+
+    return key.hexdigest()[:16], documents()
+
+
+def document_stream(spec: str | DataSpec) -> tuple[str, Iterator[Document]]:
+    """(a key naming the data, its documents one at a time), for what reads a corpus once (tokenizing, training a
+    tokenizer). ``hf:`` streams, so a corpus larger than memory never is in memory; files are read whole and keyed
+    by :func:`fingerprint`."""
+    if isinstance(spec, str):
+        spec = parse_data_spec(spec)
+    if spec.source == "hf":
+        return _hf_stream(spec)
+    docs = load_documents(spec)
+    return fingerprint(docs), iter(docs)
 
 
 def load_documents(spec: str | DataSpec, unit: str = "file", default_split: str = "all") -> list[Document]:
@@ -190,7 +215,7 @@ def load_documents(spec: str | DataSpec, unit: str = "file", default_split: str 
     if unit not in ("file", "folder"):
         raise DataError(f"unknown document unit {unit!r}; use 'file' or 'folder'")
     if spec.source == "hf":
-        docs = _hf_documents(spec)
+        docs = list(_hf_stream(spec)[1])
     else:
         root, files = _stdlib_files() if spec.source == "stdlib" else _path_files(spec.name)
         items = _read_files(root, files, spec.split)

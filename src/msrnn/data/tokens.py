@@ -7,16 +7,18 @@ train split takes tens of seconds on 2 cores; a cache hit takes milliseconds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from msrnn.data.corpus import Document, fingerprint
+from msrnn.data.corpus import DataSpec, Document, document_stream, fingerprint
 from msrnn.data.tokenizer import encode_many, tokenizer_fingerprint
 from msrnn.errors import DataError
 from msrnn.io import atomic_dir, cache_dir
@@ -61,21 +63,44 @@ def cached_token_stream(docs: list[Document], tokenizer: Any, root: str | Path |
     """Tokenize ``docs`` once and memory-map the result on later calls."""
     if not docs:
         raise DataError("no documents to tokenize; check --data")
-    key = f"{fingerprint(docs)}-{tokenizer_fingerprint(tokenizer)}"
+    return _cached(fingerprint(docs), iter(docs), tokenizer, root)
+
+
+def token_stream(spec: str | DataSpec, tokenizer: Any, root: str | Path | None = None) -> TokenStream:
+    """The corpus ``spec`` names, tokenized into the cache as it is read (``hf:`` corpora stream: neither their
+    text nor their tokens are ever in memory whole) and memory-mapped."""
+    key, docs = document_stream(spec)
+    return _cached(key, docs, tokenizer, root)
+
+
+def _cached(key: str, docs: Iterator[Document], tokenizer: Any, root: str | Path | None,
+            batch_docs: int = 256) -> TokenStream:
+    """Tokenize ``docs`` ``batch_docs`` at a time, appending to the cache file (not read again when the key is
+    cached), then memory-map it."""
     folder = Path(root) if root is not None else cache_dir() / "tokens"
-    path = folder / key
+    path = folder / f"{key}-{tokenizer_fingerprint(tokenizer)}"
     if not (path / "meta.json").exists():
-        stream = tokenize_documents(docs, tokenizer)
         folder.mkdir(parents=True, exist_ok=True)
+        dtype = _dtype_for(len(tokenizer))
+        lengths: list[int] = []
+        names: list[str] = []
         try:
-            with atomic_dir(path) as tmp:
-                stream.tokens.tofile(tmp / "tokens.bin")
-                np.save(tmp / "offsets.npy", stream.offsets)
+            with atomic_dir(path) as tmp, open(tmp / "tokens.bin", "wb") as out:
+                while batch := list(itertools.islice(docs, batch_docs)):
+                    for ids in encode_many(tokenizer, [d.text for d in batch]):
+                        np.asarray(ids, dtype=dtype).tofile(out)
+                        lengths.append(len(ids))
+                    names += [d.name for d in batch]
+                if not names:
+                    raise DataError("no documents to tokenize; check --data")
+                out.flush()
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                np.save(tmp / "offsets.npy", offsets)
                 (tmp / "meta.json").write_text(json.dumps(
-                    {"dtype": stream.tokens.dtype.str, "names": stream.names, "num_tokens": stream.num_tokens}))
+                    {"dtype": dtype.str, "names": names, "num_tokens": int(offsets[-1])}))
         except FileExistsError:
             pass  # another process cached the same key first; its copy is identical
-        log.info("cached %d tokens at %s", stream.num_tokens, path)
+        log.info("cached %d tokens at %s", sum(lengths), path)
     try:
         meta = json.loads((path / "meta.json").read_text())
         offsets = np.load(path / "offsets.npy")

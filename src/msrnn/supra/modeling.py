@@ -29,8 +29,16 @@ from msrnn.errors import ConfigError
 from msrnn.models.auto import register_auto
 from msrnn.models.hf import rope_theta, rope_type
 from msrnn.rope import apply_rope
-from msrnn.supra.ops import (BACKENDS, DECAYS, chunked, document_starts, fla_chunked, log_decay, recurrent_step,
-                             resolve_backend)
+from msrnn.supra.ops import (
+    BACKENDS,
+    DECAYS,
+    chunked,
+    document_starts,
+    fla_chunked,
+    log_decay,
+    recurrent_step,
+    resolve_backend,
+)
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ loss at the cost of the padding. Either way no state crosses a document boundary
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -8,14 +8,15 @@ context. Everything the run needs to be reproduced is written next to the model 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from msrnn.data import PACKINGS, LMBatches, cached_token_stream, load_documents, load_tokenizer, save_tokenizer, train_bpe
-from msrnn.data.corpus import fingerprint, training_specs
+from msrnn.data import PACKINGS, LMBatches, load_tokenizer, save_tokenizer, token_stream, train_bpe
+from msrnn.data.corpus import document_stream, training_specs
 from msrnn.errors import ConfigError, MsrnnError
 from msrnn.io import cache_dir
 from msrnn.models.presets import PRESETS, build_model
@@ -60,8 +61,8 @@ def ensure_tokenizer(data: str, vocab_size: int = 4096, path: str | None = None)
     if path:
         return load_tokenizer(path)
     train_spec, _ = training_specs(data)
-    docs = load_documents(train_spec)
-    target = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{fingerprint(docs)}"
+    key, docs = document_stream(train_spec)  # hf: streams; nothing is read past the key on a cache hit
+    target = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{key}"
     if (target / "tokenizer.json").exists():
         return load_tokenizer(target)
     log.info("training a %d-token BPE on %s", vocab_size, train_spec.label)
@@ -102,12 +103,11 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
         raise ConfigError(f"--seq-len {cfg.seq_len} is past this model's {limit} positions; train with --seq-len "
                           f"<= {limit} (or a preset with more positions)")
     train_spec, val_spec = training_specs(cfg.data)
-    train_docs = load_documents(train_spec)
     from msrnn.train.trainer import process_state
 
-    # Rank 0 tokenizes into the on-disk cache; the other ranks wait and map its file instead of each tokenizing.
+    # Rank 0 tokenizes into the on-disk cache (streaming hf: corpora); the other ranks wait and map its file.
     with process_state().main_process_first():
-        stream = cached_token_stream(train_docs, tokenizer)
+        stream = token_stream(train_spec, tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     batches = LMBatches(stream, cfg.seq_len, cfg.batch_size, eos, cfg.repeat_fraction, seed=train_cfg.seed,
                         packing=cfg.packing)
@@ -119,9 +119,8 @@ def train_lm(model: torch.nn.Module, tokenizer: Any, cfg: PretrainConfig, train_
                  train_spec.name)
     else:
         try:
-            val_docs = load_documents(val_spec)
             with process_state().main_process_first():
-                val_stream = cached_token_stream(val_docs, tokenizer)
+                val_stream = token_stream(val_spec, tokenizer)
             val_batches = LMBatches(val_stream, cfg.seq_len, cfg.batch_size, eos, 0.0, seed=12345,
                                     packing=cfg.packing)
         except MsrnnError as exc:  # a tiny corpus may have no val split; training still makes sense
