@@ -135,7 +135,11 @@ def test_models_that_reset_at_restarting_positions_pass_the_check(make):
 
 
 def test_models_that_do_not_reset_fail_the_check_with_the_reason():
+    from msrnn.rmt import MemoryWrapper
+
     assert "refuses position ids" in position_reset_failure(_bst())
+    rmt = MemoryWrapper.wrap(tiny("llama"), num_memory_tokens=2, segment_length=8)  # LM-trained by compare --build
+    assert "refuses position ids" in position_reset_failure(rmt)
     from transformers import LlamaForCausalLM
 
     class IgnoresPositions(LlamaForCausalLM):  # a decoder whose forward drops position_ids

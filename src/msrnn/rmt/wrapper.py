@@ -90,6 +90,10 @@ class MemoryWrapper(PreTrainedModel, GenerationMixin):
                         **config)
         return cls(rmt, backbone=model)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The backbone's token embeddings (what a caller asks to size inputs; transformers cannot find them)."""
+        return self.model.get_input_embeddings()
+
     @property
     def m(self) -> int:
         """Memory tokens."""

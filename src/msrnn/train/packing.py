@@ -27,10 +27,11 @@ CHECK = "position_ids_restart_documents"  # the check's name, as logs and msrnn.
 
 
 def _vocab(model: torch.nn.Module) -> int:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and hasattr(emb, "num_embeddings"):
-        return int(emb.num_embeddings)
-    return int(model.config.vocab_size)
+    """The model's vocabulary: its input embedding's rows, else its config's (a wrapper may not expose the former)."""
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError):
+        return int(model.config.vocab_size)
 
 
 def position_reset_failure(model: torch.nn.Module, length: int = 40) -> str | None:
