@@ -659,7 +659,7 @@ def fsdp_7b_estimate() -> str:
               f"SUPRA at {d['shape']}'s shape ({weights * 2**20 / 4 / 1e9:.2f}B parameters), vocabulary "
               f"{d['vocab']:,}, bf16-mixed, batch 1 x {tokens:,} tokens per GPU. Each part is read off the unsharded "
               "benchmark (fake tensors) or the shape; the sum is an estimate, not a measurement on GPUs. The CUDA "
-              "context and the allocator's caching come on top, and so does the start: each rank loads the whole "
-              f"model on the CPU, casts it to fp32 ({weights / 1024:.0f} GiB of host memory per rank) and moves it "
-              "to its GPU before sharding it."]
+              "context and the allocator's caching come on top. At the start each rank loads the whole model on "
+              f"the CPU and casts it to fp32 ({weights / 1024:.0f} GiB of host memory per rank); sharding then moves "
+              "one layer's weights at a time to the GPU, so no GPU holds the whole model."]
     return "\n".join(lines) + "\n"

@@ -221,10 +221,12 @@ class SupraAttention(nn.Module):
         return self._log_gamma
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                position_ids: torch.Tensor, state: SupraStateLayer | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor, state: SupraStateLayer | None = None,
+                resets: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [B, T, hidden] -> [B, T, hidden]; ``state`` (this layer's, or None for a stateless
-        forward) is read and advanced in place. Called by :class:`SupraModel`'s own decoder loop, so the state
-        never travels through a transformers keyword."""
+        forward) is read and advanced in place; ``resets`` [B, T] marks where packed documents start (the state is
+        emptied there). Called by :class:`SupraModel`'s own decoder loop, so the state never travels through a
+        transformers keyword."""
         B, T, _ = hidden_states.shape
         q = self.phi_q(self.q_proj(hidden_states))  # [B, H, T, F]
         k = (self.phi_k or self.phi_q)(self.k_proj(hidden_states))  # [B, Hkv, T, F]
@@ -237,9 +239,7 @@ class SupraAttention(nn.Module):
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
         prev = state.state if state is not None else None
         lg = self.log_gamma(q.device)
-        # Packed documents (position ids that restart): the state is emptied where each one starts. fla's kernel
-        # takes a per-head decay only, so such inputs run the torch form.
-        resets = document_starts(position_ids, B)
+        # fla's kernel takes a per-head decay only, so packed documents run the torch form.
         with torch.autocast(device_type=q.device.type, enabled=False):  # the recurrence runs in fp32
             if T == 1 and prev is not None:
                 o, new_state = recurrent_step(q, k, v, lg, state=prev)
@@ -305,6 +305,8 @@ class SupraModel(LlamaModel):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, hidden]
         B, T = h.shape[:2]
         before = cache.get_seq_length() if cache is not None else 0
+        # Packed documents (position ids given that restart): each layer's state is emptied where one starts.
+        resets = document_starts(position_ids, B)
         if position_ids is None:
             position_ids = torch.arange(before, before + T, device=h.device)[None].expand(B, -1)  # [B, T]
         rope = self.rotary_emb(h, position_ids)
@@ -315,9 +317,9 @@ class SupraModel(LlamaModel):
                 # gradient_checkpointing_enable() marks each decoder layer; this loop calls the layer's parts itself
                 # (so transformers' own layer hook never runs) and checkpoints the layer here. Only without a state:
                 # recomputing a layer that updated its state in place would update it twice.
-                h = layer._gradient_checkpointing_func(_decoder_layer, layer, h, rope, position_ids, None)
+                h = layer._gradient_checkpointing_func(_decoder_layer, layer, h, rope, position_ids, None, resets)
             else:
-                h = _decoder_layer(layer, h, rope, position_ids, state)
+                h = _decoder_layer(layer, h, rope, position_ids, state, resets)
             if hidden is not None:
                 hidden.append(h)
         h = self.norm(h)
@@ -334,9 +336,9 @@ class SupraModel(LlamaModel):
 
 
 def _decoder_layer(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                   position_ids: torch.Tensor, state: Any) -> torch.Tensor:
+                   position_ids: torch.Tensor, state: Any, resets: torch.Tensor | None = None) -> torch.Tensor:
     """One pre-norm decoder layer of :class:`SupraModel`: linear attention with the layer's state, then the MLP."""
-    h = h + layer.self_attn(layer.input_layernorm(h), rope, position_ids, state)
+    h = h + layer.self_attn(layer.input_layernorm(h), rope, position_ids, state, resets)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 

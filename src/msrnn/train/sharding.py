@@ -78,7 +78,8 @@ def shard(model: nn.Module, accelerator: Any) -> nn.Module:
     # FSDP2 warns when a sharded module returns a view (an in-place op on it would skip a hook); msrnn's losses
     # never modify a model's outputs in place, and RMT's forward returns slices of its memory by design.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    model.to(accelerator.device)
+    # No model.to(device) first: fully_shard moves each unit's weights to the mesh's device as it shards them, so
+    # a GPU holds one unit's full weights at a time, never the whole model.
     mesh = mesh_for(accelerator)
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh)
