@@ -86,9 +86,37 @@ def rmt_worker():
     torch.save({"world": acc.num_processes, "params": params}, f"{OUT}/rmt{acc.process_index}.pt")
 
 
+def packing_worker():
+    """``train supra`` / ``train bst``'s data path (train_lm, documents packed) for two steps under FSDP: every rank
+    must choose the same layout (the check runs on the sharded model); BST's ranks may train different row counts."""
+    sys.path.insert(0, sys.argv[2])
+    from helpers import V, tiny
+
+    from msrnn.bst import BSTConfig, BSTForCausalLM
+    from msrnn.data import load_tokenizer
+    from msrnn.supra import convert
+    from msrnn.train import TrainConfig
+    from msrnn.train.pretrain import PretrainConfig, train_lm
+
+    tok = load_tokenizer(f"{OUT}/tok")
+    torch.manual_seed(0)
+    bst = BSTForCausalLM(BSTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, block_size=8, state_size=4, ssm_layers=[1]))
+    result = {}
+    for name, model in (("supra", convert(tiny("llama", seed=0))), ("bst", bst)):
+        cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, eval_every=0, save_every=0, fsdp=True)
+        trainer, res = train_lm(model.train(), tok, PretrainConfig(preset=None, data=f"{OUT}/data", seq_len=48,
+                                                                   batch_size=3, repeat_fraction=0.0),
+                                cfg, f"{OUT}/{name}", {"family": name}, progress=False)
+        result[name] = {"layout": trainer.batch_fn.layout, "loss": res.final_loss}
+    torch.save(result, f"{OUT}/packing{trainer.accelerator.process_index}.pt")
+
+
 def worker():
     if MODE == "resume":
         return resume_worker()
+    if MODE == "packing":
+        return packing_worker()
     if MODE in ("rmt", "rmt_fsdp"):
         return rmt_worker()
     sys.path.insert(0, sys.argv[2])

@@ -76,3 +76,20 @@ def test_train_rmt_runs_sharded_under_two_processes(tmp_path):
     _run_worker(tmp_path, "rmt_fsdp")
     r0 = torch.load(tmp_path / "rmt0.pt")
     assert r0["world"] == 2 and torch.isfinite(r0["params"]).all() and r0["params"].numel() > 0
+
+
+@pytest.mark.slow
+def test_packed_documents_train_sharded_with_one_layout_on_every_rank(tmp_path, tiny_corpus, task_tokenizer):
+    """Documents packed under FSDP on two processes: the layout check runs on the sharded model and gives every rank
+    the same answer (SUPRA packed; BST a row per document, so its ranks may train different numbers of rows)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_corpus, tmp_path / "data")
+    task_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    _run_worker(tmp_path, "packing")
+    r0, r1 = (torch.load(tmp_path / f"packing{i}.pt") for i in (0, 1))
+    assert r0["supra"]["layout"] == "packed" and r0["bst"]["layout"] == "rows"
+    assert [r["layout"] for r in r0.values()] == [r["layout"] for r in r1.values()]
+    assert r0["supra"]["loss"] == r1["supra"]["loss"]  # the logged loss is the mean over ranks
+    assert json.loads((tmp_path / "bst" / "msrnn.json").read_text())["packing"]["layout"] == "rows"
