@@ -53,3 +53,60 @@ def test_backend_resolution():
         resolve_backend("fla", cpu)
     with pytest.raises(ConfigError, match="unknown linear-attention backend"):
         resolve_backend("cuda", cpu)
+
+
+def contract_kernel(q, k, v, g_gamma, scale, initial_state, output_final_state, cu_seqlens=None):
+    """fla's variable-length contract as msrnn reads it (FlashAttention's cu_seqlens over one [1, N, H, D] batch; a
+    state per sequence, divided by ``scale``), computed with msrnn's reference loop: the stand-in for the Triton
+    kernel on a CPU. The GPU test below holds the real kernel to the same check."""
+    from msrnn.supra import chunked_ref
+
+    assert q.shape[0] == 1 and cu_seqlens is not None
+    o = torch.empty(*q.shape[:3], v.shape[-1])
+    states = []
+    for n, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True)):
+        h0 = None if initial_state is None else initial_state[n : n + 1] * scale
+        on, sn = chunked_ref(*(x[:, a:b].transpose(1, 2) for x in (q, k, v)), g_gamma, scale, h0)
+        o[:, a:b] = on.transpose(1, 2)
+        states.append(sn / scale)
+    return o, torch.cat(states)
+
+
+def test_packed_documents_through_fla_varlen_equal_the_torch_scan(caplog):
+    from msrnn.supra.ops import fla_varlen_failure
+
+    q, k, v, s0 = inputs(T=50)
+    lg = log_decay(3, "retnet")
+    resets = torch.zeros(2, 50, dtype=torch.bool)
+    resets[0, [1, 20]] = True
+    resets[1, [0, 49]] = True
+    o_ref, s_ref = chunked(q, k, v, lg, initial_state=s0, resets=resets)
+    assert fla_varlen_failure(contract_kernel, q.device) is None
+    o, s = fla_chunked(q, k, v, lg, initial_state=s0, kernel=contract_kernel, resets=resets)
+    assert_close("o", o_ref, o, atol=1e-4, rtol=1e-4)
+    assert_close("state", s_ref, s, atol=1e-4, rtol=1e-4)
+
+    def one_sequence(q, k, v, g_gamma, scale, initial_state, output_final_state, cu_seqlens=None):
+        """A kernel that takes cu_seqlens but runs everything as one sequence (a state for each, all the same)."""
+        o, s = contract_kernel(q, k, v, g_gamma, scale, None if initial_state is None else initial_state[:1],
+                               output_final_state, cu_seqlens[[0, -1]])
+        return o, s.expand(len(cu_seqlens) - 1, -1, -1, -1)
+
+    def no_varlen(q, k, v, g_gamma, scale, initial_state, output_final_state):  # an fla without cu_seqlens
+        raise AssertionError("not called with cu_seqlens")
+
+    for kernel, why in ((one_sequence, "differ by"), (no_varlen, "TypeError")):
+        with caplog.at_level("WARNING"):
+            o, s = fla_chunked(q, k, v, lg, initial_state=s0, kernel=kernel, resets=resets)
+        assert why in fla_varlen_failure(kernel, q.device) and "fla_varlen_equals_chunked" in caplog.text
+        assert_close("o", o_ref, o, atol=1e-5, rtol=1e-5)  # the check failed: the torch scan ran
+        assert_close("state", s_ref, s, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda_fla
+def test_fla_varlen_kernel_passes_the_check_on_gpu():
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    from msrnn.supra.ops import fla_varlen_failure
+
+    assert fla_varlen_failure(chunk_simple_gla, torch.device("cuda")) is None

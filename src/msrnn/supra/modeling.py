@@ -239,12 +239,11 @@ class SupraAttention(nn.Module):
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
         prev = state.state if state is not None else None
         lg = self.log_gamma(q.device)
-        # fla's kernel takes a per-head decay only, so packed documents run the torch form.
         with torch.autocast(device_type=q.device.type, enabled=False):  # the recurrence runs in fp32
             if T == 1 and prev is not None:
                 o, new_state = recurrent_step(q, k, v, lg, state=prev)
-            elif resets is None and resolve_backend(self.config.linear_backend, q.device) == "fla":
-                o, new_state = fla_chunked(q, k, v, lg, initial_state=prev)
+            elif resolve_backend(self.config.linear_backend, q.device) == "fla":
+                o, new_state = fla_chunked(q, k, v, lg, initial_state=prev, resets=resets)
             else:
                 o, new_state = chunked(q, k, v, lg, initial_state=prev, chunk_size=self.config.linear_chunk_size,
                                        resets=resets)

@@ -20,11 +20,15 @@ Inputs may be bf16 under autocast: everything here computes in fp32 and returns 
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 
 from msrnn.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DECAYS = ("lightning", "retnet", "none")
 
@@ -218,21 +222,88 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 
 def fla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
-                scale: float | None = None, initial_state: torch.Tensor | None = None, kernel=None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float | None = None, initial_state: torch.Tensor | None = None, kernel=None,
+                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """flash-linear-attention's simple-GLA kernel with a head-wise constant decay; same contract as :func:`chunked`.
 
     fla works in [B, T, H, D] and stores the state after the decay, as we do, but it scales q where we scale k:
     outputs agree, while its state is ours divided by ``scale``, so carried states are converted both ways.
     ``kernel`` defaults to ``fla.ops.simple_gla.chunk_simple_gla``; tests pass fla's pure-PyTorch reference to check
     this plumbing on a CPU.
+
+    With ``resets`` (packed documents) the rows are laid end to end as one sequence cut by ``cu_seqlens`` at every
+    row and document start (fla's variable-length form, FlashAttention's convention): a row's carried state enters
+    its first document, and its final state is its last document's. That reading of fla's contract is verified
+    once per kernel and device against :func:`chunked` (:func:`fla_varlen_failure`); where it does not hold, packed
+    inputs run :func:`chunked`, with a warning naming the check.
     """
-    _check(q, k, v, log_gamma, initial_state)
+    _check(q, k, v, log_gamma, initial_state, resets)
     if kernel is None:
         from fla.ops.simple_gla import chunk_simple_gla as kernel
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if resets is not None:
+        if fla_varlen_failure(kernel, q.device) is not None:
+            return chunked(q, k, v, log_gamma, scale, initial_state, resets=resets)
+        return _fla_varlen(q, k, v, log_gamma, scale, initial_state, kernel, resets)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, T, H, D]
     h0 = None if initial_state is None else initial_state.float() / scale
     o, S = kernel(qt, kt, vt, g_gamma=log_gamma.float().to(q.device), scale=scale, initial_state=h0,
                   output_final_state=True)
     return o.transpose(1, 2).to(q.dtype), S.float() * scale
+
+
+def _fla_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, scale: float,
+                initial_state: torch.Tensor | None, kernel, resets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows as one variable-length batch for fla (see :func:`fla_chunked`)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    resets = resets.to(q.device)
+    starts = resets.clone()
+    starts[:, 0] = True  # every row begins a sequence
+    first = torch.nonzero(starts.flatten()).flatten()  # [N] where each sequence begins in the [B * T] layout
+    cu = torch.cat([first, first.new_tensor([B * T])])  # [N + 1] cumulative lengths
+    row = first // T  # [N] the row each sequence is in
+    qt, kt, vt = (x.transpose(1, 2).reshape(1, B * T, H, -1).contiguous() for x in (q, k, v))  # [1, B*T, H, D]
+    h0 = None
+    if initial_state is not None:  # a row's state enters its first sequence, unless a document starts there
+        carried = (first % T == 0) & ~resets.flatten()[first]  # [N]
+        h0 = q.new_zeros(len(first), H, Dk, Dv, dtype=torch.float32)
+        h0[carried] = initial_state.float()[row[carried]] / scale
+    o, S = kernel(qt, kt, vt, g_gamma=log_gamma.float().to(q.device), scale=scale, initial_state=h0,
+                  output_final_state=True, cu_seqlens=cu)
+    last = torch.searchsorted(row, torch.arange(B, device=q.device), right=True) - 1  # [B] each row's last sequence
+    out = o.reshape(B, T, H, Dv).transpose(1, 2).to(q.dtype)  # [B, H, T, Dv]
+    return out, S.float()[last] * scale
+
+
+_FLA_VARLEN: dict[tuple[Any, str], str | None] = {}  # (kernel, device) -> why the varlen form is not used, or None
+VARLEN_CHECK = "fla_varlen_equals_chunked"
+
+
+def fla_varlen_failure(kernel, device: torch.device) -> str | None:
+    """None when ``kernel`` with ``cu_seqlens`` gives :func:`chunked`'s outputs and final states on packed rows
+    (two rows, documents starting mid-row, at a row's first token and on its last, a carried state), checked once
+    per kernel and device; otherwise why not (and a warning, once)."""
+    key = (kernel, str(device))
+    if key not in _FLA_VARLEN:
+        g = torch.Generator().manual_seed(0)
+        B, H, T, D = 2, 2, 80, 16
+        q, k, v = (torch.randn(B, H, T, D, generator=g).to(device) for _ in range(3))
+        s0 = torch.randn(B, H, D, D, generator=g).to(device)
+        resets = torch.zeros(B, T, dtype=torch.bool)
+        resets[0, [5, 6, 70]] = True
+        resets[1, [0, 33, 79]] = True
+        lg = log_decay(H, "retnet").to(device)
+        try:
+            o_ref, s_ref = chunked(q, k, v, lg, initial_state=s0, resets=resets.to(device))
+            o, s = _fla_varlen(q, k, v, lg, 1.0 / math.sqrt(D), s0, kernel, resets.to(device))
+            err = max(float((o.float() - o_ref).abs().max()), float((s - s_ref).abs().max()))
+            scale = max(float(o_ref.abs().max()), float(s_ref.abs().max()))
+            why = None if err <= 1e-2 * scale else f"outputs or states differ by {err:.3g} (largest {scale:.3g})"
+        except Exception as exc:  # a kernel without cu_seqlens, or another contract
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if why is not None:
+            log.warning("SUPRA: check %s failed for %s (%s); packed documents run the torch scan", VARLEN_CHECK,
+                        getattr(kernel, "__name__", kernel), why)
+        _FLA_VARLEN[key] = why
+    return _FLA_VARLEN[key]
