@@ -73,11 +73,9 @@ class LMBatches:
         """Tokens in one batch (batch size x sequence length)."""
         return self.seq_len * self.batch_size
 
-    def _window(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """A random window of the joined stream: (tokens, each token's position in its document counted from the
-        window's start) [length] each."""
-        start = int(rng.integers(0, self._total - length + 1))
-        return self.joined(start, start + length), self.positions(start, start + length)
+    def _start(self, rng: np.random.Generator, length: int) -> int:
+        """Where a random window of ``length`` positions starts in the joined stream."""
+        return int(rng.integers(0, self._total - length + 1))
 
     def positions(self, start: int, end: int) -> np.ndarray:
         """For positions [start, end) of the joined stream, each one's distance from where its document starts or
@@ -112,13 +110,16 @@ class LMBatches:
         rows, positions = [], []
         for i in range(self.batch_size):
             if i < n_rep:
-                half, _ = self._window(rng, (self.seq_len + 1) // 2)
+                n = (self.seq_len + 1) // 2
+                start = self._start(rng, n)
+                half = self.joined(start, start + n)
                 rows.append(np.concatenate([half, half])[: self.seq_len])
                 positions.append(np.arange(self.seq_len))  # one synthetic document
             else:
-                ids, pos = self._window(rng, self.seq_len)
-                rows.append(ids)
-                positions.append(pos)
+                start = self._start(rng, self.seq_len)
+                rows.append(self.joined(start, start + self.seq_len))
+                if self.packing == "documents":  # stream batches carry no positions
+                    positions.append(self.positions(start, start + self.seq_len))
         ids = torch.from_numpy(np.stack(rows))  # [B, T]
         if self.packing == "stream":
             return {"input_ids": ids, "labels": ids.clone()}
